@@ -1,0 +1,26 @@
+# `make test` and `make demo` create the virtual environment (.venv) when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.3" "torchvision>=0.18"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m tallmasks.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/merge_bench.py --model ViT-B-32 --tasks 8
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,245 @@
+"""Safe, lazy loading and atomic saving of state dicts (.pt and .safetensors).
+
+Loading never executes pickle code: ``.pt`` files go through ``torch.load(weights_only=True)``
+(memory-mapped when the file is in the zip format) and ``.safetensors`` files are read tensor by
+tensor. Saving writes to a temporary file in the target folder and renames it into place, so an
+interrupted or failed save leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tallmasks.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIX = ".safetensors"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A read-only state dict whose tensors are read from disk on access."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._eager: dict[str, torch.Tensor] | None = None
+        self._handle: Any = None
+        if self.path.suffix == SAFETENSORS_SUFFIX:
+            self._open_safetensors()
+        else:
+            self._eager = _torch_load_tensors(self.path)
+            for key, value in self._eager.items():
+                self._shapes[key] = tuple(value.shape)
+                self._dtypes[key] = value.dtype
+
+    def _open_safetensors(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            for key in self._handle.keys():
+                tensor_slice = self._handle.get_slice(key)
+                self._shapes[key] = tuple(tensor_slice.get_shape())
+                self._dtypes[key] = _safetensors_dtype(tensor_slice.get_dtype(), self.path, key)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._eager is not None:
+            return self._eager[key]
+        if key not in self._shapes:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading its data."""
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype of ``key`` without reading its data."""
+        return self._dtypes[key]
+
+    def numel(self, key: str) -> int:
+        n = 1
+        for size in self._shapes[key]:
+            n *= size
+        return n
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({str(self.path)!r}, {len(self)} tensors)"
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_dtype(name: str, path: Path, key: str) -> torch.dtype:
+    try:
+        return _SAFETENSORS_DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {name}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load a state dict with weights_only=True, memory-mapped when possible."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    obj: Any = None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        message = _first_line(exc)
+        if "mmap" in message or "zip" in message.lower():
+            obj = _torch_load_unmapped(path)
+        else:
+            raise CheckpointError(f"{path}: refused, it is not a plain state dict ({_unsafe_reason(exc)})") from None
+    except RuntimeError as exc:
+        # Legacy (non-zip) files cannot be memory-mapped.
+        if "mmap" in str(exc) or "zip" in str(exc).lower():
+            obj = _torch_load_unmapped(path)
+        else:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
+    return _as_state_dict(obj, path)
+
+
+def _torch_load_unmapped(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused, it is not a plain state dict ({_unsafe_reason(exc)})") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.rstrip(".")
+    return "weights-only loading failed"
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (mapping of names to tensors), found {type(obj).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            tensors[str(key)] = value
+        else:
+            log.debug("%s: skipping non-tensor entry %r", path, key)
+    if not tensors:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return tensors
+
+
+def load_state_dict(path: str | Path) -> LazyStateDict:
+    """Open a ``.pt`` or ``.safetensors`` state dict without executing pickle code."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file")
+    return LazyStateDict(path)
+
+
+def materialize(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read every tensor of a (lazy) state dict into memory."""
+    return {key: state[key] for key in state}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomically save a state dict; the format follows the suffix (.safetensors, else torch.save)."""
+    path = Path(path)
+    tensors = {key: value.detach().contiguous() for key, value in state.items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            from safetensors.torch import save_file
+
+            save_file(_unshare(tensors), str(tmp), metadata=metadata)
+        else:
+            torch.save(tensors, str(tmp))
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage; give each its own."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in tensors.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if value.numel() and ident in seen:
+            value = value.clone()
+        seen.add(ident)
+        out[key] = value
+    return out
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Convert between .pt and .safetensors (the suffixes decide)."""
+    save_state_dict(materialize(load_state_dict(src)), dst)
