@@ -1,0 +1,308 @@
+"""TALL masks, the consensus mask, magnitude masks, agreement statistics and bit-packed storage.
+
+A mask over a model is stored as ONE bit vector per task over the floating-point entries of the
+state dict in sorted key order, packed with ``np.packbits`` (big-endian bit order) exactly like the
+released TALL masks, so that the paper's mask files and ours share a layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tallmasks.checkpoints import atomic_path
+from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.selection import check_k, kth_rank, kth_smallest_magnitudes
+from tallmasks.task_vectors import CheckpointSet
+
+MASKSET_FORMAT = "tallmasks-maskset-v1"
+_UNPACK_CHUNK_BYTES = 1 << 22
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Keys (sorted) and shapes that a flat mask vector covers, in order."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, cs: CheckpointSet) -> Layout:
+        return cls(tuple(cs.float_keys), tuple(tuple(cs.shapes[k]) for k in cs.float_keys))
+
+    @classmethod
+    def of_state_dict(cls, state: Mapping[str, torch.Tensor]) -> Layout:
+        keys = sorted(k for k, v in state.items() if v.dtype.is_floating_point or v.dtype == torch.bool)
+        return cls(tuple(keys), tuple(tuple(state[k].shape) for k in keys))
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def to_json(self) -> str:
+        return json.dumps({"keys": list(self.keys), "shapes": ["x".join(map(str, s)) for s in self.shapes]})
+
+    @classmethod
+    def from_json(cls, text: str) -> Layout:
+        data = json.loads(text)
+        shapes = tuple(tuple(int(d) for d in s.split("x")) if s else () for s in data["shapes"])
+        return cls(tuple(data["keys"]), shapes)
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for key, shape in zip(self.keys, self.shapes):
+            n = math.prod(shape)
+            out[key] = flat[offset : offset + n].reshape(shape)
+            offset += n
+        return out
+
+    def flatten(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = [k for k in self.keys if k not in state]
+        if missing:
+            raise CheckpointError(f"mask lacks key {missing[0]!r}")
+        return torch.cat([state[k].reshape(-1).to(torch.bool) for k in self.keys]) if self.keys else torch.zeros(0, dtype=torch.bool)
+
+
+class BitPacker:
+    """Packs a stream of boolean blocks into one np.packbits byte array."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.data = np.zeros((numel + 7) // 8, dtype=np.uint8)
+        self._byte = 0
+        self._pending = np.zeros(0, dtype=bool)
+        self._count = 0
+
+    def add(self, bits: torch.Tensor) -> None:
+        values = bits.reshape(-1).to("cpu", torch.bool).numpy()
+        self._count += values.size
+        if self._pending.size:
+            values = np.concatenate([self._pending, values])
+        whole = values.size - values.size % 8
+        packed = np.packbits(values[:whole])
+        self.data[self._byte : self._byte + packed.size] = packed
+        self._byte += packed.size
+        self._pending = values[whole:].copy()
+
+    def finish(self) -> np.ndarray:
+        if self._count != self.numel:
+            raise ValueError(f"packed {self._count} bits, expected {self.numel}")
+        if self._pending.size:
+            self.data[self._byte] = np.packbits(self._pending)[0]
+        return self.data
+
+
+class MaskSet:
+    """Bit-packed binary masks of several tasks over one layout."""
+
+    def __init__(self, names: Sequence[str], layout: Layout, packed: Sequence[np.ndarray], info: dict | None = None):
+        names = [str(n) for n in names]
+        if len(names) != len(packed):
+            raise ValueError("one packed array per task name is required")
+        nbytes = (layout.numel + 7) // 8
+        for name, array in zip(names, packed):
+            if array.dtype != np.uint8 or array.size != nbytes:
+                raise CheckpointError(f"mask for {name!r} has {array.size} bytes, expected {nbytes} for this model")
+        self.names = names
+        self.layout = layout
+        self.packed = {n: np.ascontiguousarray(a) for n, a in zip(names, packed)}
+        self.info = dict(info or {})
+
+    @classmethod
+    def from_dicts(cls, masks: Mapping[str, Mapping[str, torch.Tensor]], layout: Layout, info: dict | None = None) -> MaskSet:
+        packed = [np.packbits(layout.flatten(m).numpy()) for m in masks.values()]
+        return cls(list(masks.keys()), layout, packed, info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.packed
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def flat(self, name: str) -> torch.Tensor:
+        if name not in self.packed:
+            raise CheckpointError(f"no mask for task {name!r} (masks exist for {', '.join(self.names)})")
+        bits = np.unpackbits(self.packed[name], count=self.layout.numel)
+        return torch.from_numpy(bits.view(np.bool_))
+
+    def get(self, name: str) -> dict[str, torch.Tensor]:
+        """The mask of one task as a state dict of boolean tensors."""
+        return self.layout.split(self.flat(name))
+
+    def density(self, name: str) -> float:
+        total = int(np.unpackbits(self.packed[name], count=self.layout.numel).sum(dtype=np.int64))
+        return total / max(self.layout.numel, 1)
+
+    def subset(self, names: Sequence[str]) -> MaskSet:
+        for n in names:
+            if n not in self.packed:
+                raise CheckpointError(f"no mask for task {n!r} (masks exist for {', '.join(self.names)})")
+        return MaskSet(list(names), self.layout, [self.packed[n] for n in names], self.info)
+
+    def count_blocks(self, chunk_bytes: int = _UNPACK_CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+        """(flat offset, number of tasks switching each entry on) over the layout, in chunks."""
+        nbytes = (self.layout.numel + 7) // 8
+        for byte in range(0, nbytes, chunk_bytes):
+            stop = min(nbytes, byte + chunk_bytes)
+            count = min(self.layout.numel - byte * 8, (stop - byte) * 8)
+            total = None
+            for name in self.names:
+                bits = np.unpackbits(self.packed[name][byte:stop], count=count)
+                part = torch.from_numpy(bits).to(torch.int16)
+                total = part if total is None else total + part
+            yield byte * 8, total
+
+    def agreement(self) -> list[int]:
+        """How many entries are switched on by exactly 0, 1, ..., T tasks (the agreement profile)."""
+        hist = torch.zeros(len(self.names) + 1, dtype=torch.int64)
+        for _, counts in self.count_blocks():
+            hist += torch.bincount(counts.to(torch.int64), minlength=len(self.names) + 1)
+        return [int(v) for v in hist]
+
+    def save(self, path: str | Path) -> None:
+        """Atomically write the masks as a safetensors file (uint8 packed bits + layout metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"mask/{i}": torch.from_numpy(self.packed[n]) for i, n in enumerate(self.names)}
+        metadata = {
+            "format": MASKSET_FORMAT,
+            "names": json.dumps(self.names),
+            "layout": self.layout.to_json(),
+            "info": json.dumps(self.info),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaskSet:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such mask file")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("format") != MASKSET_FORMAT:
+                    raise CheckpointError(f"{path}: not a tallmasks mask file")
+                names = json.loads(meta["names"])
+                layout = Layout.from_json(meta["layout"])
+                packed = [handle.get_tensor(f"mask/{i}").numpy() for i in range(len(names))]
+                info = json.loads(meta.get("info", "{}"))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable mask file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        return cls(names, layout, packed, info)
+
+    @classmethod
+    def from_packed(cls, packed: Mapping[str, np.ndarray], layout: Layout, info: dict | None = None) -> MaskSet:
+        """Masks given as {task: np.packbits array}, as in the released TALL-mask files."""
+        return cls(list(packed.keys()), layout, [np.asarray(v, dtype=np.uint8).reshape(-1) for v in packed.values()], info)
+
+
+def check_lambda(value: float) -> float:
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tall_mask_lambda must be a non-negative number, got {value!r}") from None
+    if not math.isfinite(lam) or lam < 0:
+        raise ConfigError(f"tall_mask_lambda must be a non-negative number, got {value!r}")
+    return lam
+
+
+def _tall_bits(theta0: torch.Tensor, theta_t: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """m_t = |theta_0 - theta_t| > |theta_0 + tau_MTL - theta_t| * lambda (strict)."""
+    return (theta0 - theta_t).abs() > ((theta0 + merged) - theta_t).abs() * lam
+
+
+def _vector_block(vector: Mapping[str, torch.Tensor], key: str, start: int, stop: int, device) -> torch.Tensor:
+    if key not in vector:
+        raise CheckpointError(f"merged vector lacks key {key!r}")
+    return vector[key].reshape(-1)[start:stop].to(device=device, dtype=torch.float32)
+
+
+def tall_mask(cs: CheckpointSet, task: int, vector: Mapping[str, torch.Tensor], lam: float, device="cpu") -> dict[str, torch.Tensor]:
+    """The TALL mask of one task for one lambda, as boolean tensors by key."""
+    lam = check_lambda(lam)
+    out = {k: torch.empty(cs.numel(k), dtype=torch.bool) for k in cs.float_keys}
+    for block in cs.blocks(tasks=[task], device=device):
+        merged = _vector_block(vector, block.key, block.start, block.stop, device)
+        out[block.key][block.start : block.stop] = _tall_bits(block.pretrained, block.finetuned[0], merged, lam).cpu()
+    return {k: v.reshape(cs.shapes[k]) for k, v in out.items()}
+
+
+def tall_masks(
+    cs: CheckpointSet,
+    vector: Mapping[str, torch.Tensor],
+    lambdas: float | Sequence[float],
+    device="cpu",
+    info: dict | None = None,
+) -> MaskSet:
+    """TALL masks of every task (one lambda for all, or one per task), bit-packed, in one pass."""
+    if isinstance(lambdas, (int, float)):
+        lambdas = [lambdas] * cs.num_tasks
+    lambdas = [check_lambda(v) for v in lambdas]
+    if len(lambdas) != cs.num_tasks:
+        raise ConfigError(f"{len(lambdas)} tall_mask_lambda values given for {cs.num_tasks} tasks (give one, or one per task)")
+    layout = Layout.of(cs)
+    packers = [BitPacker(layout.numel) for _ in range(cs.num_tasks)]
+    for block in cs.blocks(device=device):
+        merged = _vector_block(vector, block.key, block.start, block.stop, device)
+        for t, theta_t in enumerate(block.finetuned):
+            packers[t].add(_tall_bits(block.pretrained, theta_t, merged, lambdas[t]))
+    meta = {"kind": "tall", "lambdas": dict(zip(cs.names, lambdas))}
+    meta.update(info or {})
+    return MaskSet(cs.names, layout, [p.finish() for p in packers], meta)
+
+
+def topk_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float]:
+    """Per task, the magnitude threshold keeping its top-k% entries over the whole model."""
+    k = check_k(k)
+    rank = kth_rank(cs.num_float_params, k)
+
+    def chunks():
+        for block in cs.blocks(device=device):
+            yield block.task_vectors()
+
+    return kth_smallest_magnitudes(chunks, [rank] * cs.num_tasks)
+
+
+def magnitude_masks(cs: CheckpointSet, k: float = 10, device="cpu") -> MaskSet:
+    """Per task, the top-k% magnitudes of its own task vector (the magnitude-masking baseline)."""
+    k = check_k(k)
+    layout = Layout.of(cs)
+    packers = [BitPacker(layout.numel) for _ in range(cs.num_tasks)]
+    if k >= 100:
+        thresholds = [0.0] * cs.num_tasks
+    else:
+        thresholds = topk_thresholds(cs, k, device)
+    for block in cs.blocks(device=device):
+        for t, tau in enumerate(block.task_vectors()):
+            packers[t].add(tau.abs() >= thresholds[t])
+    return MaskSet(cs.names, layout, [p.finish() for p in packers], {"kind": "magnitude", "k": k})
+
+
+def consensus_mask(masks: MaskSet, k: int) -> dict[str, torch.Tensor]:
+    """Entries switched on by at least ``k`` tasks (k=2 drops catastrophic and selfish weights)."""
+    k = check_prun_thre_k(k)
+    flat = torch.empty(masks.layout.numel, dtype=torch.bool)
+    for offset, counts in masks.count_blocks():
+        flat[offset : offset + counts.numel()] = counts >= k
+    return masks.layout.split(flat)
+
+
+def check_prun_thre_k(k) -> int:
+    try:
+        value = int(k)
+    except (TypeError, ValueError):
+        raise ConfigError(f"prun_thre_k must be a non-negative integer, got {k!r}") from None
+    if value != k or value < 0:
+        raise ConfigError(f"prun_thre_k must be a non-negative integer, got {k!r}")
+    return value

@@ -1,0 +1,42 @@
+"""Merging methods, registered by name (``METHODS``); ``merge(cs, name, **hyperparameters)``."""
+
+from tallmasks.merging import magnitude, tall, task_arithmetic, ties  # noqa: F401  (registration)
+from tallmasks.merging.base import (
+    METHODS,
+    TALL_LAMBDAS,
+    Method,
+    alpha_candidates,
+    alpha_grid,
+    base_vector,
+    get_method,
+    merge,
+    ordered_sum,
+    task_arithmetic as task_arithmetic_vector,
+    ties_merge,
+    trim_thresholds,
+)
+from tallmasks.masks import MaskSet, consensus_mask, magnitude_masks, tall_mask, tall_masks
+from tallmasks.task_vectors import CheckpointSet, TaskVector, apply_vector
+
+__all__ = [
+    "METHODS",
+    "TALL_LAMBDAS",
+    "CheckpointSet",
+    "MaskSet",
+    "Method",
+    "TaskVector",
+    "alpha_candidates",
+    "alpha_grid",
+    "apply_vector",
+    "base_vector",
+    "consensus_mask",
+    "get_method",
+    "magnitude_masks",
+    "merge",
+    "ordered_sum",
+    "tall_mask",
+    "tall_masks",
+    "task_arithmetic_vector",
+    "ties_merge",
+    "trim_thresholds",
+]

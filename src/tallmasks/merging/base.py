@@ -1,0 +1,182 @@
+"""The method registry, the coefficient grids, and the streamed building blocks every method uses."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tallmasks.errors import ConfigError
+from tallmasks.masks import topk_thresholds
+from tallmasks.selection import check_k
+from tallmasks.task_vectors import CheckpointSet
+
+Vector = dict[str, torch.Tensor]
+
+#: lambda grid of TALL masks, chosen per task on its validation split
+TALL_LAMBDAS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+#: how a method's merged vector is scaled before evaluation
+COEF_GRID = "grid"  # alpha chosen on validation from alpha_grid()
+COEF_ZERO = "zero"  # alpha = 0 (the pre-trained model)
+COEF_AVERAGE = "average"  # alpha = 1 / T
+COEF_ONE = "one"  # alpha = 1 with per-task masks
+
+#: Hydra config fields that describe a run rather than the merge itself
+CONFIG_ONLY_FIELDS = frozenset({"name", "full_name", "load_mask"})
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merging method: a function of a CheckpointSet and its hyperparameters."""
+
+    name: str
+    fn: Callable[..., Vector]
+    coefficient: str
+    description: str
+    defaults: dict = field(default_factory=dict)
+
+    def __call__(self, cs: CheckpointSet, **params) -> Vector:
+        return self.fn(cs, **params)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, coefficient: str, description: str) -> Callable:
+    """Register ``fn(cs, **hyperparameters) -> merged vector`` under ``name``."""
+
+    def wrap(fn: Callable[..., Vector]) -> Callable[..., Vector]:
+        signature = inspect.signature(fn)
+        defaults = {
+            p.name: p.default
+            for p in list(signature.parameters.values())[1:]
+            if p.default is not inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY
+        }
+        METHODS[name] = Method(name, fn, coefficient, description, defaults)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}") from None
+
+
+def merge(cs: CheckpointSet, method: str, **params) -> Vector:
+    """Merged task vector (float32, by key over cs.float_keys) of a registered method."""
+    spec = get_method(method)
+    accepted = set(inspect.signature(spec.fn).parameters) - {"cs"}
+    kwargs = {}
+    for key, value in params.items():
+        if key in CONFIG_ONLY_FIELDS:
+            continue
+        if key not in accepted:
+            raise ConfigError(f"method {method!r} has no hyperparameter {key!r} (it takes {', '.join(sorted(accepted)) or 'none'})")
+        kwargs[key] = value
+    return spec.fn(cs, **kwargs)
+
+
+def alpha_grid(n_eval_points: int = 21) -> list[float]:
+    """Scaling coefficients tried on validation: linspace(0, 1, n_eval_points // 2 + 1)[1:]."""
+    if int(n_eval_points) < 2:
+        raise ConfigError(f"n_eval_points must be at least 2, got {n_eval_points!r}")
+    return [float(a) for a in np.linspace(0.0, 1.0, int(n_eval_points) // 2 + 1)[1:]]
+
+
+def alpha_candidates(method: str, n_eval_points: int = 21, num_tasks: int = 1, specify_lambda=None) -> list[float]:
+    """The coefficients a method is evaluated at on validation (one value where nothing is chosen)."""
+    kind = get_method(method).coefficient
+    if kind == COEF_ZERO:
+        return [0.0]
+    if kind == COEF_AVERAGE:
+        return [1.0 / num_tasks]
+    if kind == COEF_ONE:
+        return [1.0]
+    if specify_lambda is not None and str(specify_lambda) != "None":
+        try:
+            return [float(specify_lambda)]
+        except ValueError:
+            raise ConfigError(f"specify_lambda must be a number or None, got {specify_lambda!r}") from None
+    return alpha_grid(n_eval_points)
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed building blocks
+
+
+def _empty(cs: CheckpointSet) -> Vector:
+    return {k: torch.empty(cs.numel(k), dtype=torch.float32) for k in cs.float_keys}
+
+
+def _shaped(cs: CheckpointSet, flat: Vector) -> Vector:
+    return {k: v.reshape(cs.shapes[k]) for k, v in flat.items()}
+
+
+def ordered_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over tasks in task order, starting from zero (deterministic, independent of blocking)."""
+    total = torch.zeros_like(parts[0])
+    for part in parts:
+        total += part
+    return total
+
+
+def trim(taus: Sequence[torch.Tensor], thresholds: Sequence[float] | None) -> list[torch.Tensor]:
+    """Keep entries with |tau_t| >= threshold_t (ties kept); None keeps everything."""
+    if thresholds is None:
+        return list(taus)
+    return [tau * (tau.abs() >= th) for tau, th in zip(taus, thresholds)]
+
+
+def trim_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float] | None:
+    """Global per-task top-k thresholds; None when k = 100 (no trimming)."""
+    k = check_k(k)
+    return None if k >= 100 else topk_thresholds(cs, k, device)
+
+
+def task_arithmetic(cs: CheckpointSet, k: float = 100, device="cpu") -> Vector:
+    """sum_t topk_k(tau_t)."""
+    thresholds = trim_thresholds(cs, k, device)
+    out = _empty(cs)
+    for block in cs.blocks(device=device):
+        out[block.key][block.start : block.stop] = ordered_sum(trim(block.task_vectors(), thresholds)).cpu()
+    return _shaped(cs, out)
+
+
+def ties_merge(cs: CheckpointSet, k: float = 20, agg: str = "mean", device="cpu") -> Vector:
+    """TIES: trim, elect the sign of the summed trimmed vectors, keep agreeing entries, then mean or sum."""
+    if agg not in ("mean", "sum"):
+        raise ConfigError(f"ties_agg must be 'mean' or 'sum', got {agg!r}")
+    thresholds = trim_thresholds(cs, k, device)
+    # pass 1: the sign of the total sign vector resolves entries whose summed sign is zero
+    sign_total = 0
+    for block in cs.blocks(device=device):
+        sign = torch.sign(ordered_sum(trim(block.task_vectors(), thresholds)))
+        sign_total += int((sign > 0).sum()) - int((sign < 0).sum())
+    majority = float(np.sign(sign_total))
+    # pass 2: disjoint merge
+    out = _empty(cs)
+    for block in cs.blocks(device=device):
+        trimmed = trim(block.task_vectors(), thresholds)
+        sign = torch.sign(ordered_sum(trimmed))
+        sign[sign == 0] = majority
+        selected = [t * torch.where(sign > 0, t > 0, t < 0) for t in trimmed]
+        total = ordered_sum(selected)
+        if agg == "mean":
+            count = ordered_sum([(s != 0).to(torch.float32) for s in selected])
+            total = total / torch.clamp(count, min=1)
+        out[block.key][block.start : block.stop] = total.cpu()
+    return _shaped(cs, out)
+
+
+def base_vector(cs: CheckpointSet, k: float = 100, use_ties: bool = False, ties_agg: str = "sum", device="cpu") -> Vector:
+    """The multi-task vector under TALL masks and consensus: TA (top-k) or TIES (k=20)."""
+    if use_ties:
+        return ties_merge(cs, k=20, agg=ties_agg, device=device)
+    return task_arithmetic(cs, k=k, device=device)

@@ -1,0 +1,38 @@
+"""TALL masks and Consensus merging (Wang et al., ICML 2024)."""
+
+from __future__ import annotations
+
+from tallmasks.errors import ConfigError
+from tallmasks.masks import MaskSet, check_prun_thre_k, consensus_mask
+from tallmasks.merging.base import COEF_GRID, COEF_ONE, Vector, base_vector, register
+from tallmasks.task_vectors import CheckpointSet
+
+
+@register("tall_mask", COEF_ONE, "TALL masks: per-task masks over the shared multi-task vector (TA or TIES)")
+def tall_mask_method(
+    cs: CheckpointSet, *, k: float = 100, use_ties: bool = False, ties_agg: str = "sum", device: str = "cpu"
+) -> Vector:
+    """The shared multi-task vector; the per-task masks come from masks.tall_mask / tall_masks."""
+    return base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
+
+
+@register("consensus", COEF_GRID, "Consensus merging: keep weights that at least prun_thre_k TALL masks select")
+def consensus_method(
+    cs: CheckpointSet,
+    *,
+    masks: MaskSet | None = None,
+    prun_thre_k: int = 2,
+    k: float = 100,
+    use_ties: bool = False,
+    ties_agg: str = "sum",
+    device: str = "cpu",
+) -> Vector:
+    prun_thre_k = check_prun_thre_k(prun_thre_k)
+    if masks is None:
+        raise ConfigError("consensus needs the per-task TALL masks (build them with method tall_mask first)")
+    masks = masks.subset(cs.names)
+    keep = consensus_mask(masks, prun_thre_k)
+    vector = base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
+    for key, value in vector.items():
+        value.mul_(keep[key])
+    return vector

@@ -1,0 +1,298 @@
+"""Keyed task-vector algebra and streamed access to a collection of checkpoints.
+
+A task vector is tau_t = theta_t - theta_0 over the floating-point entries of a state dict;
+integer buffers are not part of it and pass through untouched when a vector is applied.
+``CheckpointSet`` opens theta_0 and every theta_t lazily and walks them tensor by tensor, in
+row blocks, so that memory grows with one block times the number of tasks, never with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from tallmasks.checkpoints import LazyStateDict, load_state_dict
+from tallmasks.errors import CheckpointError
+
+StateDictLike = Union[str, Path, Mapping[str, torch.Tensor]]
+
+DEFAULT_BLOCK_ELEMS = 1 << 22  # about 16 MB of float32 per task and block
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _open(source: StateDictLike) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, (str, Path)):
+        return load_state_dict(source)
+    if isinstance(source, Mapping):
+        return source
+    raise CheckpointError(f"expected a checkpoint path or a state dict, got {type(source).__name__}")
+
+
+def _label(source: StateDictLike, fallback: str) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, LazyStateDict):
+        return str(source.path)
+    return fallback
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if isinstance(state, LazyStateDict):
+        return state.shape(key)
+    return tuple(state[key].shape)
+
+
+def _dtype(state: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
+    if isinstance(state, LazyStateDict):
+        return state.dtype(key)
+    return state[key].dtype
+
+
+def _read_rows(state: Mapping[str, torch.Tensor], key: str, start: int, stop: int, whole_rows: bool) -> torch.Tensor:
+    """Rows [start, stop) of ``key`` (all of it for 0-dim tensors), read lazily where possible."""
+    if isinstance(state, LazyStateDict) and state._handle is not None:
+        if not whole_rows:
+            return state._handle.get_slice(key)[start:stop]
+        return state[key]
+    tensor = state[key]
+    return tensor if whole_rows else tensor[start:stop]
+
+
+@dataclass
+class Block:
+    """One row block of one tensor: theta_0 and every theta_t, flattened, in float32."""
+
+    key: str
+    start: int  # first element (flat index) of the block inside the tensor
+    stop: int
+    pretrained: torch.Tensor  # 1-D float32
+    finetuned: list[torch.Tensor]  # one 1-D float32 per task
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        return [theta_t - self.pretrained for theta_t in self.finetuned]
+
+
+class CheckpointSet:
+    """theta_0 and the fine-tuned theta_t of several tasks, opened lazily and validated."""
+
+    def __init__(
+        self,
+        pretrained: StateDictLike,
+        finetuned: Sequence[StateDictLike],
+        names: Sequence[str] | None = None,
+        block_elems: int = DEFAULT_BLOCK_ELEMS,
+    ):
+        self.block_elems = int(block_elems)
+        if len(finetuned) == 0:
+            raise CheckpointError("no fine-tuned checkpoints given")
+        if names is None:
+            names = [_default_name(src, i) for i, src in enumerate(finetuned)]
+        names = [str(n) for n in names]
+        if len(names) != len(finetuned):
+            raise CheckpointError(f"{len(names)} task names given for {len(finetuned)} fine-tuned checkpoints")
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"task names are not unique: {names}")
+        self.names = names
+        self.pretrained_label = _label(pretrained, "pretrained state dict")
+        self.finetuned_labels = [_label(src, f"fine-tuned state dict {i}") for i, src in enumerate(finetuned)]
+        self.pretrained = _open(pretrained)
+        self.finetuned = [_open(src) for src in finetuned]
+        self._validate()
+        self.keys = list(self.pretrained.keys())
+        self.float_keys = sorted(k for k in self.keys if is_float(_dtype(self.pretrained, k)))
+        self.shapes = {k: _shape(self.pretrained, k) for k in self.keys}
+        self.dtypes = {k: _dtype(self.pretrained, k) for k in self.keys}
+        self._checked: set[str] = set()
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.finetuned)
+
+    def numel(self, key: str) -> int:
+        return math.prod(self.shapes[key])
+
+    @property
+    def num_float_params(self) -> int:
+        return sum(self.numel(k) for k in self.float_keys)
+
+    def _validate(self) -> None:
+        ref_keys = set(self.pretrained.keys())
+        for label, state in zip(self.finetuned_labels, self.finetuned):
+            keys = set(state.keys())
+            missing = sorted(ref_keys - keys)
+            extra = sorted(keys - ref_keys)
+            if missing:
+                raise CheckpointError(f"{label}: missing key {missing[0]!r}" + _more(missing))
+            if extra:
+                raise CheckpointError(f"{label}: unexpected key {extra[0]!r}" + _more(extra))
+            for key in self.pretrained.keys():
+                ref_shape, shape = _shape(self.pretrained, key), _shape(state, key)
+                if ref_shape != shape:
+                    raise CheckpointError(
+                        f"{label}: shape mismatch for {key!r}: {list(shape)} vs {list(ref_shape)} in the pre-trained checkpoint"
+                    )
+                ref_dtype, dtype = _dtype(self.pretrained, key), _dtype(state, key)
+                if ref_dtype != dtype:
+                    raise CheckpointError(
+                        f"{label}: dtype mismatch for {key!r}: {dtype} vs {ref_dtype} in the pre-trained checkpoint"
+                    )
+
+    def blocks(
+        self,
+        tasks: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        block_elems: int | None = None,
+    ) -> Iterator[Block]:
+        """Walk the floating-point tensors in sorted key order, in row blocks of about ``block_elems``."""
+        tasks = list(range(self.num_tasks)) if tasks is None else list(tasks)
+        block_elems = self.block_elems if block_elems is None else int(block_elems)
+        for key in self.float_keys:
+            shape = self.shapes[key]
+            numel = self.numel(key)
+            whole = len(shape) == 0 or numel == 0
+            rows = 1 if whole else shape[0]
+            row_elems = 1 if whole else numel // max(rows, 1)
+            rows_per_block = max(1, block_elems // max(row_elems, 1))
+            for row in range(0, rows, rows_per_block):
+                row_stop = min(rows, row + rows_per_block)
+                theta0 = self._read(self.pretrained, self.pretrained_label, key, row, row_stop, whole, device)
+                thetas = [
+                    self._read(self.finetuned[t], self.finetuned_labels[t], key, row, row_stop, whole, device)
+                    for t in tasks
+                ]
+                start = row * row_elems
+                yield Block(key, start, start + theta0.numel(), theta0, thetas)
+            self._checked.add(key)
+
+    def _read(self, state, label, key, row, row_stop, whole, device) -> torch.Tensor:
+        tensor = _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
+        if key not in self._checked and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{label}: tensor {key!r} contains NaN or Inf")
+        return tensor
+
+    def passthrough(self) -> dict[str, torch.Tensor]:
+        """The non-floating-point entries of theta_0 (integer buffers), untouched."""
+        return {k: self.pretrained[k] for k in self.keys if k not in set(self.float_keys)}
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _default_name(source: StateDictLike, index: int) -> str:
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        stem = path.stem
+        # released layout: <Dataset>Val/nonlinear_finetuned.pt -> <Dataset>
+        if stem in {"nonlinear_finetuned", "finetuned"} and path.parent.name:
+            name = path.parent.name
+            return name[:-3] if name.endswith("Val") else name
+        return stem
+    return f"task{index}"
+
+
+class TaskVector:
+    """A keyed task vector: float tensors by state-dict key."""
+
+    def __init__(self, vector: Mapping[str, torch.Tensor]):
+        self.vector = dict(vector)
+
+    @classmethod
+    def from_checkpoints(cls, pretrained: StateDictLike, finetuned: StateDictLike) -> TaskVector:
+        """tau = theta_t - theta_0 over floating-point entries (computed in float32)."""
+        cs = CheckpointSet(pretrained, [finetuned])
+        pieces = ((b.key, b.start, b.stop, b.task_vectors()[0]) for b in cs.blocks())
+        return cls(_assemble(cs, pieces))
+
+    def _binary(self, other: TaskVector, op) -> TaskVector:
+        if set(self.vector) != set(other.vector):
+            diff = sorted(set(self.vector) ^ set(other.vector))
+            raise CheckpointError(f"task vectors have different keys, e.g. {diff[0]!r}")
+        return TaskVector({k: op(v, other.vector[k]) for k, v in self.vector.items()})
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        return self._binary(other, torch.add)
+
+    def __radd__(self, other):
+        if other == 0 or other is None:
+            return self
+        return self.__add__(other)
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self._binary(other, torch.sub)
+
+    def __neg__(self) -> TaskVector:
+        return TaskVector({k: -v for k, v in self.vector.items()})
+
+    def __mul__(self, scale: float) -> TaskVector:
+        return TaskVector({k: v * scale for k, v in self.vector.items()})
+
+    __rmul__ = __mul__
+
+    def masked(self, mask: Mapping[str, torch.Tensor]) -> TaskVector:
+        """Hadamard product with a boolean mask of the same keys."""
+        missing = [k for k in self.vector if k not in mask]
+        if missing:
+            raise CheckpointError(f"mask lacks key {missing[0]!r}")
+        return TaskVector({k: v * mask[k].to(torch.bool) for k, v in self.vector.items()})
+
+    def dot(self, other: TaskVector) -> float:
+        total = 0.0
+        for key, value in self.vector.items():
+            total += float(torch.sum(value.double() * other.vector[key].double()))
+        return total
+
+    def norm(self) -> float:
+        return math.sqrt(self.dot(self))
+
+    def apply_to(self, pretrained: Mapping[str, torch.Tensor], alpha: float = 1.0) -> dict[str, torch.Tensor]:
+        return apply_vector(pretrained, self.vector, alpha)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.vector[key]
+
+    def __len__(self) -> int:
+        return len(self.vector)
+
+
+def _assemble(cs: CheckpointSet, pieces) -> dict[str, torch.Tensor]:
+    """Build full tensors (float32, by key) from (key, start, stop, values) block results."""
+    out = {k: torch.empty(cs.numel(k), dtype=torch.float32) for k in cs.float_keys}
+    for key, start, stop, values in pieces:
+        out[key][start:stop] = values.to("cpu")
+    return {k: v.reshape(cs.shapes[k]) for k, v in out.items()}
+
+
+def apply_vector(
+    pretrained: Mapping[str, torch.Tensor],
+    vector: Mapping[str, torch.Tensor],
+    alpha: float = 1.0,
+    mask: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """theta_0 + alpha * (mask * tau), in float32, cast back to theta_0's dtypes; other keys untouched."""
+    out: dict[str, torch.Tensor] = {}
+    for key in pretrained.keys():
+        theta0 = pretrained[key]
+        if key not in vector:
+            if theta0.dtype.is_floating_point:
+                raise CheckpointError(f"task vector lacks floating-point key {key!r}")
+            out[key] = theta0
+            continue
+        tau = vector[key].to(torch.float32)
+        if tuple(tau.shape) != tuple(theta0.shape):
+            raise CheckpointError(f"shape mismatch for {key!r}: {list(tau.shape)} vs {list(theta0.shape)}")
+        if mask is not None:
+            tau = tau * mask[key].to(torch.bool)
+        out[key] = (theta0.to(torch.float32) + alpha * tau).to(theta0.dtype)
+    extra = [k for k in vector if k not in pretrained]
+    if extra:
+        raise CheckpointError(f"task vector has key {extra[0]!r} that the pre-trained model lacks")
+    return out
