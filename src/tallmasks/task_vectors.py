@@ -91,6 +91,8 @@ class CheckpointSet:
         block_elems: int = DEFAULT_BLOCK_ELEMS,
     ):
         self.block_elems = int(block_elems)
+        self.progress = False  # show a progress bar for every pass over the checkpoints
+        self.passes = 0
         if len(finetuned) == 0:
             raise CheckpointError("no fine-tuned checkpoints given")
         if names is None:
@@ -154,6 +156,20 @@ class CheckpointSet:
         """Walk the floating-point tensors in sorted key order, in row blocks of about ``block_elems``."""
         tasks = list(range(self.num_tasks)) if tasks is None else list(tasks)
         block_elems = self.block_elems if block_elems is None else int(block_elems)
+        self.passes += 1
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.num_float_params, unit="param", unit_scale=True, leave=False,
+                       desc=f"pass {self.passes} over {self.num_tasks} checkpoints")
+        try:
+            yield from self._walk(tasks, device, block_elems, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _walk(self, tasks, device, block_elems, bar) -> Iterator[Block]:
         for key in self.float_keys:
             shape = self.shapes[key]
             numel = self.numel(key)
@@ -169,8 +185,11 @@ class CheckpointSet:
                     for t in tasks
                 ]
                 start = row * row_elems
+                if bar is not None:
+                    bar.update(theta0.numel())
                 yield Block(key, start, start + theta0.numel(), theta0, thetas)
-            self._checked.add(key)
+            if len(tasks) == self.num_tasks:
+                self._checked.add(key)
 
     def _read(self, state, label, key, row, row_stop, whole, device) -> torch.Tensor:
         tensor = _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from tallmasks.errors import ConfigError
 from tallmasks.masks import MaskSet, check_prun_thre_k, consensus_mask
 from tallmasks.merging.base import COEF_GRID, COEF_ONE, Vector, base_vector, register
@@ -25,14 +27,19 @@ def consensus_method(
     k: float = 100,
     use_ties: bool = False,
     ties_agg: str = "sum",
+    base: Vector | None = None,
     device: str = "cpu",
 ) -> Vector:
+    """m * tau_MTL with m the consensus of the TALL masks; ``base`` reuses an already merged tau_MTL."""
     prun_thre_k = check_prun_thre_k(prun_thre_k)
     if masks is None:
         raise ConfigError("consensus needs the per-task TALL masks (build them with method tall_mask first)")
     masks = masks.subset(cs.names)
     keep = consensus_mask(masks, prun_thre_k)
-    vector = base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
+    if base is None:
+        vector = base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
+    else:
+        vector = {key: value.to(torch.float32).clone() for key, value in base.items()}
     for key, value in vector.items():
         value.mul_(keep[key])
     return vector

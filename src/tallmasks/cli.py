@@ -1,0 +1,295 @@
+"""The ``tallmasks`` console command: merge, compress, decompress, inspect and convert checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from tallmasks.errors import ConfigError, TallmasksError
+
+log = logging.getLogger("tallmasks")
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _check_out_file(path: str) -> Path:
+    out = Path(path)
+    if out.suffix not in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"--out {path}: use a .safetensors or .pt file name")
+    if out.is_dir():
+        raise ConfigError(f"--out {path}: is a folder, expected a file name")
+    return out
+
+
+def _names(args, count: int) -> list[str] | None:
+    if args.names is None:
+        return None
+    if len(args.names) != count:
+        raise ConfigError(f"--names: {len(args.names)} names for {count} fine-tuned checkpoints")
+    return list(args.names)
+
+
+def _lambdas(values: Sequence[float] | None, default: float) -> float | list[float]:
+    from tallmasks.masks import check_lambda
+
+    if not values:
+        return default
+    values = [check_lambda(v) for v in values]
+    return values[0] if len(values) == 1 else list(values)
+
+
+def cmd_merge(args) -> int:
+    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.masks import tall_masks
+    from tallmasks.merging import base_vector, get_method, merge
+    from tallmasks.task_vectors import CheckpointSet, apply_vector
+
+    from tallmasks.masks import check_prun_thre_k
+    from tallmasks.selection import check_k
+
+    out = _check_out_file(args.out)
+    method = get_method(args.method)
+    params: dict = {"device": _device(args.device)}
+    lambdas = _lambdas(args.tall_mask_lambda, 0.4)
+    if args.k is not None:
+        if "k" not in method.defaults:
+            raise ConfigError(f"--k does not apply to method {args.method!r}")
+        params["k"] = check_k(args.k)
+    if args.use_ties or args.ties_agg is not None:
+        if "use_ties" not in method.defaults and args.use_ties:
+            raise ConfigError(f"--use-ties does not apply to method {args.method!r}")
+        if args.use_ties:
+            params["use_ties"] = True
+        if args.ties_agg is not None:
+            params["ties_agg"] = args.ties_agg
+    if args.prun_thre_k is not None:
+        if args.method != "consensus":
+            raise ConfigError("--prun-thre-k applies to method 'consensus' only")
+        params["prun_thre_k"] = check_prun_thre_k(args.prun_thre_k)
+    cs = CheckpointSet(args.pretrained, args.finetuned, _names(args, len(args.finetuned)))
+    cs.progress = not args.quiet
+    if args.method == "consensus":
+        base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
+        base = base_vector(cs, **base_params)
+        params["masks"] = tall_masks(cs, base, lambdas, device=params["device"])
+        params["base"] = base
+    elif args.tall_mask_lambda:
+        raise ConfigError("--tall-mask-lambda applies to method 'consensus' (and to compress)")
+    vector = merge(cs, args.method, **params)
+    if args.alpha is None:
+        result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
+        what = "merged task vector"
+    else:
+        result = apply_vector(cs.pretrained, vector, alpha=args.alpha)
+        what = f"merged model (alpha={args.alpha})"
+    save_state_dict(result, out)
+    log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
+
+    from tallmasks.selection import check_k
+
+    if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda):
+        raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
+    if args.k is not None:
+        check_k(args.k)
+    compress(
+        args.pretrained,
+        args.finetuned,
+        args.out,
+        names=_names(args, len(args.finetuned)),
+        use_ties=args.use_ties,
+        lambdas=_lambdas(args.tall_mask_lambda, DEFAULT_LAMBDA),  # validated before any work
+        masks=args.masks,
+        k=args.k if args.k is not None else 10,
+        device=_device(args.device),
+        progress=not args.quiet,
+    )
+    report = collection_report(args.out)
+    log.info(
+        "wrote %s: %d tasks, %.1f MB (%.3f bytes/parameter; %d full checkpoints would take %.1f MB)",
+        args.out,
+        len(report["tasks"]),
+        report["total_bytes"] / 1e6,
+        report["bytes_per_param"],
+        len(report["tasks"]),
+        sum(Path(p).stat().st_size for p in args.finetuned) / 1e6,
+    )
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from tallmasks.compression import decompress
+
+    out = _check_out_file(args.out)
+    decompress(args.collection, args.task, out, pretrained=args.pretrained)
+    log.info("wrote task %s to %s", args.task, out)
+    return 0
+
+
+def _profile_lines(agreement: list[int]) -> list[str]:
+    total = max(sum(agreement), 1)
+    lines = ["tasks switching a weight on   weights      share"]
+    for count, n in enumerate(agreement):
+        label = {0: " (catastrophic)", 1: " (selfish)"}.get(count, "")
+        lines.append(f"  {count:>2}{label:<26} {n:>12,}  {100 * n / total:6.2f}%")
+    return lines
+
+
+def cmd_inspect(args) -> int:
+    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.compression import _is_collection, collection_report
+    from tallmasks.masks import MaskSet
+
+    path = Path(args.path)
+    if path.is_dir() and _is_collection(path):
+        report = collection_report(path)
+        agreement = report["agreement"]
+        names = report["tasks"]
+        densities = report["densities"]
+    elif path.is_dir():
+        raise ConfigError(f"{path}: not a compressed collection")
+    elif path.suffix == ".safetensors" and _is_maskset(path):
+        masks = MaskSet.load(path)
+        names, agreement = masks.names, masks.agreement()
+        densities = {n: masks.density(n) for n in names}
+        report = {"tasks": names, "num_params": masks.layout.numel, "densities": densities, "agreement": agreement,
+                  "masks": masks.info}
+    else:
+        state = load_state_dict(path)
+        dtypes: dict[str, int] = {}
+        for key in state:
+            dtype = str(state.dtype(key)).replace("torch.", "")
+            dtypes[dtype] = dtypes.get(dtype, 0) + state.numel(key)
+        report = {"tensors": len(state), "params_by_dtype": dtypes, "bytes": path.stat().st_size}
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            print(f"{path}: {len(state)} tensors, {path.stat().st_size / 1e6:.1f} MB")
+            for dtype, n in sorted(dtypes.items()):
+                print(f"  {dtype:<10} {n:>14,} parameters")
+        return 0
+    if args.plot:
+        from tallmasks.plots import plot_agreement
+
+        plot_agreement(agreement, args.plot, title=f"{path.name}: {len(names)} tasks")
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{path}: {len(names)} tasks, {report['num_params']:,} parameters")
+    if "total_bytes" in report:
+        print(f"  size {report['total_bytes'] / 1e6:.2f} MB = {report['bytes_per_param']:.3f} bytes/parameter")
+    print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
+    for line in _profile_lines(agreement):
+        print("  " + line)
+    return 0
+
+
+def _is_maskset(path: Path) -> bool:
+    from safetensors import safe_open
+
+    from tallmasks.masks import MASKSET_FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == MASKSET_FORMAT
+    except Exception:
+        return False
+
+
+def cmd_convert(args) -> int:
+    from tallmasks.checkpoints import convert_checkpoint
+
+    out = _check_out_file(args.dst)
+    if Path(args.src).resolve() == out.resolve():
+        raise ConfigError("convert: source and destination are the same file")
+    convert_checkpoint(args.src, out)
+    log.info("wrote %s", out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tallmasks.merging import METHODS
+
+    parser = argparse.ArgumentParser(prog="tallmasks", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def checkpoints(p):
+        p.add_argument("--pretrained", required=True, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
+        p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t")
+        p.add_argument("--names", nargs="+", help="task names (default: from file names)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+
+    merge = sub.add_parser("merge", help="merge task vectors with one method")
+    merge.add_argument("--method", required=True, choices=sorted(METHODS))
+    checkpoints(merge)
+    merge.add_argument("--out", required=True, help="output .safetensors or .pt")
+    merge.add_argument("--k", type=float, help="top-k percentage (sum: 100, ties: 20, mag_masking: 10)")
+    merge.add_argument("--use-ties", action="store_true", help="TIES (k=20) instead of TA as the base vector")
+    merge.add_argument("--ties-agg", choices=["mean", "sum"], help="TIES aggregation (ties: mean, else sum)")
+    merge.add_argument("--prun-thre-k", type=int, help="consensus: minimum number of tasks per weight (2)")
+    merge.add_argument("--tall-mask-lambda", type=float, nargs="+", help="consensus: lambda, one or one per task (0.4)")
+    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau")
+    merge.set_defaults(func=cmd_merge)
+
+    comp = sub.add_parser("compress", help="merged vector + one bit mask per task")
+    checkpoints(comp)
+    comp.add_argument("--out", required=True, help="output folder")
+    comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
+    comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
+    comp.add_argument("--masks", choices=["tall", "magnitude"], default="tall")
+    comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
+    comp.set_defaults(func=cmd_compress)
+
+    dec = sub.add_parser("decompress", help="rebuild one task's model from a compressed collection")
+    dec.add_argument("collection")
+    dec.add_argument("--task", required=True, help="task name or 0-based index")
+    dec.add_argument("--out", required=True)
+    dec.add_argument("--pretrained", help="theta_0 if it moved since compression")
+    dec.set_defaults(func=cmd_decompress)
+
+    ins = sub.add_parser("inspect", help="sizes, mask densities and agreement profile")
+    ins.add_argument("path", help="compressed collection, mask file or checkpoint")
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--plot", help="write the agreement profile as a PNG")
+    ins.set_defaults(func=cmd_inspect)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint between .pt and .safetensors")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except TallmasksError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
