@@ -229,6 +229,15 @@ def test_dtd_train_folder_is_split_and_val_folder_is_test(tmp_path: Path) -> Non
     assert [test[i][1] for i in range(47)] == list(range(47))
 
 
+def test_loaded_splits_pickle(tmp_path: Path) -> None:
+    _eurosat_tree(tmp_path, {"train": 1})
+    _dtd_tree(tmp_path)
+    for name in ("EuroSAT", "DTD"):
+        split = ds.load_split(name, "train", tmp_path)
+        copy = pickle.loads(pickle.dumps(split))
+        assert len(copy) == len(split) and copy[3][1] == split[3][1]
+
+
 def test_resisc45_reads_split_files(tmp_path: Path) -> None:
     base = tmp_path / "resisc45"
     train_names, test_names = [], []
@@ -243,6 +252,7 @@ def test_resisc45_reads_split_files(tmp_path: Path) -> None:
     assert len(ds.load_split("RESISC45", "train", tmp_path)) == n - ds.val_size(n)
     assert len(ds.load_split("RESISC45", "val", tmp_path)) == ds.val_size(n)
     test = ds.load_split("RESISC45", "test", tmp_path)
+    test = pickle.loads(pickle.dumps(test))  # data loader workers may need to pickle it
     assert len(test) == 45
     assert [test[i][1] for i in range(45)] == list(range(45))
     assert all(_pixel(test[i][0]) == test[i][1] for i in (0, 17, 44))
@@ -317,8 +327,9 @@ def test_demo_datasets_match_registry() -> None:
 
 def test_prepare_manual_datasets_say_what_to_do(tmp_path: Path) -> None:
     for name, hint in (("Cars", "devkit"), ("EuroSAT", "21,600"), ("RESISC45", "resisc45-"), ("SUN397", "Training_01")):
-        with pytest.raises(DatasetMissingError, match=hint):
+        with pytest.raises(DatasetMissingError, match=hint) as info:
             ds.prepare(name, tmp_path)
+        assert str(info.value).startswith(f"{name}: ") and str(tmp_path) in str(info.value)
 
 
 def test_prepare_cli_reports_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,12 +76,19 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Pa
         arrange_dtd(Path(source).expanduser() if source else _download_dtd(root), root)
     elif name == "SUN397":
         if source is None:
-            raise DatasetMissingError(f"SUN397: no automatic download; {how_to_prepare('SUN397', root)}")
+            raise _manual("SUN397", root)
         arrange_sun397(Path(source).expanduser(), root)
     else:
-        raise DatasetMissingError(f"{name}: no automatic download; {how_to_prepare(name, root)}")
+        raise _manual(name, root)
     logger.info("%s prepared under %s", name, root)
     return root
+
+
+def _manual(name: str, root: Path) -> DatasetMissingError:
+    location = root / PAPER_DATASETS[name].location
+    return DatasetMissingError(
+        f"{name}: cannot be downloaded automatically; expected at {location}; {how_to_prepare(name, root)}"
+    )
 
 
 def _download_torchvision(name: str, root: Path) -> None:
