@@ -124,8 +124,9 @@ def test_resolve_names_and_errors() -> None:
     for bad in (0, 21, -1, True, 2.5):
         with pytest.raises(ConfigError, match="num_tasks"):
             ds.resolve_datasets(num_tasks=bad)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError):
-        ds.resolve_datasets(names="MNIST")  # type: ignore[arg-type]
+    assert ds.resolve_datasets(names="MNIST, SVHNVal") == ["MNIST", "SVHN"]
+    assert ds.resolve_datasets(num_tasks=14, names="") == ds.ALL_DATASETS[:14]
+    assert ds.resolve_datasets(num_tasks=np.int64(8)) == ds.ALL_DATASETS[:8]
 
 
 # ------------------------------------------------------------------------------------------- val split

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import numbers
 from pathlib import Path
 
 from tallmasks.datasets.registry import (
@@ -38,21 +39,23 @@ ALL_DATASETS: list[str] = list(_PAPER_ORDER)
 DEMO_DATASETS: list[str] = registered_datasets(demo=True)
 
 
-def resolve_datasets(num_tasks: int | None = None, names: list[str] | None = None) -> list[str]:
-    """The task list of an experiment: ``names`` when given (canonicalized), else the first ``num_tasks``
-    of ALL_DATASETS (all 20 when neither is given). Like the paper, explicit names take precedence."""
-    if names is not None and not isinstance(names, str) and len(names) > 0:
+def resolve_datasets(num_tasks: int | None = None, names: list[str] | str | None = None) -> list[str]:
+    """The task list of an experiment: ``names`` when given (a list, or one string of comma-separated names;
+    canonicalized), else the first ``num_tasks`` of ALL_DATASETS (all 20 when neither is given).
+    Like the paper, explicit names take precedence over ``num_tasks``."""
+    if isinstance(names, str):
+        names = [part.strip() for part in names.split(",") if part.strip()]
+    if names is not None and len(names) > 0:
         resolved = ensure_names(list(names))
         if num_tasks is not None and num_tasks != len(resolved):
             logger.info("num_tasks=%s ignored: %d datasets were named explicitly", num_tasks, len(resolved))
         return resolved
-    if isinstance(names, str) and names:
-        raise ConfigError(f"datasets must be a list of names, got the string {names!r}")
     if num_tasks is None:
         return list(ALL_DATASETS)
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= len(ALL_DATASETS):
+    valid = isinstance(num_tasks, numbers.Integral) and not isinstance(num_tasks, bool)
+    if not valid or not 1 <= int(num_tasks) <= len(ALL_DATASETS):
         raise ConfigError(f"num_tasks must be an integer from 1 to {len(ALL_DATASETS)}, got {num_tasks!r}")
-    return ALL_DATASETS[:num_tasks]
+    return ALL_DATASETS[: int(num_tasks)]
 
 
 def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Path:
