@@ -1,0 +1,276 @@
+"""Time and peak anonymous memory of each merge, beside a naive stack-everything baseline.
+
+Synthesizes checkpoints of a real open_clip architecture (random weights, no download) in the
+released layout, then runs every job in a fresh child process while the parent samples the
+child's RssAnon (pages of memory-mapped checkpoint files, which the kernel can reclaim, do not
+count). The naive baseline loads every checkpoint fully, flattens each into one vector, stacks a
+(tasks x parameters) matrix and applies the whole-vector formulas, as the paper's code does.
+
+    python benchmarks/merge_bench.py --model ViT-B-32 --tasks 8
+    python benchmarks/merge_bench.py --model ViT-L-14 --tasks 20 --methods ties compress consensus --no-naive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress"]
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic checkpoints
+
+
+def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path, list[Path]]:
+    """theta_0 from a randomly initialised open_clip image tower; theta_t = theta_0 + small noise."""
+    import open_clip
+    import torch
+
+    done = root / "done.json"
+    if done.exists() and json.loads(done.read_text()) == {"model": model, "tasks": tasks}:
+        return root / "MNISTVal" / "nonlinear_zeroshot.pt", [root / f"Task{t}Val" / "nonlinear_finetuned.pt" for t in range(tasks)]
+    torch.manual_seed(seed)
+    clip = open_clip.create_model(model, pretrained=None)
+    del clip.transformer
+    theta0 = {f"model.{k}": v.detach().clone() for k, v in clip.state_dict().items()}
+    del clip
+    (root / "MNISTVal").mkdir(parents=True, exist_ok=True)
+    pt = root / "MNISTVal" / "nonlinear_zeroshot.pt"
+    torch.save(theta0, pt)
+    paths = []
+    gen = torch.Generator().manual_seed(seed + 1)
+    for t in range(tasks):
+        folder = root / f"Task{t}Val"
+        folder.mkdir(exist_ok=True)
+        ft = {}
+        for key, value in theta0.items():
+            if value.dtype.is_floating_point:
+                noise = torch.randn(value.shape, generator=gen) * 1e-3
+                # sparse, task-specific large updates so the methods have something to find
+                noise += (torch.rand(value.shape, generator=gen) < 0.02) * torch.randn(value.shape, generator=gen) * 1e-2
+                ft[key] = value + noise
+            else:
+                ft[key] = value.clone()
+        torch.save(ft, folder / "nonlinear_finetuned.pt")
+        paths.append(folder / "nonlinear_finetuned.pt")
+        del ft
+    done.write_text(json.dumps({"model": model, "tasks": tasks}))
+    return pt, paths
+
+
+# ------------------------------------------------------------------------------------------------
+# child jobs
+
+
+def _naive(job: str, pt: Path, fts: list[Path], device: str) -> None:
+    """The stack-everything baseline: whole checkpoints in memory, a (T x d) matrix, kthvalue."""
+    import torch
+
+    theta0 = torch.load(pt, map_location="cpu", weights_only=True)
+    finetuned = [torch.load(p, map_location="cpu", weights_only=True) for p in fts]
+    keys = sorted(k for k, v in theta0.items() if v.dtype.is_floating_point)
+    flat0 = torch.cat([theta0[k].reshape(-1) for k in keys]).to(device)
+    flat_ft = torch.vstack([torch.cat([ft[k].reshape(-1) for k in keys]) for ft in finetuned]).to(device)
+    taus = flat_ft - flat0
+
+    def topk(matrix, k):
+        if k >= 100:
+            return matrix
+        d = matrix.shape[1]
+        kth = d - int(d * (k / 100))
+        thresholds = matrix.abs().kthvalue(kth, dim=1, keepdim=True).values
+        return matrix * (matrix.abs() >= thresholds)
+
+    def ties(matrix, agg):
+        trimmed = topk(matrix, 20)
+        sign = torch.sign(trimmed.sum(0))
+        sign[sign == 0] = torch.sign(sign.sum())
+        selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
+        total = selected.sum(0)
+        return total / torch.clamp((selected != 0).sum(0).float(), min=1) if agg == "mean" else total
+
+    if job == "sum":
+        merged = taus.sum(0)
+    elif job == "ties":
+        merged = ties(taus, "mean")
+    elif job in ("tall_mask", "compress", "consensus"):
+        merged = taus.sum(0)
+        masks = (flat0 - flat_ft).abs() > ((flat0 + merged) - flat_ft).abs() * 0.4
+        if job == "consensus":
+            merged = merged * (masks.sum(0) >= 2)
+    elif job == "mag_masking":
+        merged = taus.sum(0)
+        masks = topk(taus, 10) != 0
+    else:
+        raise SystemExit(f"unknown job {job}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path) -> None:
+    from tallmasks.compression import compress
+    from tallmasks.masks import magnitude_masks, tall_masks
+    from tallmasks.merging import merge
+    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.task_vectors import CheckpointSet
+
+    if job == "compress":
+        compress(pt, fts, out / "collection", device=device)
+        return
+    cs = CheckpointSet(pt, fts)
+    if job == "tall_mask":
+        vector = merge(cs, "tall_mask", device=device)
+        tall_masks(cs, vector, 0.4, device=device)
+    elif job == "consensus":
+        vector = merge(cs, "tall_mask", device=device)
+        masks = tall_masks(cs, vector, 0.4, device=device)
+        vector = merge(cs, "consensus", masks=masks, base=vector, device=device)
+    elif job == "mag_masking":
+        vector = merge(cs, "mag_masking", device=device)
+        magnitude_masks(cs, 10, device=device)
+    else:
+        vector = merge(cs, job, device=device)
+    save_state_dict(vector, out / f"{job}.safetensors")
+
+
+def child(args) -> None:
+    import torch
+
+    fts = [Path(p) for p in args.finetuned]
+    start = time.perf_counter()
+    if args.impl == "naive":
+        _naive(args.job, Path(args.pretrained), fts, args.device)
+    else:
+        _ours(args.job, Path(args.pretrained), fts, args.device, Path(args.out))
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"seconds": elapsed, "threads": torch.get_num_threads()}))
+
+
+# ------------------------------------------------------------------------------------------------
+# parent: run, sample RssAnon, report
+
+
+def _rss_anon_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(cmd: list[str], timeout: float) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_anon_kb(proc.pid))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    wall = time.perf_counter()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        stop.set()
+        return {"status": "timeout", "peak_gb": peak / 1e6}
+    wall = time.perf_counter() - wall
+    stop.set()
+    thread.join()
+    if proc.returncode != 0:
+        status = "killed (out of memory?)" if proc.returncode < 0 else f"failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+        return {"status": status, "peak_gb": peak / 1e6, "wall": wall}
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"status": "ok", "seconds": result["seconds"], "wall": wall, "peak_gb": peak / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=ALL_JOBS, choices=ALL_JOBS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workdir", help="where synthetic checkpoints are kept (default: a temp folder)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the stack-everything baseline")
+    parser.add_argument("--naive-methods", nargs="+", default=["sum"], help="jobs to run the baseline for")
+    parser.add_argument("--naive-limit-gb", type=float, default=20.0, help="skip the baseline when its estimate exceeds this")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--pretrained", help=argparse.SUPPRESS)
+    parser.add_argument("--finetuned", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tallmasks-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pt, fts = synthesize(args.model, args.tasks, workdir / f"{args.model}-{args.tasks}")
+    n_params = sum(v.numel() for k, v in torch.load(pt, mmap=True, weights_only=True).items() if v.dtype.is_floating_point)
+    print(f"{args.model}, {args.tasks} tasks, {n_params / 1e6:.1f}M parameters per checkpoint, device {device}, "
+          f"{torch.get_num_threads()} threads (checkpoints ready in {time.perf_counter() - t0:.0f} s)")
+    naive_estimate_gb = 4 * n_params * (2 * args.tasks + 3) / 1e9
+    out_dir = workdir / "out"
+    out_dir.mkdir(exist_ok=True)
+    rows = []
+    for job in args.methods:
+        base_cmd = [sys.executable, __file__, "--child", "--job", job, "--device", device,
+                    "--pretrained", str(pt), "--finetuned", *map(str, fts), "--out", str(out_dir)]
+        ours = measure(base_cmd + ["--impl", "ours"], args.timeout)
+        row = {"job": job, "ours": ours}
+        if not args.no_naive and job in args.naive_methods:
+            if naive_estimate_gb > args.naive_limit_gb:
+                row["naive"] = {"status": f"skipped (needs about {naive_estimate_gb:.0f} GB)"}
+            else:
+                row["naive"] = measure(base_cmd + ["--impl", "naive"], args.timeout)
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "tasks": args.tasks, "device": device,
+                                                "params": n_params, "rows": rows}, indent=1))
+
+
+def _format_row(row: dict) -> str:
+    ours = row["ours"]
+    text = f"{row['job']:<12} ours: "
+    text += f"{ours['seconds']:7.1f} s, peak RssAnon {ours['peak_gb']:5.2f} GB" if ours["status"] == "ok" else ours["status"]
+    naive = row.get("naive")
+    if naive:
+        if naive["status"] == "ok":
+            text += f" | naive: {naive['seconds']:7.1f} s, {naive['peak_gb']:5.2f} GB"
+            if ours["status"] == "ok":
+                text += f" | speed-up x{naive['seconds'] / ours['seconds']:.1f}, memory /{naive['peak_gb'] / max(ours['peak_gb'], 1e-9):.1f}"
+        else:
+            text += f" | naive: {naive['status']}"
+    return text
+
+
+if __name__ == "__main__":
+    main()
