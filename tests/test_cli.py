@@ -196,3 +196,9 @@ def test_console_script_when_installed(tmp_path, tiny_checkpoints):
         pytest.skip("package not installed in this environment (no tallmasks console script)")
     res = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=subprocess_env())
     assert res.returncode == 0 and "compress" in res.stdout
+
+
+def test_prepare_data_names_the_manual_dataset(tmp_path):
+    res = run_cli("prepare-data", "EuroSAT", "--root", tmp_path)
+    assert res.returncode == 2
+    assert "EuroSAT" in res.stderr and str(tmp_path) in res.stderr

@@ -223,6 +223,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    from tallmasks.datasets.preparation import main as prepare_main
+
+    argv = [*args.names, "--root", args.root] + (["--source", args.source] if args.source else [])
+    return prepare_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tallmasks.merging import METHODS
 
@@ -274,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+
+    data = sub.add_parser("prepare-data", help="download or arrange evaluation datasets under a data location")
+    data.add_argument("names", nargs="+", help="dataset names, e.g. MNIST SVHN (or 'all')")
+    data.add_argument("--root", default="~/data", help="data location (default ~/data)")
+    data.add_argument("--source", help="an unpacked copy to arrange from (DTD, SUN397)")
+    data.set_defaults(func=cmd_prepare_data)
     return parser
 
 
