@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pretrained", required=True, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
         p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
-        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
     merge = sub.add_parser("merge", help="merge task vectors with one method")
     merge.add_argument("--method", required=True, choices=sorted(METHODS))
