@@ -1,0 +1,120 @@
+"""open_clip models: creation (with the bundled demo config) and the image encoder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tallmasks.errors import ConfigError, TallmasksError
+
+log = logging.getLogger(__name__)
+
+MODELS: list[str] = ["ViT-B-32", "ViT-B-16", "ViT-L-14"]
+DEMO_MODEL = "tallmasks-demo"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+_registered = False
+
+
+def register_demo_model() -> None:
+    """Make the bundled model configs (DEMO_MODEL) known to open_clip; idempotent."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    if (CONFIG_DIR / f"{DEMO_MODEL}.json").is_file():
+        open_clip.add_model_config(CONFIG_DIR)
+    _registered = True
+
+
+def known_models() -> list[str]:
+    """Model names that create_clip accepts."""
+    import open_clip
+
+    register_demo_model()
+    return list(open_clip.list_models())
+
+
+def _check_name(model_name: str) -> None:
+    if model_name not in known_models():
+        raise ConfigError(f"unknown model {model_name!r}; expected one of {', '.join(MODELS + [DEMO_MODEL])}")
+
+
+def _check_pretrained(model_name: str, pretrained: str | None) -> None:
+    if model_name == DEMO_MODEL and pretrained is not None and not Path(pretrained).is_file():
+        raise ConfigError(
+            f"{DEMO_MODEL} has no downloadable weights: pass pretrained=None (random init) "
+            f"or the path of a weights file, not {pretrained!r}"
+        )
+
+
+def _fetch_error(model_name: str, pretrained: str, cache_dir: str | None, exc: BaseException) -> TallmasksError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    where = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub"
+    return TallmasksError(
+        f"could not fetch the {pretrained!r} weights of {model_name} ({reason[:200]}); download them once with network "
+        f"access into the open_clip cache ({where}), or pass pretrained=<path of a local weights file>"
+    )
+
+
+def create_clip_and_transforms(
+    model_name: str, pretrained: str | None = "openai", cache_dir: str | None = None, device: str = "cpu"
+) -> tuple[Any, Any, Any]:
+    """(open_clip CLIP model, train_preprocess, val_preprocess) for ``model_name``."""
+    import open_clip
+
+    _check_name(model_name)
+    _check_pretrained(model_name, pretrained)
+    try:
+        return open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, cache_dir=cache_dir, device=device
+        )
+    except (RuntimeError, OSError, ValueError) as exc:
+        if pretrained is None:
+            raise
+        if Path(pretrained).is_file():
+            raise TallmasksError(f"{pretrained}: not a loadable open_clip weights file for {model_name} ({exc})") from None
+        raise _fetch_error(model_name, pretrained, cache_dir, exc) from None
+
+
+def create_clip(model_name: str, pretrained: str | None = "openai", cache_dir: str | None = None) -> Any:
+    """An open_clip CLIP model (image and text towers). DEMO_MODEL needs pretrained=None or a local file."""
+    return create_clip_and_transforms(model_name, pretrained, cache_dir)[0]
+
+
+class ImageEncoder(torch.nn.Module):
+    """The image tower of a CLIP model; state-dict keys start with ``model.`` like the released checkpoints."""
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = "openai",
+        keep_lang: bool = False,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.model_name = model_name
+        self.model, self.train_preprocess, self.val_preprocess = create_clip_and_transforms(
+            model_name, pretrained, cache_dir
+        )
+        if not keep_lang and hasattr(self.model, "transformer"):
+            # Same deletion as the paper's code, so keys match its checkpoints.
+            delattr(self.model, "transformer")
+        visual = self.model.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean: tuple[float, ...] = tuple(float(x) for x in getattr(visual, "image_mean", None) or _OPENAI_MEAN)
+        self.std: tuple[float, ...] = tuple(float(x) for x in getattr(visual, "image_std", None) or _OPENAI_STD)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
