@@ -1,0 +1,90 @@
+"""torchrun support: rank/world size, process-group set-up, batch sharding and count reduction."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank and world size of this process (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def my_batches(self, num_batches: int) -> range:
+        """Global batch indices this rank evaluates (strided, so batches are the same as in one process)."""
+        return range(self.rank, num_batches, self.world_size)
+
+    def sum(self, values: list[int], device: torch.device | str = "cpu") -> list[int]:
+        """Element-wise sum of integer counts over all ranks."""
+        if not self.enabled:
+            return [int(v) for v in values]
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        where = device if backend == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.int64, device=where)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [int(v) for v in tensor.cpu()]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast_object(self, obj):
+        """rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; returns (DistInfo, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local if world > 1 else None)
+    if world <= 1:
+        return DistInfo(), dev
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+    log.info("rank %d of %d on %s", rank, world, dev)
+    return DistInfo(rank, world, local), dev
+
+
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """"auto" = cuda if available else cpu; under torchrun a bare "cuda" means cuda:<LOCAL_RANK>."""
+    name = str(device or "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank or 0)
+    return dev

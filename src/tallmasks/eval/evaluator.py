@@ -1,0 +1,175 @@
+"""Fast evaluation of one encoder whose weights are rewritten in place for every setting."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.eval.cache import SplitData
+from tallmasks.eval.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """fp32: exact float32 matmuls; tf32: TensorFloat-32 matmuls on CUDA; bf16: autocast to bfloat16."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    old_matmul = torch.backends.cuda.matmul.allow_tf32
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+class Evaluator:
+    """Holds theta_0 and a merged vector on the device; sets ``theta_0 + alpha * (mask * tau)`` in place."""
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        theta0: Mapping[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 128,
+        dist: DistInfo | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.device = torch.device(device)
+        self.precision = precision
+        self.batch_size = int(batch_size)
+        self.dist = dist or DistInfo()
+        self.encoder = encoder.to(self.device).eval()
+        state = self.encoder.state_dict(keep_vars=True)
+        missing = sorted(set(state) - set(theta0))
+        extra = sorted(set(theta0) - set(state))
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has unexpected key {extra[0]!r}"
+            raise CheckpointError(f"pre-trained checkpoint does not fit the image encoder: it {what}")
+        self.targets: dict[str, torch.Tensor] = {}
+        self.theta0: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, target in state.items():
+                source = theta0[key]
+                if tuple(source.shape) != tuple(target.shape):
+                    raise CheckpointError(
+                        f"pre-trained checkpoint: shape of {key!r} is {list(source.shape)}, the encoder expects {list(target.shape)}"
+                    )
+                target.data.copy_(source.to(target.dtype))
+                self.targets[key] = target.data
+                if target.dtype.is_floating_point:
+                    self.theta0[key] = target.data.clone()
+        self.vector: dict[str, torch.Tensor] = {}
+        self.setting: tuple | None = None
+        mean = getattr(encoder, "mean", (0.0, 0.0, 0.0))
+        std = getattr(encoder, "std", (1.0, 1.0, 1.0))
+        # x = (u8 / 255 - mean) / std  ==  u8 * scale + shift
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.heads: dict[str, torch.nn.Module] = {}
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def load_vector(self, vector: Mapping[str, torch.Tensor]) -> None:
+        """Keep the merged task vector on the device (float32)."""
+        unknown = sorted(set(vector) - set(self.theta0))
+        if unknown:
+            raise CheckpointError(f"merged vector has key {unknown[0]!r} that the encoder lacks")
+        self.vector = {k: v.to(self.device, torch.float32) for k, v in vector.items()}
+        self.setting = None
+
+    @torch.no_grad()
+    def set_weights(self, alpha: float, mask: Mapping[str, torch.Tensor] | None = None, tag: object = None) -> None:
+        """Encoder weights := theta_0 + alpha * (mask * tau), in place (``tag`` skips a repeat of the same setting)."""
+        setting = (float(alpha), tag if mask is not None else None)
+        if tag is not None and setting == self.setting:
+            return
+        for key, base in self.theta0.items():
+            target = self.targets[key]
+            target.copy_(base)
+            tau = self.vector.get(key)
+            if tau is None or alpha == 0:
+                continue
+            if mask is not None:
+                tau = tau * mask[key].to(self.device, torch.bool)
+            target.add_(tau.to(target.dtype), alpha=float(alpha))
+        self.setting = setting if tag is not None else None
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def set_head(self, dataset: str, head: torch.nn.Module) -> None:
+        self.heads[dataset] = head.to(self.device).eval()
+
+    def _batches(self, data: SplitData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches, moved to the device (pinned, non-blocking, one batch ahead)."""
+        n = len(data)
+        num_batches = math.ceil(n / self.batch_size)
+        indices = list(self.dist.my_batches(num_batches))
+        on_device = data.images.device == self.device
+        if on_device or self.device.type != "cuda":
+            for b in indices:
+                sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+                yield data.images[sl].to(self.device), data.labels[sl].to(self.device)
+            return
+        # CUDA: a worker thread copies slices of the memory map into pinned buffers
+        ready: queue.Queue = queue.Queue(maxsize=3)
+
+        def produce() -> None:
+            try:
+                for b in indices:
+                    sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+                    ready.put((data.images[sl].pin_memory(), data.labels[sl].pin_memory()))
+            except BaseException as exc:  # surface in the consumer
+                ready.put(exc)
+                return
+            ready.put(None)
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            images, labels = item
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        worker.join()
+
+    def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return (images_u8.to(torch.float32).div_(255.0) - self.mean) / self.std
+
+    @torch.no_grad()
+    def count_correct(self, dataset: str, data: SplitData) -> tuple[int, int]:
+        """(correct, total) over the whole split, summed over ranks."""
+        head = self.heads[dataset]
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        total = 0
+        with precision_context(self.precision, self.device):
+            for images, labels in self._batches(data):
+                logits = head(self.encoder(self.normalize(images)))
+                correct += (logits.argmax(dim=1) == labels).sum()
+                total += int(labels.shape[0])
+        c, t = self.dist.sum([int(correct), total], self.device)
+        return c, t

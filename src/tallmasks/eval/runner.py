@@ -1,0 +1,416 @@
+"""The experiment runner behind ``main.py``: load, merge, choose alpha or lambda on validation,
+evaluate on test, record.
+
+Call it from Python with a composed Hydra config::
+
+    from hydra import compose, initialize_config_dir
+    from tallmasks.eval.runner import run_experiment
+
+    with initialize_config_dir(config_dir="/abs/path/to/config", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=ViT-B-32", "method=ties"])
+    results = run_experiment(cfg)   # dict; results["results_path"] is the JSON written
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
+from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
+from tallmasks.eval.distributed import DistInfo, init_distributed
+from tallmasks.eval.evaluator import PRECISIONS, Evaluator
+from tallmasks.eval.results import Journal, atomic_write_json
+from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
+
+log = logging.getLogger(__name__)
+
+MASKED_METHODS = ("tall_mask", "mag_masking")
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration helpers
+
+
+def _none(value: Any) -> Any:
+    """Hydra/paper configs write None as the string "None"."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None", "null", "none")):
+        return None
+    return value
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return json.loads(json.dumps(dict(cfg), default=str))
+
+
+def _datasets_field(value: Any) -> list[str] | None:
+    value = _none(value)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
+        return names or None
+    return [str(v) for v in value] or None
+
+
+def mask_dir(model_location: str | Path) -> Path:
+    """Where TALL masks live: model_location with its 'checkpoints' folder replaced by 'tall_masks'
+    (like the released layout models/checkpoints -> models/tall_masks), else <model_location>/../tall_masks."""
+    path = Path(model_location).expanduser()
+    parts = list(path.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "checkpoints":
+            parts[i] = "tall_masks"
+            return Path(*parts)
+    return path.parent / "tall_masks"
+
+
+def tall_mask_path(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> Path:
+    """The one path where method=tall_mask saves its chosen masks and load_mask/consensus read them."""
+    suffix = f"_use_ties_{ties_agg}" if use_ties else ""
+    return mask_dir(model_location) / model / f"TALL_mask_{int(num_tasks)}task{suffix}.safetensors"
+
+
+def released_mask_paths(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> list[Path]:
+    """Released ``.npy`` names accepted as a fallback (converted on first use)."""
+    folder = mask_dir(model_location) / model
+    if use_ties:
+        return [folder / f"TALL_mask_{num_tasks}task_use_ties_{ties_agg}.npy", folder / f"TALL_mask_{num_tasks}task_use_ties.npy"]
+    return [folder / f"TALL_mask_{num_tasks}task.npy"]
+
+
+def load_tall_masks(cs, path: Path, released: list[Path]):
+    """Our saved MaskSet, else a released .npy converted (and saved at ``path``); else a one-line error."""
+    from tallmasks.masks import Layout, MaskSet
+
+    if path.is_file():
+        return MaskSet.load(path).subset(cs.names)
+    for candidate in released:
+        if candidate.is_file():
+            from tallmasks.released import load_released_masks
+
+            packed = load_released_masks(candidate)
+            masks = MaskSet.from_packed(packed, Layout.of(cs), {"kind": "tall", "source": str(candidate)})
+            masks = masks.subset(cs.names)
+            masks.save(path)
+            log.info("converted released masks %s -> %s", candidate, path)
+            return masks
+    raise ConfigError(f"TALL masks not found at {path}: run method=tall_mask first (with the same model, tasks and use_ties)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment
+
+
+class Experiment:
+    """One run of main.py: settings, checkpoints, evaluator, journal."""
+
+    def __init__(self, cfg: Any):
+        self.raw = _plain(cfg)
+        c = self.raw
+        from tallmasks.datasets import resolve_datasets
+
+        self.model: str = str(c.get("model", "ViT-B-32"))
+        names = _datasets_field(c.get("DATASETS"))
+        num_tasks = _none(c.get("num_tasks"))
+        self.datasets: list[str] = resolve_datasets(None if names else (int(num_tasks) if num_tasks is not None else None), names)
+        self.num_tasks = len(self.datasets)
+        method = dict(c.get("method") or {})
+        if "name" not in method:
+            raise ConfigError("method.name is missing (choose a method: method=sum, ties, tall_mask, consensus, ...)")
+        self.method_name: str = str(method["name"])
+        self.method = method
+        from tallmasks.merging import METHODS, get_method
+
+        self.method_spec = get_method(self.method_name)
+        self.n_eval_points = int(c.get("n_eval_points", 21))
+        self.specify_lambda = _none(c.get("specify_lambda"))
+        self.model_location = Path(os.path.expanduser(str(c.get("model_location", "models/checkpoints"))))
+        self.data_location = Path(os.path.expanduser(str(c.get("data_location", "~/data"))))
+        cache = _none(c.get("cache_dir"))
+        self.cache_dir = Path(os.path.expanduser(str(cache))) if cache else self.data_location / ".tallmasks_cache"
+        self.results_dir = Path(os.path.expanduser(str(c.get("results_dir", "results/merging"))))
+        self.single_task_dir = Path(os.path.expanduser(str(c.get("single_task_dir", "results/single_task"))))
+        self.batch_size = int(c.get("batch_size", 512))
+        self.precision = str(c.get("precision", "fp32"))
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        workers = _none(c.get("num_workers"))
+        self.num_workers = default_num_workers() if workers is None else int(workers)
+        budget = _none(c.get("device_cache_gb"))
+        self.device_cache_gb = None if budget is None else float(budget)
+        self.wandb = dict(c.get("wandb") or {})
+        self.device_name = str(c.get("device", "auto"))
+        self.full_name = str(method.get("full_name") or f"{self.method_name}_k={method.get('k')}")
+        self.load_mask = bool(method.get("load_mask", False))
+        self.use_ties = bool(method.get("use_ties", False))
+        self.ties_agg = str(method.get("ties_agg", "sum"))
+
+    # -- names ----------------------------------------------------------------------------------
+
+    def merge_params(self, device: torch.device) -> dict:
+        accepted = set(self.method_spec.defaults)
+        params = {k: v for k, v in self.method.items() if k in accepted and k != "device"}
+        if "device" in accepted:
+            params["device"] = str(device)
+        return params
+
+    def results_path(self) -> Path:
+        if self.method_name == "tall_mask":
+            suffix = "_tall_mask_ties" if self.use_ties else "_tall_mask_ta"
+            suffix += "_loaded" if self.load_mask else ""
+        elif self.method_name == "mag_masking":
+            suffix = "_mag_mask"
+        elif self.method_name == "consensus":
+            suffix = f"_k_{self.method.get('prun_thre_k')}_{'ties' if self.use_ties else 'ta'}"
+        else:
+            suffix = ""
+        from tallmasks.datasets import ALL_DATASETS
+
+        tag = ""
+        if self.datasets != ALL_DATASETS[: self.num_tasks]:
+            tag = "_" + hashlib.sha1(",".join(self.datasets).encode()).hexdigest()[:8]
+        extra = "" if self.precision == "fp32" else f"_{self.precision}"
+        name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
+        return self.results_dir / name.replace("/", "-")
+
+    def run_key(self) -> dict:
+        return {
+            "model": self.model,
+            "datasets": self.datasets,
+            "method": {k: v for k, v in self.method.items() if k != "full_name"},
+            "n_eval_points": self.n_eval_points,
+            "specify_lambda": self.specify_lambda,
+            "precision": self.precision,
+            "model_location": str(self.model_location.resolve()),
+        }
+
+
+def _check_files(paths: list[Path]) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found (download it with download_checkpoints.py or fine-tune with finetune.py)")
+
+
+def _init_wandb(exp: Experiment, dist: DistInfo):
+    mode = str(exp.wandb.get("mode", "disabled"))
+    if mode == "disabled" or not dist.is_main:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb.mode is not 'disabled' but wandb is not installed (pip install wandb)") from None
+    return wandb.init(
+        config=exp.raw, mode=mode, project=exp.wandb.get("project", "task-vectors"), group=exp.wandb.get("group") or exp.model, dir="logs/"
+    )
+
+
+def run_experiment(cfg: Any) -> dict:
+    """Run one experiment described by a main.py config; returns the results dict (rank 0 writes it)."""
+    start = time.perf_counter()
+    exp = Experiment(cfg)
+    dist, device = init_distributed(exp.device_name)
+    from tallmasks.datasets import load_split
+    from tallmasks.merging import CheckpointSet, alpha_candidates, merge
+    from tallmasks.models import ImageEncoder, finetuned_path, get_classification_head, zeroshot_path
+
+    log.info("%s on %s: %d tasks (%s), device %s, precision %s", exp.full_name, exp.model, exp.num_tasks,
+             ", ".join(exp.datasets), device, exp.precision)
+    zs = zeroshot_path(exp.model_location, exp.model)
+    fts = [finetuned_path(exp.model_location, exp.model, d) for d in exp.datasets]
+    _check_files([zs, *fts])
+    finetuned_acc, ft_sources = finetuned_accuracies(exp.model, exp.datasets, exp.single_task_dir, exp.model_location)
+
+    # masks needed up front (fail before any expensive work)
+    mask_file = tall_mask_path(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
+    released = released_mask_paths(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
+    needs_masks = exp.method_name == "consensus" or (exp.method_name == "tall_mask" and exp.load_mask)
+    if needs_masks and not (mask_file.is_file() or any(p.is_file() for p in released)):
+        raise ConfigError(f"TALL masks not found at {mask_file}: run method=tall_mask first (with the same model, tasks and use_ties)")
+
+    cs = CheckpointSet(zs, fts, names=exp.datasets)
+    cs.progress = dist.is_main
+    encoder = ImageEncoder(exp.model, pretrained=None)
+    evaluator = Evaluator(encoder, cs.pretrained, device, exp.precision, exp.batch_size, dist)
+
+    # heads and preprocessed splits: rank 0 builds what is missing, the others wait and read
+    data: dict[tuple[str, str], SplitData] = {}
+
+    def prepare(build: bool) -> None:
+        for dataset in tqdm(exp.datasets, desc="heads and data", disable=not build, leave=False):
+            head = get_classification_head(exp.model, dataset, exp.model_location, device="cpu")
+            evaluator.set_head(dataset, head)
+            for split in ("val", "test"):
+                data[(dataset, split)] = load_or_build_split(
+                    lambda d=dataset, s=split: load_split(d, s, exp.data_location), dataset, split, exp.cache_dir,
+                    encoder.image_size, encoder.val_preprocess, exp.num_workers, build=build,
+                )
+
+    if dist.is_main:
+        prepare(True)
+    dist.barrier()
+    if not dist.is_main:
+        prepare(False)
+    _keep_on_device(data, device, exp.device_cache_gb)
+
+    results_path = exp.results_path()
+    journal = Journal(results_path.with_suffix(".journal.json"), exp.run_key(), writer=dist.is_main)
+    dist.barrier()
+    if len(journal):
+        log.info("resuming: %d finished evaluations in %s", len(journal), journal.path)
+    run = _init_wandb(exp, dist)
+    counter = {"evaluated": 0, "reused": 0}
+
+    def accuracy(setting: str, dataset: str, split: str, apply: Callable[[], None]) -> float:
+        done = journal.get(setting, dataset, split)
+        if done is not None:
+            counter["reused"] += 1
+            return done["correct"] / done["total"]
+        apply()
+        correct, total = evaluator.count_correct(dataset, data[(dataset, split)])
+        journal.record(setting, dataset, split, correct, total)
+        counter["evaluated"] += 1
+        return correct / total
+
+    params = exp.merge_params(device)
+    masks = None
+    if needs_masks:
+        masks = load_tall_masks(cs, mask_file, released)
+    if exp.method_name == "consensus":
+        params["masks"] = masks
+    log.info("merging with %s", exp.method_name)
+    vector = merge(cs, exp.method_name, **params)
+    evaluator.load_vector(vector)
+
+    out: dict[str, Any] = {
+        "model": exp.model,
+        "method": exp.method,
+        "datasets": exp.datasets,
+        "num_tasks": exp.num_tasks,
+        "precision": exp.precision,
+        "finetuned_accuracies": {k: finetuned_acc[k] for k in sorted(finetuned_acc)},
+        "finetuned_accuracies_source": ft_sources,
+    }
+    if exp.method_name == "tall_mask":
+        out.update(_run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_file, dist))
+    elif exp.method_name == "mag_masking":
+        out.update(_run_mag(exp, cs, evaluator, accuracy, finetuned_acc, device))
+    else:
+        alphas = alpha_candidates(exp.method_name, exp.n_eval_points, exp.num_tasks, exp.specify_lambda)
+        val: dict[float, dict] = {}
+        for alpha in tqdm(alphas, desc="alpha on validation", disable=not dist.is_main):
+            apply = lambda a=alpha: evaluator.set_weights(a, tag="alpha")  # noqa: E731
+            top1 = {d: accuracy(f"alpha={alpha:.6g}", d, "val", apply) for d in exp.datasets}
+            val[alpha] = average_normalized(top1, finetuned_acc, suffix="Val")
+        best = select_alpha(val)
+        apply = lambda: evaluator.set_weights(best, tag="alpha")  # noqa: E731
+        top1 = {d: accuracy(f"alpha={best:.6g}", d, "test", apply) for d in exp.datasets}
+        out["selection"] = {"alpha": best}
+        out["val"] = {f"{a:.6g}": m for a, m in val.items()}
+        out["val_best"] = val[best]
+        out["test"] = average_normalized(top1, finetuned_acc)
+    out["per_task"] = {
+        d: {"top1": out["test"][f"{d}:top1"], "normalized_top1": out["test"][f"{d}:normalized_top1"]} for d in exp.datasets
+    }
+    out["avg_top1"] = out["test"]["avg_top1"]
+    out["avg_normalized_top1"] = out["test"]["avg_normalized_top1"]
+    out["evaluations"] = dict(counter)
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    if dist.is_main:
+        atomic_write_json(results_path, out)
+        log.info("test: avg top1 %.2f%%, avg normalized %.2f%% -> %s", 100 * out["avg_top1"], 100 * out["avg_normalized_top1"], results_path)
+    out["results_path"] = str(results_path)
+    out["rank"] = dist.rank
+    if run is not None:
+        run.log({f"test/{k}": v for k, v in out["test"].items()})
+        run.finish(quiet=True)
+    return out
+
+
+def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_file, dist) -> dict:
+    from tallmasks.masks import tall_mask, tall_masks
+    from tallmasks.merging import TALL_LAMBDAS
+
+    out: dict[str, Any] = {}
+    if masks is not None:  # load_mask=true
+        top1 = {}
+        for d in exp.datasets:
+            apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("loaded", d))  # noqa: E731
+            top1[d] = accuracy(f"loaded_mask", d, "val", apply)
+        lambdas = dict((masks.info or {}).get("lambdas", {}))
+        out["val"] = {"loaded_mask": average_normalized(top1, finetuned_acc, suffix="Val")}
+        out["val_best"] = out["val"]["loaded_mask"]
+    else:
+        val_top1: dict[float, dict[str, float]] = {}
+        steps = [(lam, t, d) for lam in TALL_LAMBDAS for t, d in enumerate(exp.datasets)]
+        for lam, t, d in tqdm(steps, desc="lambda per task on validation", disable=not dist.is_main):
+
+            def apply(t=t, d=d, lam=lam) -> None:
+                evaluator.set_weights(1.0, tall_mask(cs, t, vector, lam, device=str(evaluator.device)), tag=("tall", d, lam))
+
+            val_top1.setdefault(lam, {})[d] = accuracy(f"lambda={lam:.6g}", d, "val", apply)
+        lambdas = select_lambdas(val_top1, exp.datasets)
+        masks = tall_masks(cs, vector, [lambdas[d] for d in exp.datasets], device=str(evaluator.device),
+                           info={"use_ties": exp.use_ties, "ties_agg": exp.ties_agg, "model": exp.model})
+        if dist.is_main:
+            masks.save(mask_file)
+            log.info("saved the chosen TALL masks to %s", mask_file)
+        out["val"] = {f"{lam:.6g}": average_normalized(v, finetuned_acc, suffix="Val") for lam, v in val_top1.items()}
+        out["val_best"] = average_normalized({d: val_top1[lambdas[d]][d] for d in exp.datasets}, finetuned_acc, suffix="Val")
+        out["mask_path"] = str(mask_file)
+    top1 = {}
+    for d in exp.datasets:
+        apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("final", d))  # noqa: E731
+        setting = f"lambda={lambdas[d]:.6g}" if d in lambdas and not exp.load_mask else "loaded_mask"
+        top1[d] = accuracy(setting, d, "test", apply)
+    out["selection"] = {"lambdas": {d: lambdas.get(d) for d in exp.datasets}}
+    out["test"] = average_normalized(top1, finetuned_acc)
+    return out
+
+
+def _run_mag(exp, cs, evaluator, accuracy, finetuned_acc, device) -> dict:
+    from tallmasks.masks import magnitude_masks
+
+    k = float(exp.method.get("k", 10))
+    masks = magnitude_masks(cs, k=k, device=str(device))
+    results: dict[str, dict] = {}
+    for split in ("val", "test"):
+        top1 = {}
+        for d in exp.datasets:
+            apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("mag", d))  # noqa: E731
+            top1[d] = accuracy("mag_mask", d, split, apply)
+        results[split] = average_normalized(top1, finetuned_acc, suffix="Val" if split == "val" else "")
+    return {"val": {"1": results["val"]}, "val_best": results["val"], "test": results["test"], "selection": {"alpha": 1.0, "k": k}}
+
+
+def _keep_on_device(data: dict, device: torch.device, budget_gb: float | None) -> None:
+    """On CUDA, keep as many cached splits resident on the device as the budget allows."""
+    if device.type != "cuda":
+        return
+    if budget_gb is None:
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = 0.4 * free
+    else:
+        budget = budget_gb * 2**30
+    used = 0
+    for key, split in data.items():
+        size = split.images.numel() * split.images.element_size()
+        if used + size <= budget:
+            data[key] = split.to(device)
+            used += size
