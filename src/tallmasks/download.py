@@ -338,7 +338,6 @@ def download(model: str, kind: str, source: str = "hf", model_location: str | Pa
         log.info("%s %s: every expected file is already present and verified under %s", model, kind, root)
         return verify(root, expected, extra=_present_layout_files(root, kind))
     staged = root / STAGING / source
-    staged.parent.mkdir(parents=True, exist_ok=True)
     try:
         plan = _fetch_hf(model, kind, root, staged) if source == "hf" else _fetch_gdrive(model, kind, root, staged)
     except TallmasksError:
