@@ -136,3 +136,22 @@ def test_unreachable_weights_give_one_line_error(tmp_path):
     assert len(lines) == 1, proc.stdout + proc.stderr
     assert "could not fetch" in lines[0] and "ViT-B-32" in lines[0] and "no-open-clip-weights" in lines[0]
     assert issubclass(TallmasksError, Exception)
+
+
+def test_load_image_encoder_from_released_layout(tmp_path):
+    from tallmasks.errors import CheckpointError
+    from tallmasks.models import load_image_encoder
+
+    torch.manual_seed(3)
+    source = ImageEncoder(DEMO_MODEL, pretrained=None)
+    path = finetuned_path(tmp_path, DEMO_MODEL, "MNIST")
+    path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), path)
+    loaded = load_image_encoder(DEMO_MODEL, path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    state = source.state_dict()
+    state.pop("model.visual.proj")
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="model.visual.proj"):
+        load_image_encoder(DEMO_MODEL, tmp_path / "bad.pt")

@@ -7,6 +7,7 @@ from tallmasks.models.encoder import (
     create_clip,
     create_clip_and_transforms,
     known_models,
+    load_image_encoder,
     register_demo_model,
 )
 from tallmasks.models.heads import (
@@ -31,6 +32,7 @@ __all__ = [
     "get_classification_head",
     "head_path",
     "known_models",
+    "load_image_encoder",
     "register_demo_model",
     "val_name",
     "zeroshot_path",

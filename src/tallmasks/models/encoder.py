@@ -118,3 +118,26 @@ class ImageEncoder(torch.nn.Module):
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image_encoder(model_name: str, path: str | Path) -> ImageEncoder:
+    """An ImageEncoder holding the weights of a saved state dict (released layout, keys ``model.*``);
+    nothing is downloaded."""
+    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.errors import CheckpointError
+
+    encoder = ImageEncoder(model_name, pretrained=None)
+    state = load_state_dict(path)
+    expected = set(encoder.state_dict())
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        culprit = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(
+            f"{path}: does not match the {model_name} image encoder ({len(missing)} missing, {len(extra)} unexpected keys; "
+            f"{culprit})"
+        )
+    try:
+        encoder.load_state_dict({key: state[key] for key in expected})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: {str(exc).splitlines()[-1].strip()}") from None
+    return encoder
