@@ -159,7 +159,7 @@ def test_cli_errors_exit_2():
 
     from conftest import REPO, subprocess_env
 
-    for args in (["--model=ViT-X-1"], ["--datasets", "NoSuchData"], ["--lr", "-1"]):
+    for args in (["--model=ViT-X-1"], ["--datasets", "MNIST,NoSuchData", "--lr", "-1"]):
         proc = subprocess.run(
             [sys.executable, str(REPO / "finetune.py"), *args], capture_output=True, text=True, env=subprocess_env(), timeout=120
         )

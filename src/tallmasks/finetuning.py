@@ -276,7 +276,7 @@ def _prepare_model(
     elif clip_model is None and hasattr(getattr(encoder, "model", None), "transformer"):
         clip_model = encoder.model
     if head is None:
-        head = get_classification_head(cfg.model_name, cfg.dataset, cfg.model_location, device="cpu", clip_model=clip_model)
+        head = get_classification_head(cfg.model_name, cfg.dataset, cfg.model_location, device=device, clip_model=clip_model)
     inner = getattr(encoder, "model", None)
     if inner is not None and hasattr(inner, "transformer"):
         delattr(inner, "transformer")  # the image encoder alone is trained and saved
