@@ -57,6 +57,8 @@ class Evaluator:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = precision
         self.batch_size = int(batch_size)
         self.dist = dist or DistInfo()
@@ -100,6 +102,19 @@ class Evaluator:
         self.setting = None
 
     @torch.no_grad()
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Encoder weights := ``state`` (a whole checkpoint, e.g. one fine-tuned model); theta_0 is kept."""
+        missing = sorted(set(self.targets) - set(state))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks key {missing[0]!r} of the image encoder")
+        for key, target in self.targets.items():
+            source = state[key]
+            if tuple(source.shape) != tuple(target.shape):
+                raise CheckpointError(f"checkpoint: shape of {key!r} is {list(source.shape)}, the encoder expects {list(target.shape)}")
+            target.copy_(source.to(target.dtype))
+        self.setting = None
+
+    @torch.no_grad()
     def set_weights(self, alpha: float, mask: Mapping[str, torch.Tensor] | None = None, tag: object = None) -> None:
         """Encoder weights := theta_0 + alpha * (mask * tau), in place (``tag`` skips a repeat of the same setting)."""
         setting = (float(alpha), tag if mask is not None else None)
@@ -126,7 +141,7 @@ class Evaluator:
         n = len(data)
         num_batches = math.ceil(n / self.batch_size)
         indices = list(self.dist.my_batches(num_batches))
-        on_device = data.images.device == self.device
+        on_device = data.images.device.type == self.device.type and data.images.device.type != "cpu"
         if on_device or self.device.type != "cuda":
             for b in indices:
                 sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
