@@ -139,7 +139,7 @@ def test_place_and_folder_plan(tmp_path):
 
 
 def test_network_error_messages():
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     offline = explain_network_error(LocalEntryNotFoundError("cannot find the requested files"), "hf")
     assert "cannot reach the Hugging Face hub" in offline and "--source=gdrive" in offline and "\n" not in offline
@@ -148,15 +148,22 @@ def test_network_error_messages():
     refused = explain_network_error(requests.ConnectionError("Name or service not known"), "gdrive", "ViT-B-32", "checkpoints")
     assert "cannot reach Google Drive" in refused and "--source=hf" in refused
     assert "cannot reach" in explain_network_error(socket.gaierror(-2, "Name or service not known"), "hf")
-    import gdown.exceptions
 
+
+def test_gdrive_quota_message():
+    exceptions = pytest.importorskip("gdown.exceptions")
     quota = explain_network_error(
-        gdown.exceptions.FileURLRetrievalError("Too many users have viewed or downloaded this file recently."),
+        exceptions.FileURLRetrievalError("Too many users have viewed or downloaded this file recently."),
         "gdrive",
         "ViT-B-32",
         "checkpoints",
     )
     assert "quota" in quota and GDRIVE_FOLDERS["checkpoints"]["ViT-B-32"] in quota and "\n" not in quota
+
+
+def test_hub_http_error_messages():
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     httpx = pytest.importorskip(_http_module())
     assert "cannot reach" in explain_network_error(httpx.ConnectError("connection refused"), "hf")
     response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/nik-dim/tall_masks"))
