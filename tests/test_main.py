@@ -1,0 +1,163 @@
+"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the digits tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "config"
+
+digits = pytest.importorskip("tallmasks.datasets.digits", reason="the offline demo tasks (tallmasks.datasets.digits) are not available")
+
+
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory):
+    """theta_0, two fine-tuned checkpoints, zero-shot heads and fine-tuned accuracies for two demo tasks."""
+    from tallmasks.datasets import DEMO_DATASETS
+    from tallmasks.eval.results import atomic_write_json
+    from tallmasks.models import DEMO_MODEL, ImageEncoder, create_clip, finetuned_path, get_classification_head, zeroshot_path
+
+    root = tmp_path_factory.mktemp("e2e")
+    loc = root / "checkpoints"
+    tasks = list(DEMO_DATASETS[:2])
+    torch.manual_seed(0)
+    theta0 = ImageEncoder(DEMO_MODEL, pretrained=None).state_dict()
+    zs = zeroshot_path(loc, DEMO_MODEL)
+    zs.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(theta0, zs)
+    clip = create_clip(DEMO_MODEL, pretrained=None)
+    table = {}
+    for i, task in enumerate(tasks):
+        g = torch.Generator().manual_seed(i + 1)
+        ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dtype.is_floating_point else v for k, v in theta0.items()}
+        path = finetuned_path(loc, DEMO_MODEL, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ft, path)
+        get_classification_head(DEMO_MODEL, task, loc, clip_model=clip)
+        table[task] = table[task + "Val"] = 0.8
+    atomic_write_json(loc / DEMO_MODEL / "nonlinear_ft_accuracies.json", table)
+    overrides = [
+        f"model={DEMO_MODEL}",
+        f"DATASETS=[{','.join(tasks)}]",
+        f"model_location={loc}",
+        f"data_location={root / 'data'}",
+        f"results_dir={root / 'results'}",
+        f"single_task_dir={root / 'none'}",
+        "n_eval_points=4",
+        "num_workers=0",
+        "batch_size=64",
+        "device=cpu",
+    ]
+    return {"root": root, "loc": loc, "tasks": tasks, "overrides": overrides}
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_main(args, cwd):
+    env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_config_keeps_the_paper_overrides():
+    cfg = compose(["model=ViT-L-14", "method=ties", "method.k=20", "num_tasks=20"])
+    assert cfg.model == "ViT-L-14" and cfg.method.name == "ties" and cfg.method.k == 20 and cfg.num_tasks == 20
+    assert cfg.method.full_name == "ties_k=20"
+    cfg = compose(["method=consensus", "method.prun_thre_k=2", "method.use_ties=true"])
+    assert cfg.method.use_ties is True and cfg.method.prun_thre_k == 2 and cfg.wandb.mode == "disabled"
+    cfg = compose(["method=tall_mask", "method.load_mask=true", "DATASETS=[MNIST,Cars]"])
+    assert list(cfg.DATASETS) == ["MNIST", "Cars"] and cfg.method.load_mask is True
+
+
+def test_main_sum_end_to_end_and_one_line_errors(demo_setup):
+    root, tasks = demo_setup["root"], demo_setup["tasks"]
+    proc = run_main([*demo_setup["overrides"], "method=sum"], cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = [p for p in (root / "results").glob("*sum*.json") if not p.name.endswith(".journal.json")]
+    res = json.loads(path.read_text())
+    assert set(res["val"]) == {"0.5", "1"}  # n_eval_points=4 -> alphas 0.5, 1.0
+    assert res["selection"]["alpha"] in (0.5, 1.0)
+    for task in tasks:
+        top1 = res["test"][f"{task}:top1"]
+        assert 0 <= top1 <= 1 and res["test"][f"{task}:normalized_top1"] == pytest.approx(top1 / 0.8)
+    assert res["avg_top1"] == pytest.approx(sum(res["test"][f"{t}:top1"] for t in tasks) / 2)
+
+    proc = run_main([*demo_setup["overrides"], "method=consensus", "method.use_ties=true"], cwd=root)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: TALL masks not found") and "Traceback" not in proc.stderr
+    proc = run_main([*demo_setup["overrides"], "method=sum", "model_location=" + str(root / "nowhere")], cwd=root)
+    assert proc.returncode == 2 and "nonlinear_zeroshot.pt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tall_mask_saves_masks_that_consensus_and_load_mask_read(demo_setup):
+    from tallmasks.eval.runner import run_experiment, tall_mask_path
+    from tallmasks.masks import MaskSet
+    from tallmasks.models import DEMO_MODEL
+
+    tasks = demo_setup["tasks"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=tall_mask"]))
+    lambdas = res["selection"]["lambdas"]
+    assert set(lambdas) == set(tasks) and all(v in (0.2, 0.3, 0.4, 0.5, 0.6) for v in lambdas.values())
+    assert res["evaluations"]["evaluated"] == 5 * len(tasks) + len(tasks)
+    path = tall_mask_path(demo_setup["loc"], DEMO_MODEL, len(tasks), use_ties=False)
+    assert path.parent == demo_setup["root"] / "tall_masks" / DEMO_MODEL and path.is_file()
+    assert MaskSet.load(path).names == tasks
+    # per task, the chosen lambda is the best on that task's validation split
+    for task, lam in lambdas.items():
+        best = max(res["val"][k][f"{task}Val:top1"] for k in res["val"])
+        assert res["val"][f"{lam:.6g}"][f"{task}Val:top1"] == best
+
+    loaded = run_experiment(compose([*demo_setup["overrides"], "method=tall_mask", "method.load_mask=true"]))
+    assert loaded["test"] == res["test"]
+    cons = run_experiment(compose([*demo_setup["overrides"], "method=consensus", "method.prun_thre_k=2"]))
+    assert cons["selection"]["alpha"] in (0.5, 1.0) and Path(cons["results_path"]).is_file()
+
+
+def test_resume_does_not_redo_finished_evaluations(demo_setup, monkeypatch):
+    from tallmasks.eval.evaluator import Evaluator
+    from tallmasks.eval.runner import run_experiment
+
+    overrides = [*demo_setup["overrides"], "method=ties", "results_dir=" + str(demo_setup["root"] / "resume")]
+    calls = {"n": 0}
+    original = Evaluator.count_correct
+
+    def flaky(self, dataset, data):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the run is stopped during its 4th evaluation
+        return original(self, dataset, data)
+
+    monkeypatch.setattr(Evaluator, "count_correct", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(compose(overrides))
+    assert not list((demo_setup["root"] / "resume").glob("*tasks_ties_k=20*[!l].json"))  # no results file yet
+    calls["n"] = -100
+    res = run_experiment(compose(overrides))
+    # 2 alphas x 2 tasks on val + 2 test evaluations = 6; the first 3 were journaled
+    assert res["evaluations"] == {"evaluated": 3, "reused": 3}
+    again = run_experiment(compose(overrides))
+    assert again["evaluations"] == {"evaluated": 0, "reused": 6} and again["test"] == res["test"]
+
+
+def test_eval_single_task_merges_table(demo_setup, tmp_path):
+    from tallmasks.eval.single_task import evaluate_single_task
+    from tallmasks.eval.results import atomic_write_json
+    from tallmasks.models import DEMO_MODEL
+
+    out = tmp_path / "single"
+    atomic_write_json(out / DEMO_MODEL / "zeroshot_accuracies.json", {"Other": 0.5})
+    new = evaluate_single_task(DEMO_MODEL, "none", demo_setup["tasks"][:1], demo_setup["loc"], demo_setup["root"] / "data",
+                               out, batch_size=64, device="cpu", num_workers=0)
+    table = json.loads((out / DEMO_MODEL / "zeroshot_accuracies.json").read_text())
+    task = demo_setup["tasks"][0]
+    assert table["Other"] == 0.5 and table[task] == new[task] and 0 <= table[task + "Val"] <= 1
