@@ -38,6 +38,7 @@ FAKE_LISTING = [
     "single_task/VIT-B-16/MNISTVal/nonlinear_finetuned.pt",
     "single_task/VIT-B-16/head_MNISTVal.pt",
     "single_task/ViT-L-14/MNISTVal/nonlinear_finetuned.pt",
+    "single_task/ViT-L-14/nonlinear_zeroshot.pt",
     "tall_masks/ViT-B-32/TALL_mask_8task.npy",
     "tall_masks/ViT-B-32/TALL_mask_20task.npy",
     "tall_masks/ViT-B-16/TALL_mask_8task.npy",
@@ -59,6 +60,8 @@ def test_layout_from_listing():
         "single_task/VIT-B-16/MNISTVal/nonlinear_finetuned.pt": "MNISTVal/nonlinear_finetuned.pt",
         "single_task/VIT-B-16/head_MNISTVal.pt": "head_MNISTVal.pt",
     }
+    l14 = plan_from_listing(FAKE_LISTING, "ViT-L-14", "checkpoints")
+    assert l14.files["single_task/ViT-L-14/nonlinear_zeroshot.pt"] == "MNISTVal/nonlinear_zeroshot.pt"
     masks = plan_from_listing(FAKE_LISTING, "ViT-B-16", "tall_masks")
     assert masks.files == {"tall_masks/ViT-B-16/TALL_mask_8task.npy": "TALL_mask_8task.npy"}
     with pytest.raises(ConfigError, match="ViT-H-14"):

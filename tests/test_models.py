@@ -155,3 +155,15 @@ def test_load_image_encoder_from_released_layout(tmp_path):
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="model.visual.proj"):
         load_image_encoder(DEMO_MODEL, tmp_path / "bad.pt")
+
+
+def test_save_zeroshot_encoder(tmp_path):
+    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.models import save_zeroshot_encoder
+
+    path = save_zeroshot_encoder(DEMO_MODEL, tmp_path, pretrained=None)
+    assert path == zeroshot_path(tmp_path, DEMO_MODEL)
+    state = load_state_dict(path)
+    assert all(key.startswith("model.") for key in state) and "model.visual.proj" in state
+    stamp = path.stat().st_mtime_ns
+    assert save_zeroshot_encoder(DEMO_MODEL, tmp_path, pretrained=None) == path and path.stat().st_mtime_ns == stamp

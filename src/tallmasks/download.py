@@ -41,6 +41,7 @@ GDRIVE_FOLDERS = {
 }
 MASK_TASK_COUNTS = (8, 14, 20)
 STAGING = ".download"
+ZEROSHOT_FILE = "MNISTVal/nonlinear_zeroshot.pt"
 VERIFIED = ".verified.json"
 
 _FINETUNED = re.compile(r"^(?P<ds>[A-Za-z0-9]+)Val/nonlinear_finetuned\.pt$")
@@ -69,6 +70,8 @@ def _relative_target(parts: Sequence[str], kind: str) -> str | None:
         last_two = "/".join(parts[-2:])
         if len(parts) >= 2 and (_FINETUNED.match(last_two) or _ZEROSHOT.match(last_two)):
             return last_two
+        if name in ("nonlinear_zeroshot.pt", "zeroshot.pt"):  # a shared zero-shot encoder outside a dataset folder
+            return ZEROSHOT_FILE
         return name if _HEAD.match(name) else None
     return name if _MASK.match(name) else None
 
@@ -351,6 +354,11 @@ def download(model: str, kind: str, source: str = "hf", model_location: str | Pa
     if not report.complete:
         raise report_error(report, root, "rerun the same command to fetch them again")
     shutil.rmtree(root / STAGING, ignore_errors=True)
+    if kind == "checkpoints" and not (root / ZEROSHOT_FILE).is_file():
+        log.warning(
+            "%s is not among the released files; main.py needs it: run finetune.py, or save the open_clip encoder "
+            "with tallmasks.models.save_zeroshot_encoder(%r, %r)", root / ZEROSHOT_FILE, model, str(model_location)
+        )
     log.info("%s %s: %d files verified under %s", model, kind, len(report.ok), root)
     return report
 

@@ -9,6 +9,7 @@ from tallmasks.models.encoder import (
     known_models,
     load_image_encoder,
     register_demo_model,
+    save_zeroshot_encoder,
 )
 from tallmasks.models.heads import (
     ClassificationHead,
@@ -34,6 +35,7 @@ __all__ = [
     "known_models",
     "load_image_encoder",
     "register_demo_model",
+    "save_zeroshot_encoder",
     "val_name",
     "zeroshot_path",
 ]

@@ -141,3 +141,15 @@ def load_image_encoder(model_name: str, path: str | Path) -> ImageEncoder:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: {str(exc).splitlines()[-1].strip()}") from None
     return encoder
+
+
+def save_zeroshot_encoder(model_name: str, model_location: str | Path, pretrained: str | None = "openai") -> Path:
+    """Save the pre-trained image encoder at <loc>/<model>/MNISTVal/nonlinear_zeroshot.pt (atomic; kept if present)."""
+    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.models.paths import zeroshot_path
+
+    path = zeroshot_path(model_location, model_name)
+    if not path.is_file():
+        encoder = ImageEncoder(model_name, pretrained=pretrained)
+        save_state_dict({key: value.detach().cpu() for key, value in encoder.state_dict().items()}, path)
+    return path
