@@ -66,6 +66,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
+def prediction_agreement(evaluator: Evaluator, head, data: SplitData, precision: str, count: int) -> float:
+    """Fraction of the first ``count`` images whose predicted class is the same in ``precision`` and in fp32."""
+    from tallmasks.eval.evaluator import precision_context
+
+    images = data.images[:count]
+    preds = {}
+    for prec in ("fp32", precision):
+        out = []
+        with precision_context(prec, evaluator.device):
+            for i in range(0, len(images), evaluator.batch_size):
+                x = evaluator.normalize(images[i : i + evaluator.batch_size].to(evaluator.device))
+                out.append(head(evaluator.encoder(x)).argmax(1).cpu())
+        preds[prec] = torch.cat(out)
+    return float((preds["fp32"] == preds[precision]).float().mean())
+
+
 def bench_model(name: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     encoder = ImageEncoder(name, pretrained=None).to(device).eval()
@@ -114,6 +131,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
     out["ours_images_per_s"] = n / float(np.median(times))
+    if args.agreement:
+        out["top1_agreement_vs_fp32"] = prediction_agreement(evaluator, head, data, args.precision, args.agreement)
     out["ours_precision"] = args.precision
     out["ours_data"] = "device-resident uint8" if resident.images.device.type == "cuda" else "memory-mapped uint8, streamed"
 
@@ -152,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default=None, help="ours and bare: bf16 on GPU, fp32 on CPU by default")
     p.add_argument("--stream", action="store_true", help="ours: stream batches from the memory map instead of keeping the split on the GPU")
     p.add_argument("--device", default="auto")
+    p.add_argument("--agreement", type=int, default=0, help="also report top-1 agreement with fp32 on this many images")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -165,7 +185,8 @@ def main(argv=None) -> int:
         print(
             f"{name:10s} {device.type}: paper-style {row['paper_images_per_s']:8.0f} img/s | ours ({args.precision}, "
             f"{row['ours_data']}) {row['ours_images_per_s']:8.0f} img/s | bare {args.precision} {row['bare_images_per_s']:8.0f} img/s | "
-            f"ours/bare {row['ours_over_bare']:.2f} | ours/paper {row['ours_over_paper']:.1f}x | cache built once in {row['cache_build_s']:.1f}s",
+            f"ours/bare {row['ours_over_bare']:.2f} | ours/paper {row['ours_over_paper']:.1f}x | cache built once in {row['cache_build_s']:.1f}s"
+            + (f" | top-1 agreement with fp32 {row['top1_agreement_vs_fp32']:.4f}" if "top1_agreement_vs_fp32" in row else ""),
             flush=True,
         )
     if args.json:
