@@ -176,3 +176,24 @@ def test_eval_single_task_merges_table(demo_setup, tmp_path):
     table = json.loads((out / DEMO_MODEL / "zeroshot_accuracies.json").read_text())
     task = demo_setup["tasks"][0]
     assert table["Other"] == 0.5 and table[task] == new[task] and 0 <= table[task + "Val"] <= 1
+
+
+def test_torchrun_two_cpu_ranks_equal_one_process(demo_setup):
+    import socket
+
+    from tallmasks.eval.runner import run_experiment
+
+    root = demo_setup["root"]
+    single = run_experiment(compose([*demo_setup["overrides"], "method=sum", "results_dir=" + str(root / "one")]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(REPO / "main.py"), *demo_setup["overrides"], "method=sum",
+           "results_dir=" + str(root / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = [p for p in (root / "two").glob("*.json") if not p.name.endswith(".journal.json")]
+    two = json.loads(path.read_text())
+    assert two["test"] == single["test"] and two["val"] == single["val"]
