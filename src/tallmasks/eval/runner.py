@@ -18,14 +18,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
+from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
 from tallmasks.eval.distributed import DistInfo, init_distributed
 from tallmasks.eval.evaluator import PRECISIONS, Evaluator
@@ -136,7 +136,7 @@ class Experiment:
             raise ConfigError("method.name is missing (choose a method: method=sum, ties, tall_mask, consensus, ...)")
         self.method_name: str = str(method["name"])
         self.method = method
-        from tallmasks.merging import METHODS, get_method
+        from tallmasks.merging import get_method
 
         self.method_spec = get_method(self.method_name)
         self.n_eval_points = int(c.get("n_eval_points", 21))
@@ -352,7 +352,7 @@ def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_f
         top1 = {}
         for d in exp.datasets:
             apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("loaded", d))  # noqa: E731
-            top1[d] = accuracy(f"loaded_mask", d, "val", apply)
+            top1[d] = accuracy("loaded_mask", d, "val", apply)
         lambdas = dict((masks.info or {}).get("lambdas", {}))
         out["val"] = {"loaded_mask": average_normalized(top1, finetuned_acc, suffix="Val")}
         out["val_best"] = out["val"]["loaded_mask"]
