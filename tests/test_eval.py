@@ -248,3 +248,47 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 def test_batches_are_strided_over_ranks():
     assert list(DistInfo(1, 3).my_batches(8)) == [1, 4, 7]
     assert list(DistInfo().my_batches(3)) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# mask paths, released masks, reporting
+
+
+def test_mask_path_is_shared_and_released_npy_is_converted(tmp_path):
+    from tallmasks.eval.runner import load_tall_masks, mask_dir, released_mask_paths, tall_mask_path
+    from tallmasks.masks import Layout
+    from tallmasks.task_vectors import CheckpointSet
+
+    assert mask_dir(tmp_path / "models" / "checkpoints") == tmp_path / "models" / "tall_masks"
+    assert mask_dir(tmp_path / "ckpts") == tmp_path / "tall_masks"
+    assert tall_mask_path("m/checkpoints", "M", 8, True).name == "TALL_mask_8task_use_ties_sum.safetensors"
+    g = torch.Generator().manual_seed(0)
+    theta0 = {"model.a": torch.randn(5, 3, generator=g), "model.b": torch.randn(4, generator=g), "model.n": torch.tensor([1])}
+    fts = [{k: v + 0.1 if v.dtype.is_floating_point else v for k, v in theta0.items()} for _ in range(2)]
+    cs = CheckpointSet(theta0, fts, names=["A", "B"])
+    layout = Layout.of(cs)
+    bits = {n: np.random.default_rng(i).random(layout.numel) > 0.5 for i, n in enumerate(["A", "B", "C"])}
+    loc = tmp_path / "models" / "checkpoints"
+    [npy] = released_mask_paths(loc, "M", 2, False)
+    npy.parent.mkdir(parents=True)
+    np.save(npy, {n: np.packbits(b) for n, b in bits.items()}, allow_pickle=True)
+    ours = tall_mask_path(loc, "M", 2, False)
+    with pytest.raises(TallmasksError, match="run method=tall_mask first"):
+        load_tall_masks(cs, ours, [])
+    masks = load_tall_masks(cs, ours, [npy])
+    assert ours.is_file() and masks.names == ["A", "B"]
+    for n in ("A", "B"):
+        assert torch.equal(masks.flat(n), torch.from_numpy(bits[n]))
+    assert load_tall_masks(cs, ours, []).names == ["A", "B"]
+
+
+def test_reporting_tables():
+    from tallmasks.reporting import format_result, method_table
+
+    res = {"model": "M", "method": {"name": "sum"}, "datasets": ["A", "B"], "selection": {"alpha": 0.3},
+           "test": {"A:top1": 0.5, "A:normalized_top1": 0.625, "B:top1": 1.0, "B:normalized_top1": 1.0,
+                    "avg_top1": 0.75, "avg_normalized_top1": 0.8125}}
+    text = format_result(res)
+    assert "62.5" in text and "75.0" in text
+    table = method_table({"sum": res})
+    assert table.splitlines()[0] == "| method | A | B | avg |" and "| sum | 50.0 | 100.0 | 75.0 |" in table
