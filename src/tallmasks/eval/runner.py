@@ -186,7 +186,9 @@ class Experiment:
         tag = ""
         if self.datasets != ALL_DATASETS[: self.num_tasks]:
             tag = "_" + hashlib.sha1(",".join(self.datasets).encode()).hexdigest()[:8]
-        extra = "" if self.precision == "fp32" else f"_{self.precision}"
+        extra = "" if self.specify_lambda is None else f"_alpha={self.specify_lambda}"
+        extra += "" if self.n_eval_points == 21 else f"_n{self.n_eval_points}"
+        extra += "" if self.precision == "fp32" else f"_{self.precision}"
         name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
         return self.results_dir / name.replace("/", "-")
 
