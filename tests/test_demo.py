@@ -116,7 +116,7 @@ def test_quick_demo_writes_a_complete_summary(tmp_path):
     from tallmasks.demo import SUMMARY_METHODS, DemoConfig, run_demo
 
     cfg = DemoConfig.quick(
-        tasks=["DigitsParity", "DigitsMod3"], cache_dir=tmp_path / "cache", output_dir=tmp_path / "out"
+        tasks=["DigitsParity", "DigitsMod3"], cache_dir=tmp_path / "cache", output_dir=tmp_path / "out", threads=1
     )
     summary = run_demo(cfg)
     written = json.loads((tmp_path / "out" / "summary.json").read_text())

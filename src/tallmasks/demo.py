@@ -63,7 +63,7 @@ class DemoConfig:
     finetune_warmup_steps: int = 10
     n_eval_points: int = 21
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: tiny matrices gain little from two, and lose much when a core is busy
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -192,7 +192,7 @@ def pretrain(clip: Any, data: PretrainingData, steps: int, batch_size: int, lr: 
         schedule.step()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     clip.eval()
     return losses
@@ -426,15 +426,23 @@ def run_methods(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Pre-train, fine-tune, evaluate every method, write summary.json and the agreement plot; returns the summary."""
+    unknown = [m for m in cfg.methods if m not in SUMMARY_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown demo method {unknown[0]!r}; choose from {', '.join(SUMMARY_METHODS)}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    try:
+        return _run_demo(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from tallmasks.eval import atomic_write_json
     from tallmasks.eval.runner import tall_mask_path
     from tallmasks.masks import MaskSet
     from tallmasks.models import DEMO_MODEL
 
-    unknown = [m for m in cfg.methods if m not in SUMMARY_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown demo method {unknown[0]!r}; choose from {', '.join(SUMMARY_METHODS)}")
-    torch.set_num_threads(max(1, int(cfg.threads)))
     tasks = cfg.task_names()
     start = time.perf_counter()
     clip = pretrained_clip(cfg)
@@ -459,13 +467,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
     output = Path(cfg.output_dir)
-    atomic_write_json(output / "summary.json", summary)
-
     mask_file = tall_mask_path(cfg.model_location, DEMO_MODEL, len(tasks), use_ties=False)
-    if mask_file.is_file():
+    if mask_file.is_file():  # written by the tall_mask run
         profile = agreement_profile(MaskSet.load(mask_file))
         plot_agreement(profile, output / "mask_agreement.png", f"TALL-mask agreement, {len(tasks)} digit tasks (image tower)")
-        summary["agreement"] = profile
+        summary["mask_agreement"] = {"tasks_per_weight": list(range(len(profile))), "weights": profile}
+    atomic_write_json(output / "summary.json", summary)
     log.info("demo finished in %.0fs; results in %s", time.perf_counter() - start, output)
     return summary
 
@@ -477,7 +484,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     parser.add_argument("--tasks", nargs="+", default=None, help="a subset of the eight demo tasks")
     parser.add_argument("--methods", nargs="+", default=None, help=f"a subset of: {' '.join(SUMMARY_METHODS)}")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run, not meaningful numbers)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     make = DemoConfig.quick if args.quick else DemoConfig
     cfg = make(cache_dir=args.cache_dir, output_dir=args.output_dir, tasks=args.tasks, threads=args.threads)

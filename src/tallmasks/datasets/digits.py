@@ -1,7 +1,7 @@
 """The eight offline demo tasks, built from scikit-learn's handwritten digits (1,797 8x8 images, no download).
 
 Like the paper's datasets, the tasks differ both in their inputs (each applies its own view: rotation,
-inversion, flip, shift, colour, upside-down, transposition, bold strokes, with its own colours) and in their label spaces
+inversion, flip, shift, colour, upside-down, transposition, bold strokes) and in their label spaces
 (digit identity, parity, small vs large, remainder mod 3, number of closed loops, primality).
 
 The 1,797 images are split once, with a fixed permutation, into three disjoint pools shared by all tasks:
@@ -112,17 +112,6 @@ DEMO_TASKS: list[DigitTask] = [
 TASKS_BY_NAME: dict[str, DigitTask] = {t.name: t for t in DEMO_TASKS}
 DEMO_DATASETS: list[str] = [t.name for t in DEMO_TASKS]
 VIEWS: tuple[str, ...] = ("plain", "rot90", "invert", "hflip", "shift", "color", "vflip", "transpose", "bold")
-# (foreground, background) colours: like real datasets, each task's images have their own look
-VIEW_TINTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
-    "plain": ((255, 255, 255), (0, 0, 0)),
-    "rot90": ((255, 255, 255), (20, 30, 110)),
-    "invert": ((0, 0, 0), (255, 255, 255)),
-    "hflip": ((60, 230, 60), (0, 0, 0)),
-    "shift": ((250, 220, 40), (60, 60, 60)),
-    "vflip": ((240, 50, 50), (0, 0, 0)),
-    "transpose": ((60, 230, 240), (110, 20, 20)),
-    "bold": ((255, 255, 255), (20, 90, 30)),
-}
 
 
 @lru_cache(maxsize=1)
@@ -172,14 +161,15 @@ def render(image8: np.ndarray, view: str, key: int, size: int = DEMO_IMAGE_SIZE)
     elif view == "bold":
         padded = np.pad(gray, 1)
         gray = np.max([padded[i : i + size, j : j + size] for i in range(3) for j in range(3)], axis=0)
+    elif view == "invert":
+        gray = 1.0 - gray
     if view == "color":
         names = list(PALETTE)
         fg = np.array(PALETTE[names[int(rng.integers(len(names)))]], dtype=np.float32)
         bg = rng.uniform(0, 60, size=3).astype(np.float32)
         rgb = bg + gray[..., None] * (fg - bg)
     else:
-        fg, bg = (np.array(c, dtype=np.float32) for c in VIEW_TINTS[view])
-        rgb = bg + gray[..., None] * (fg - bg)
+        rgb = np.repeat(gray[..., None] * 255.0, 3, axis=2)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
