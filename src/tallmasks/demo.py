@@ -383,9 +383,11 @@ def compose_config(cfg: DemoConfig, method: str, method_overrides: dict[str, Any
     from hydra import compose, initialize_config_dir
     from tallmasks.models import DEMO_MODEL
 
-    config_dir = REPO_ROOT / "config"
-    if not (config_dir / "config.yaml").is_file():
-        raise ConfigError(f"{config_dir}: main.py's Hydra config folder not found (run the demo from a clone of the repository)")
+    candidates = [REPO_ROOT / "config", Path.cwd() / "config"]
+    config_dir = next((c for c in candidates if (c / "config.yaml").is_file()), None)
+    if config_dir is None:
+        raise ConfigError(f"{candidates[-1]}: main.py's Hydra config folder not found (run the demo from a clone of the repository)")
+    config_dir = config_dir.resolve()
     overrides = [
         f"model={DEMO_MODEL}",
         f"method={method}",
