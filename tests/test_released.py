@@ -143,3 +143,18 @@ def test_wrong_formats_are_refused(tmp_path):
         load_released_head(plain)
     with pytest.raises(CheckpointError, match="no such"):
         load_released_head(tmp_path / "absent.pt")
+
+
+def test_cli_convert_recognises_a_released_head(tmp_path):
+    from conftest import run_cli
+
+    weights = torch.randn(3, 8)
+    src = tmp_path / "head_MNISTVal.pt"
+    _save_paper_head(src, weights)
+    res = run_cli("convert", src, tmp_path / "head_MNISTVal.safetensors")
+    assert res.returncode == 0, res.stderr
+    head = ClassificationHead.load(tmp_path / "head_MNISTVal.safetensors")
+    assert torch.equal(head.weight, weights) and head.normalize is True
+    res = run_cli("convert", src, tmp_path / "head.pt")
+    assert res.returncode == 2 and "head converts to a .safetensors" in res.stderr
+    assert not (tmp_path / "head.pt").exists()

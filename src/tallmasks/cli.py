@@ -212,13 +212,35 @@ def _is_maskset(path: Path) -> bool:
         return False
 
 
+def _is_released_head(path: str) -> bool:
+    """Whether a .pt file is a pickled ClassificationHead of the paper's code (read from its pickle, not run)."""
+    import zipfile
+
+    from tallmasks.released import RELEASED_HEAD_CLASS
+
+    module, name = RELEASED_HEAD_CLASS.rsplit(".", 1)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            return bool(pickles) and f"{module}\n{name}".encode() in archive.read(pickles[0])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def cmd_convert(args) -> int:
     from tallmasks.checkpoints import convert_checkpoint
 
     out = _check_out_file(args.dst)
     if Path(args.src).resolve() == out.resolve():
         raise ConfigError("convert: source and destination are the same file")
-    convert_checkpoint(args.src, out)
+    if _is_released_head(args.src):
+        from tallmasks.released import load_released_head
+
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"--out {args.dst}: a released head converts to a .safetensors file")
+        load_released_head(args.src).save(out)
+    else:
+        convert_checkpoint(args.src, out)
     log.info("wrote %s", out)
     return 0
 
@@ -277,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", help="write the agreement profile as a PNG")
     ins.set_defaults(func=cmd_inspect)
 
-    conv = sub.add_parser("convert", help="convert a checkpoint between .pt and .safetensors")
+    conv = sub.add_parser(
+        "convert", help="convert a checkpoint between .pt and .safetensors (a released head .pt to .safetensors)"
+    )
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
