@@ -197,3 +197,23 @@ def test_torchrun_two_cpu_ranks_equal_one_process(demo_setup):
     [path] = [p for p in (root / "two").glob("*.json") if not p.name.endswith(".journal.json")]
     two = json.loads(path.read_text())
     assert two["test"] == single["test"] and two["val"] == single["val"]
+
+
+def test_world_size_spawns_ranks_that_equal_one_process(demo_setup):
+    from tallmasks.eval.runner import run_experiment
+
+    root = demo_setup["root"]
+    single = run_experiment(compose([*demo_setup["overrides"], "method=ties", "results_dir=" + str(root / "one_ties")]))
+    env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "main.py"), *demo_setup["overrides"], "method=ties", "world_size=2",
+           "results_dir=" + str(root / "spawned")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = [p for p in (root / "spawned").glob("*.json") if not p.name.endswith(".journal.json")]
+    spawned = json.loads(path.read_text())
+    assert spawned["test"] == single["test"] and spawned["val"] == single["val"]
+    # a bad input inside the ranks still ends in one error line and a non-zero exit
+    bad = subprocess.run([*cmd[:-1], "method.k=0", "results_dir=" + str(root / "bad")], capture_output=True,
+                         text=True, cwd=root, env=env, timeout=300)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (root / "bad").exists() or not any((root / "bad").glob("*.json"))

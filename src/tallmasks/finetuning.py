@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 import os
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from tallmasks.checkpoints import atomic_path, save_state_dict
 from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.eval.distributed import resolve_device, spawn_ranks, under_launcher
 from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, val_name, zeroshot_path
 
 log = logging.getLogger(__name__)
@@ -128,16 +128,6 @@ def cosine_lr(base_lr: float, warmup: int, total: int, step: int) -> float:
         return base_lr * (step + 1) / warmup
     e, es = step - warmup, max(total - warmup, 1)
     return 0.5 * (1 + math.cos(math.pi * e / es)) * base_lr
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto" = cuda (this process's GPU) when available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
 
 
 class _Preprocessed(Dataset):
@@ -425,18 +415,7 @@ def _save_resume(path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Op
         torch.save(state, str(tmp))
 
 
-def free_port() -> int:
-    """A TCP port that is free on this machine now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _spawned(rank: int, world_size: int, port: int, cfg: FinetuneConfig, kwargs: dict[str, Any]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _finetune_private_copy(cfg: FinetuneConfig, kwargs: dict[str, Any]) -> None:
     # Tensors passed through mp.spawn share memory with the parent and the other ranks: train a private copy.
     finetune(cfg, **copy.deepcopy(kwargs))
 
@@ -447,16 +426,14 @@ def launch(cfg: FinetuneConfig, world_size: int = 1, **kwargs: Any) -> Path:
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
     out = finetuned_path(cfg.model_location, cfg.model_name, cfg.dataset)
-    if world_size == 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if world_size == 1 or under_launcher():
         return finetune(cfg, **kwargs)
     if out.is_file():
         log.info("%s: already fine-tuned (%s), skipping", val_name(cfg.dataset), out)
         return out
     if resolve_device(cfg.device).type == "cuda" and torch.cuda.device_count() < world_size:
         raise ConfigError(f"world_size={world_size} but only {torch.cuda.device_count()} GPUs are visible")
-    import torch.multiprocessing as mp
-
-    mp.spawn(_spawned, args=(world_size, free_port(), cfg, kwargs), nprocs=world_size, join=True)
+    spawn_ranks(_finetune_private_copy, world_size, cfg, kwargs)
     if not out.is_file():
         raise CheckpointError(f"{out}: fine-tuning processes ended without writing it")
     return out

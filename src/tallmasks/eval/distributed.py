@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,3 +91,31 @@ def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank or 0)
     return dev
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    fn(*args)
+
+
+def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, port: int | None = None) -> None:
+    """Run ``fn(*args)`` in ``world_size`` local processes that see the environment torchrun would give them
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); ``fn`` and ``args`` must pickle."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_entry, args=(world_size, port or free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def under_launcher() -> bool:
+    """Whether this process is one rank of several started by torchrun (or by :func:`spawn_ranks`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
 from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
-from tallmasks.eval.distributed import DistInfo, init_distributed
+from tallmasks.eval.distributed import DistInfo, init_distributed, spawn_ranks, under_launcher
 from tallmasks.eval.evaluator import PRECISIONS, Evaluator
 from tallmasks.eval.results import Journal, atomic_write_json
 from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
@@ -416,3 +417,54 @@ def _keep_on_device(data: dict, device: torch.device, budget_gb: float | None) -
         if used + size <= budget:
             data[key] = split.to(device)
             used += size
+
+
+def _run_and_report(cfg: Any) -> int:
+    """One process's share of main.py: run, print the table on rank 0, one error line on bad input."""
+    from tallmasks.reporting import format_result
+
+    try:
+        results = run_experiment(cfg)
+    except TallmasksError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if results.get("rank", 0) == 0:
+        log.info("\n%s", format_result(results))
+    return 0
+
+
+def _spawned_rank(cfg: Any) -> None:
+    code = _run_and_report(cfg)
+    if code:
+        raise SystemExit(code)
+
+
+def run_main(cfg: Any) -> int:
+    """main.py's entry: one process, one torchrun rank, or ``world_size`` local ranks spawned here
+    (the paper's ``world_size``/``port`` fields; gloo on CPU, nccl on GPUs). Returns the exit code."""
+    raw = _plain(cfg)
+    try:
+        world_size = int(_none(raw.get("world_size")) or 1)
+        port = _none(raw.get("port"))
+        port = int(port) if port is not None else None
+    except (TypeError, ValueError):
+        print(f"error: world_size and port must be integers, got {raw.get('world_size')!r}, {raw.get('port')!r}", file=sys.stderr)
+        return 2
+    if world_size < 1:
+        print(f"error: world_size must be >= 1, got {world_size}", file=sys.stderr)
+        return 2
+    if world_size == 1 or under_launcher():
+        return _run_and_report(cfg)
+    device = str(raw.get("device", "auto"))
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        if torch.cuda.device_count() < world_size:
+            print(f"error: world_size={world_size} but only {torch.cuda.device_count()} GPUs are visible", file=sys.stderr)
+            return 2
+    import torch.multiprocessing as mp
+
+    log.info("spawning %d ranks", world_size)
+    try:
+        spawn_ranks(_spawned_rank, world_size, cfg, port=port)
+    except mp.ProcessExitedException as exc:
+        return int(exc.exit_code) if exc.exit_code and exc.exit_code > 0 else 1
+    return 0
