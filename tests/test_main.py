@@ -73,9 +73,17 @@ def compose(overrides):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def run_main(args, cwd):
-    env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+MAIN_ENV = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
+def run_main(args, cwd, launcher=()):
+    cmd = [sys.executable, *launcher, str(REPO / "main.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=MAIN_ENV, timeout=300)
+
+
+def only_result(folder):
+    [path] = [p for p in folder.glob("*.json") if not p.name.endswith(".journal.json")]
+    return json.loads(path.read_text())
 
 
 def test_config_keeps_the_paper_overrides():
@@ -188,14 +196,11 @@ def test_torchrun_two_cpu_ranks_equal_one_process(demo_setup):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(REPO / "main.py"), *demo_setup["overrides"], "method=sum",
-           "results_dir=" + str(root / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    launcher = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={port}"]
+    proc = run_main([*demo_setup["overrides"], "method=sum", "results_dir=" + str(root / "two")], root, launcher)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [path] = [p for p in (root / "two").glob("*.json") if not p.name.endswith(".journal.json")]
-    two = json.loads(path.read_text())
+    two = only_result(root / "two")
     assert two["test"] == single["test"] and two["val"] == single["val"]
 
 
@@ -204,16 +209,12 @@ def test_world_size_spawns_ranks_that_equal_one_process(demo_setup):
 
     root = demo_setup["root"]
     single = run_experiment(compose([*demo_setup["overrides"], "method=ties", "results_dir=" + str(root / "one_ties")]))
-    env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "main.py"), *demo_setup["overrides"], "method=ties", "world_size=2",
-           "results_dir=" + str(root / "spawned")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    args = [*demo_setup["overrides"], "method=ties", "world_size=2"]
+    proc = run_main([*args, "results_dir=" + str(root / "spawned")], root)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [path] = [p for p in (root / "spawned").glob("*.json") if not p.name.endswith(".journal.json")]
-    spawned = json.loads(path.read_text())
+    spawned = only_result(root / "spawned")
     assert spawned["test"] == single["test"] and spawned["val"] == single["val"]
     # a bad input inside the ranks still ends in one error line and a non-zero exit
-    bad = subprocess.run([*cmd[:-1], "method.k=0", "results_dir=" + str(root / "bad")], capture_output=True,
-                         text=True, cwd=root, env=env, timeout=300)
+    bad = run_main([*args, "method.k=0", "results_dir=" + str(root / "bad")], root)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert not (root / "bad").exists() or not any((root / "bad").glob("*.json"))
