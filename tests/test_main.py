@@ -218,3 +218,15 @@ def test_world_size_spawns_ranks_that_equal_one_process(demo_setup):
     bad = run_main([*args, "method.k=0", "results_dir=" + str(root / "bad")], root)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert not (root / "bad").exists() or not any((root / "bad").glob("*.json"))
+
+
+def test_launch_settings_are_checked():
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import _launch_settings
+
+    assert _launch_settings({"world_size": 2, "port": "None", "device": "cpu"}) == (2, None)
+    assert _launch_settings({"world_size": 1, "port": 12355}) == (1, 12355)
+    with pytest.raises(ConfigError, match="world_size must be >= 1"):
+        _launch_settings({"world_size": 0, "device": "cpu"})
+    with pytest.raises(ConfigError, match="must be integers"):
+        _launch_settings({"world_size": "two"})

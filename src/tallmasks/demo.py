@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tallmasks.checkpoints import atomic_path, load_state_dict, save_state_dict
+from tallmasks.checkpoints import load_state_dict, save_state_dict
 from tallmasks.errors import ConfigError, TallmasksError
 
 log = logging.getLogger("tallmasks.demo")

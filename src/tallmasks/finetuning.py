@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tallmasks.checkpoints import atomic_path, save_state_dict
 from tallmasks.errors import CheckpointError, ConfigError
-from tallmasks.eval.distributed import resolve_device, spawn_ranks, under_launcher
+from tallmasks.eval.distributed import check_world_size, resolve_device, spawn_ranks, under_launcher
 from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, val_name, zeroshot_path
 
 log = logging.getLogger(__name__)
@@ -423,16 +423,13 @@ def _finetune_private_copy(cfg: FinetuneConfig, kwargs: dict[str, Any]) -> None:
 def launch(cfg: FinetuneConfig, world_size: int = 1, **kwargs: Any) -> Path:
     """Run :func:`finetune` in-process (world_size 1, or already under torchrun) or in ``world_size``
     spawned processes on a free local port (gloo on CPU, nccl on GPU). kwargs go to finetune and must pickle."""
-    if world_size < 1:
-        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    check_world_size(world_size, cfg.device)
     out = finetuned_path(cfg.model_location, cfg.model_name, cfg.dataset)
     if world_size == 1 or under_launcher():
         return finetune(cfg, **kwargs)
     if out.is_file():
         log.info("%s: already fine-tuned (%s), skipping", val_name(cfg.dataset), out)
         return out
-    if resolve_device(cfg.device).type == "cuda" and torch.cuda.device_count() < world_size:
-        raise ConfigError(f"world_size={world_size} but only {torch.cuda.device_count()} GPUs are visible")
     spawn_ranks(_finetune_private_copy, world_size, cfg, kwargs)
     if not out.is_file():
         raise CheckpointError(f"{out}: fine-tuning processes ended without writing it")

@@ -108,6 +108,16 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], a
     fn(*args)
 
 
+def check_world_size(world_size: int, device: str = "auto") -> None:
+    """A one-line ConfigError unless ``world_size`` local ranks can run on ``device``."""
+    from tallmasks.errors import ConfigError
+
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    if world_size > 1 and resolve_device(device).type == "cuda" and torch.cuda.device_count() < world_size:
+        raise ConfigError(f"world_size={world_size} but only {torch.cuda.device_count()} GPUs are visible")
+
+
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, port: int | None = None) -> None:
     """Run ``fn(*args)`` in ``world_size`` local processes that see the environment torchrun would give them
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); ``fn`` and ``args`` must pickle."""

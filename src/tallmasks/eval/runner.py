@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
 from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
-from tallmasks.eval.distributed import DistInfo, init_distributed, spawn_ranks, under_launcher
+from tallmasks.eval.distributed import DistInfo, check_world_size, init_distributed, spawn_ranks, under_launcher
 from tallmasks.eval.evaluator import PRECISIONS, Evaluator
 from tallmasks.eval.results import Journal, atomic_write_json
 from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
@@ -419,6 +419,11 @@ def _keep_on_device(data: dict, device: torch.device, budget_gb: float | None) -
             used += size
 
 
+def _error(exc: TallmasksError) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
 def _run_and_report(cfg: Any) -> int:
     """One process's share of main.py: run, print the table on rank 0, one error line on bad input."""
     from tallmasks.reporting import format_result
@@ -426,8 +431,7 @@ def _run_and_report(cfg: Any) -> int:
     try:
         results = run_experiment(cfg)
     except TallmasksError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     if results.get("rank", 0) == 0:
         log.info("\n%s", format_result(results))
     return 0
@@ -439,27 +443,30 @@ def _spawned_rank(cfg: Any) -> None:
         raise SystemExit(code)
 
 
-def run_main(cfg: Any) -> int:
-    """main.py's entry: one process, one torchrun rank, or ``world_size`` local ranks spawned here
-    (the paper's ``world_size``/``port`` fields; gloo on CPU, nccl on GPUs). Returns the exit code."""
-    raw = _plain(cfg)
+def _launch_settings(raw: dict) -> tuple[int, int | None]:
+    """(world_size, port) of a main.py config, checked."""
     try:
-        world_size = int(_none(raw.get("world_size")) or 1)
+        world_size = _none(raw.get("world_size"))
+        world_size = 1 if world_size is None else int(world_size)
         port = _none(raw.get("port"))
         port = int(port) if port is not None else None
     except (TypeError, ValueError):
-        print(f"error: world_size and port must be integers, got {raw.get('world_size')!r}, {raw.get('port')!r}", file=sys.stderr)
-        return 2
-    if world_size < 1:
-        print(f"error: world_size must be >= 1, got {world_size}", file=sys.stderr)
-        return 2
-    if world_size == 1 or under_launcher():
+        raise ConfigError(f"world_size and port must be integers, got {raw.get('world_size')!r}, {raw.get('port')!r}") from None
+    check_world_size(world_size, str(raw.get("device", "auto")))
+    return world_size, port
+
+
+def run_main(cfg: Any) -> int:
+    """main.py's entry: one process, one torchrun rank, or ``world_size`` local ranks spawned here
+    (the paper's ``world_size``/``port`` fields; gloo on CPU, nccl on GPUs). Returns the exit code."""
+    if under_launcher():
         return _run_and_report(cfg)
-    device = str(raw.get("device", "auto"))
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        if torch.cuda.device_count() < world_size:
-            print(f"error: world_size={world_size} but only {torch.cuda.device_count()} GPUs are visible", file=sys.stderr)
-            return 2
+    try:
+        world_size, port = _launch_settings(_plain(cfg))
+    except TallmasksError as exc:
+        return _error(exc)
+    if world_size == 1:
+        return _run_and_report(cfg)
     import torch.multiprocessing as mp
 
     log.info("spawning %d ranks", world_size)
