@@ -167,3 +167,15 @@ def test_save_zeroshot_encoder(tmp_path):
     assert all(key.startswith("model.") for key in state) and "model.visual.proj" in state
     stamp = path.stat().st_mtime_ns
     assert save_zeroshot_encoder(DEMO_MODEL, tmp_path, pretrained=None) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_openai_models_use_quick_gelu_like_the_released_checkpoints():
+    """The paper's open_clip loaded OpenAI weights with QuickGELU; a GELU shell would change every logit."""
+    from tallmasks.models import DEMO_MODEL, create_clip
+    from tallmasks.models.encoder import uses_quick_gelu
+
+    clip = create_clip("ViT-B-32", pretrained=None)
+    activations = {type(m).__name__ for m in clip.modules() if "GELU" in type(m).__name__}
+    assert activations == {"QuickGELU"}  # image and text towers
+    assert uses_quick_gelu("ViT-L-14", "openai") and uses_quick_gelu("ViT-B-16", None)
+    assert not uses_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") and not uses_quick_gelu(DEMO_MODEL, None)

@@ -63,6 +63,15 @@ def _fetch_error(model_name: str, pretrained: str, cache_dir: str | None, exc: B
     )
 
 
+def uses_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether the model is OpenAI's CLIP, whose MLPs use QuickGELU: the paper's models with ``openai`` weights,
+    or built empty (pretrained=None) or from a file to receive such weights (the released checkpoints).
+    open_clip's ViT configs say GELU; its old ``openai`` loader (the paper's open_clip 2.10) forced QuickGELU."""
+    if model_name not in MODELS:
+        return False
+    return pretrained is None or pretrained == "openai" or Path(pretrained).is_file()
+
+
 def create_clip_and_transforms(
     model_name: str, pretrained: str | None = "openai", cache_dir: str | None = None, device: str = "cpu"
 ) -> tuple[Any, Any, Any]:
@@ -73,7 +82,11 @@ def create_clip_and_transforms(
     _check_pretrained(model_name, pretrained)
     try:
         return open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, cache_dir=cache_dir, device=device
+            model_name,
+            pretrained=pretrained,
+            cache_dir=cache_dir,
+            device=device,
+            force_quick_gelu=uses_quick_gelu(model_name, pretrained),
         )
     except (RuntimeError, OSError, ValueError) as exc:
         if pretrained is None:
