@@ -128,6 +128,18 @@ def test_grad_accumulation_and_bf16_run(tmp_path):
     assert seen == [1, 2]
 
 
+def test_accumulation_steps_follow_the_papers_epoch_loop(tmp_path, monkeypatch):
+    import tallmasks.finetuning as ft
+
+    calls = []
+    real = ft.cosine_lr
+    monkeypatch.setattr(ft, "cosine_lr", lambda lr, w, total, step: calls.append((total, step)) or real(lr, w, total, step))
+    cfg = _cfg(tmp_path, grad_accum=2, epochs=3)
+    finetune(cfg, encoder=ImageEncoder(DEMO_MODEL, pretrained=None), train_dataset=_tensor_data(n=24), head=_head())
+    # 3 batches an epoch: one step per epoch (at i=1), scheduled at i // 2 + epoch * 3 // 2 of 3 * 3 // 2 steps
+    assert calls == [(4, 0), (4, 1), (4, 3)]
+
+
 def test_ddp_two_processes_gloo(tmp_path):
     """Two spawned CPU processes (gloo) write the same layout as a single-process run."""
     torch.manual_seed(0)

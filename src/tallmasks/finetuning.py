@@ -218,7 +218,7 @@ def _load_state(path: Path) -> dict[str, Any]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: unreadable resume checkpoint ({str(exc).splitlines()[0]}); delete it to restart") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "epoch", "batch"} <= set(state):
         raise CheckpointError(f"{path}: not a resume checkpoint of finetune; delete it to restart")
     return state
 
@@ -317,22 +317,30 @@ def _run(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     per_rank_batch = max(cfg.batch_size // world_size, 1)
+    # Like the paper: one DistributedSampler (seed 0) whose epoch is never advanced, so every epoch sees
+    # the same order; exactly cfg.epochs passes; an optimizer step after every grad_accum micro-batches
+    # (a remainder at an epoch's end carries into the next epoch's first step); the schedule's step is
+    # i // accum + epoch * batches // accum over epochs * batches // accum steps.
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     batches_per_epoch = math.ceil(len(sampler) / per_rank_batch)
-    steps_per_epoch = max(batches_per_epoch // cfg.grad_accum, 1)
-    total_steps = cfg.epochs * batches_per_epoch // cfg.grad_accum
+    if batches_per_epoch < cfg.grad_accum:
+        raise ConfigError(
+            f"{val_name(cfg.dataset)}: {batches_per_epoch} batches per epoch, fewer than grad_accum={cfg.grad_accum}"
+        )
+    schedule_steps = max(cfg.epochs * batches_per_epoch // cfg.grad_accum, 1)
+    planned = cfg.epochs * (batches_per_epoch // cfg.grad_accum)
     if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    total_steps = max(total_steps, 1)
+        schedule_steps = min(schedule_steps, cfg.max_steps)
+        planned = min(planned, cfg.max_steps)
 
     resume = state_path(cfg.model_location, cfg.model_name, cfg.dataset)
-    step = 0
+    updates, start_epoch, start_batch = 0, 0, 0
     if resume.is_file():
         state = _load_state(resume)
         model.image_encoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        log.info("%s: resuming from step %d (%s)", val_name(cfg.dataset), step, resume)
+        updates, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        log.info("%s: resuming after step %d (%s)", val_name(cfg.dataset), updates, resume)
     _barrier()
 
     ddp_model: torch.nn.Module = model
@@ -342,56 +350,53 @@ def _run(
         )
     run = _start_wandb(cfg) if main else None
     loss_fn = torch.nn.CrossEntropyLoss()
-    progress = tqdm(total=total_steps, initial=step, desc=f"finetune {val_name(cfg.dataset)}", disable=not main)
+    progress = tqdm(total=planned, initial=updates, desc=f"finetune {val_name(cfg.dataset)}", disable=not main)
     model.train()
-    epoch = step // steps_per_epoch
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        skip_batches = (step - epoch * steps_per_epoch) * cfg.grad_accum
+    for epoch in range(start_epoch, cfg.epochs):
+        if updates >= planned:
+            break
+        skip = start_batch if epoch == start_epoch else 0
         loader = DataLoader(
             data,
             batch_size=per_rank_batch,
-            sampler=_ResumableSampler(sampler, skip_batches * per_rank_batch),
+            sampler=_ResumableSampler(sampler, skip * per_rank_batch),
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
-        micro = 0
-        for images, labels in loader:
+        for i, (images, labels) in enumerate(loader, start=skip):
+            if updates >= planned:
+                break
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            last_micro = (micro + 1) % cfg.grad_accum == 0
-            sync = contextlib.nullcontext() if last_micro or world_size == 1 else ddp_model.no_sync()
+            steps_now = (i + 1) % cfg.grad_accum == 0
+            sync = contextlib.nullcontext() if steps_now or world_size == 1 else ddp_model.no_sync()
             with sync:
                 with _autocast(device, cfg.precision):
                     logits = ddp_model(images)
                 loss = loss_fn(logits.float(), labels)
                 # Like the paper: micro-batch losses are summed over accumulation steps (Adam is scale-free).
                 loss.backward()
-            micro += 1
-            if not last_micro:
+            if not steps_now:
                 continue
-            lr = cosine_lr(cfg.lr, cfg.warmup_steps, total_steps, step)
+            lr = cosine_lr(cfg.lr, cfg.warmup_steps, schedule_steps, i // cfg.grad_accum + epoch * batches_per_epoch // cfg.grad_accum)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            updates += 1
             if main:
                 loss_value = float(loss.detach())
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if run is not None:
-                    run.log({f"{val_name(cfg.dataset)}/train/loss": loss_value, "train/lr": lr}, step=step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    _save_resume(resume, model.image_encoder, optimizer, step, cfg)
+                    run.log({f"{val_name(cfg.dataset)}/train/loss": loss_value, "train/lr": lr}, step=updates)
+                if cfg.checkpoint_every and updates % cfg.checkpoint_every == 0 and updates < planned:
+                    _save_resume(resume, model.image_encoder, optimizer, (updates, epoch, i + 1), cfg)
                 if callback is not None:
-                    callback(step, loss_value)
-            if step >= total_steps:
-                break
-        epoch += 1
+                    callback(updates, loss_value)
     progress.close()
 
     if main:
@@ -404,11 +409,17 @@ def _run(
     return out
 
 
-def _save_resume(path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: FinetuneConfig) -> None:
+def _save_resume(
+    path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, position: tuple[int, int, int], cfg: FinetuneConfig
+) -> None:
+    """Save right after an optimizer step: position = (optimizer steps, epoch, next batch of that epoch)."""
+    step, epoch, batch = position
     state = {
         "model": _cpu_state(encoder),
         "optimizer": optimizer.state_dict(),
         "step": step,
+        "epoch": epoch,
+        "batch": batch,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (str, int, float, type(None)))},
     }
     with atomic_path(path) as tmp:
