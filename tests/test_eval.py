@@ -198,12 +198,14 @@ def test_set_weights_in_place_matches_apply_vector():
     ev = _toy_setup()
     params_before = {k: v.data_ptr() for k, v in ev.encoder.state_dict().items()}
     mask = {k: torch.rand(v.shape) > 0.5 for k, v in ev.vector.items()}
-    for alpha, m in [(0.3, None), (0.7, mask), (0.0, None)]:
+    settings = [(a / 10, None) for a in range(1, 11)] + [(1 / 8, None), (0.7, mask), (0.0, None)]
+    for alpha, m in settings:
         ev.set_weights(alpha, m)
+        # bit for bit: theta_0 + (alpha * tau), the product rounded before the sum (no fused multiply-add)
         expected = apply_vector(ev.theta0, ev.vector, alpha=alpha, mask=m)
         for key, value in ev.encoder.state_dict().items():
             if value.dtype.is_floating_point:
-                assert torch.allclose(value, expected[key], atol=1e-6), key
+                assert torch.equal(value, expected[key]), (key, alpha)
     assert {k: v.data_ptr() for k, v in ev.encoder.state_dict().items()} == params_before
     assert int(ev.encoder.steps) == 3
 

@@ -128,7 +128,7 @@ class Evaluator:
                 continue
             if mask is not None:
                 tau = tau * mask[key].to(self.device, torch.bool)
-            target.add_(tau.to(target.dtype), alpha=float(alpha))
+            target.add_(tau.to(target.dtype) * float(alpha))  # product rounded, then added (as theta_0 + alpha * tau)
         self.setting = setting if tag is not None else None
 
     # -- evaluation -----------------------------------------------------------------------------
