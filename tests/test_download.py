@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ from tallmasks.download import (
 )
 from tallmasks.errors import ConfigError
 from tallmasks.models import ClassificationHead
+from tallmasks.models import paths as tallmasks_paths
 
 from conftest import REPO, subprocess_env
 
@@ -72,7 +75,8 @@ def test_targets_where_main_looks(tmp_path):
     loc = tmp_path / "models" / "checkpoints"
     assert kind_root("checkpoints", "ViT-B-32", loc) == loc / "ViT-B-32"
     assert kind_root("tall_masks", "ViT-B-32", loc) == tmp_path / "models" / "tall_masks" / "ViT-B-32"
-    assert masks_location("a/checkpoints") .as_posix() == "a/tall_masks"
+    assert masks_location("a/checkpoints").as_posix() == "a/tall_masks"
+    assert masks_location("/data/ckpts") == tallmasks_paths.mask_dir("/data/ckpts") == Path("/data/tall_masks")
     assert expected_files("tall_masks") == ["TALL_mask_8task.npy", "TALL_mask_14task.npy", "TALL_mask_20task.npy"]
     assert len(expected_files("checkpoints")) == 20 and "CarsVal/nonlinear_finetuned.pt" in expected_files("checkpoints")
     assert set(GDRIVE_FOLDERS) == {"checkpoints", "tall_masks"}

@@ -257,7 +257,8 @@ def test_batches_are_strided_over_ranks():
 
 
 def test_mask_path_is_shared_and_released_npy_is_converted(tmp_path):
-    from tallmasks.eval.runner import load_tall_masks, mask_dir, released_mask_paths, tall_mask_path
+    from tallmasks.eval.runner import load_tall_masks, released_mask_paths, tall_mask_path
+    from tallmasks.models.paths import mask_dir
     from tallmasks.masks import Layout
     from tallmasks.task_vectors import CheckpointSet
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
+from tallmasks.models.paths import mask_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,13 @@ _MASK = re.compile(r"^TALL_mask_\d+task[A-Za-z0-9_]*\.npy$")
 
 
 def masks_location(model_location: str | Path) -> Path:
-    """Where main.py reads masks: the model location with 'checkpoints' replaced by 'tall_masks'."""
-    return Path(str(model_location).replace("checkpoints", "tall_masks"))
+    """Where main.py reads masks (models.paths.mask_dir): 'checkpoints' -> 'tall_masks'."""
+    return mask_dir(model_location)
 
 
 def kind_root(kind: str, model: str, model_location: str | Path) -> Path:
     """The folder that receives files of ``kind`` for ``model``."""
-    base = Path(model_location) if kind == "checkpoints" else masks_location(model_location)
+    base = Path(model_location).expanduser() if kind == "checkpoints" else masks_location(model_location)
     return base / model
 
 

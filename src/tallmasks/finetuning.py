@@ -67,7 +67,7 @@ class FinetuneConfig:
     model_name: str = "ViT-B-32"
     dataset: str = "MNIST"
     model_location: str = "models/checkpoints"
-    data_location: str = "data"
+    data_location: str = "~/data"
     pretrained: str | None = "openai"
     lr: float = 1e-5
     weight_decay: float = 0.1
@@ -468,7 +468,7 @@ def build_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
     parser.add_argument("--datasets", default=None, help="comma-separated dataset names (default: all 20)")
     parser.add_argument("--model-location", default="models/checkpoints", help="root of the checkpoint layout")
-    parser.add_argument("--data-location", default="data", help="root of the prepared datasets")
+    parser.add_argument("--data-location", default="~/data", help="root of the prepared datasets")
     parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or weights file")
     parser.add_argument("--world-size", type=int, default=1, help="processes to spawn (ignored under torchrun)")
     parser.add_argument("--epochs", type=int, default=None, help="override the paper's per-dataset epochs")
@@ -505,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets = resolve_datasets(names=args.datasets) if args.datasets else resolve_datasets()
         base = FinetuneConfig(
             model_name=args.model,
-            model_location=args.model_location,
-            data_location=args.data_location,
+            model_location=os.path.expanduser(args.model_location),
+            data_location=os.path.expanduser(args.data_location),
             pretrained=None if args.pretrained in ("", "none", "None") else args.pretrained,
             lr=args.lr,
             weight_decay=args.weight_decay,

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
+from tallmasks.models.paths import mask_dir
 from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
 from tallmasks.eval.distributed import DistInfo, check_world_size, init_distributed, spawn_ranks, under_launcher
 from tallmasks.eval.evaluator import PRECISIONS, Evaluator
@@ -68,18 +69,6 @@ def _datasets_field(value: Any) -> list[str] | None:
         names = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
         return names or None
     return [str(v) for v in value] or None
-
-
-def mask_dir(model_location: str | Path) -> Path:
-    """Where TALL masks live: model_location with its 'checkpoints' folder replaced by 'tall_masks'
-    (like the released layout models/checkpoints -> models/tall_masks), else <model_location>/../tall_masks."""
-    path = Path(model_location).expanduser()
-    parts = list(path.parts)
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == "checkpoints":
-            parts[i] = "tall_masks"
-            return Path(*parts)
-    return path.parent / "tall_masks"
 
 
 def tall_mask_path(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> Path:

@@ -29,3 +29,15 @@ def head_path(model_location: str | Path, model_name: str, dataset: str, release
     """<loc>/<model>/head_<Dataset>Val.safetensors (ours) or .pt (released, pickled)."""
     suffix = ".pt" if released else ".safetensors"
     return Path(model_location, model_name, f"head_{val_name(dataset)}{suffix}")
+
+
+def mask_dir(model_location: str | Path) -> Path:
+    """Where TALL masks live: model_location with its last 'checkpoints' folder replaced by 'tall_masks'
+    (the released layout models/checkpoints -> models/tall_masks), else <model_location>/../tall_masks."""
+    path = Path(model_location).expanduser()
+    parts = list(path.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "checkpoints":
+            parts[i] = "tall_masks"
+            return Path(*parts)
+    return path.parent / "tall_masks"
