@@ -170,6 +170,16 @@ def test_resume_does_not_redo_finished_evaluations(demo_setup, monkeypatch):
     assert res["evaluations"] == {"evaluated": 3, "reused": 3}
     again = run_experiment(compose(overrides))
     assert again["evaluations"] == {"evaluated": 0, "reused": 6} and again["test"] == res["test"]
+    # a checkpoint replaced in place (new mtime) invalidates the journal
+    import os
+
+    from tallmasks.models import DEMO_MODEL, finetuned_path
+
+    ft = finetuned_path(demo_setup["loc"], DEMO_MODEL, demo_setup["tasks"][0])
+    stat = ft.stat()
+    os.utime(ft, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    changed = run_experiment(compose(overrides))
+    assert changed["evaluations"] == {"evaluated": 6, "reused": 0}
 
 
 def test_eval_single_task_merges_table(demo_setup, tmp_path):

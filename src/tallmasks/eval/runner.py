@@ -182,8 +182,10 @@ class Experiment:
         name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
         return self.results_dir / name.replace("/", "-")
 
-    def run_key(self) -> dict:
+    def run_key(self, inputs: list[Path] = ()) -> dict:
+        """What a finished evaluation depends on; ``inputs`` (checkpoints, masks read) by size and mtime."""
         return {
+            "inputs": [_file_signature(path) for path in inputs],
             "model": self.model,
             "datasets": self.datasets,
             "method": {k: v for k, v in self.method.items() if k != "full_name"},
@@ -192,6 +194,11 @@ class Experiment:
             "precision": self.precision,
             "model_location": str(self.model_location.resolve()),
         }
+
+
+def _file_signature(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def _check_files(paths: list[Path]) -> None:
@@ -262,7 +269,16 @@ def run_experiment(cfg: Any) -> dict:
     _keep_on_device(data, device, exp.device_cache_gb)
 
     results_path = exp.results_path()
-    journal = Journal(results_path.with_suffix(".journal.json"), exp.run_key(), writer=dist.is_main)
+    masks = None
+    if needs_masks:  # rank 0 first: a released .npy is converted (and saved) once
+        if dist.is_main:
+            masks = load_tall_masks(cs, mask_file, released)
+        dist.barrier()
+        if not dist.is_main:
+            masks = load_tall_masks(cs, mask_file, released)
+    inputs = [zs, *fts] + ([mask_file] if needs_masks else [])
+    run_key = dist.broadcast_object(exp.run_key(inputs) if dist.is_main else None)
+    journal = Journal(results_path.with_suffix(".journal.json"), run_key, writer=dist.is_main)
     dist.barrier()
     if len(journal):
         log.info("resuming: %d finished evaluations in %s", len(journal), journal.path)
@@ -281,9 +297,6 @@ def run_experiment(cfg: Any) -> dict:
         return correct / total
 
     params = exp.merge_params(device)
-    masks = None
-    if needs_masks:
-        masks = load_tall_masks(cs, mask_file, released)
     if exp.method_name == "consensus":
         params["masks"] = masks
     log.info("merging with %s", exp.method_name)
