@@ -76,9 +76,9 @@ def compose(overrides):
 MAIN_ENV = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 
 
-def run_main(args, cwd, launcher=()):
+def run_main(args, cwd, launcher=(), **env):
     cmd = [sys.executable, *launcher, str(REPO / "main.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=MAIN_ENV, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**MAIN_ENV, **env}, timeout=300)
 
 
 def only_result(folder):
@@ -118,7 +118,7 @@ def test_missing_checkpoint_is_a_one_line_error(demo_setup):
     from tallmasks.errors import CheckpointError
     from tallmasks.eval.runner import run_experiment
 
-    with pytest.raises(CheckpointError, match="nonlinear_zeroshot.pt"):
+    with pytest.raises(CheckpointError, match="DigitsRotatedVal/nonlinear_finetuned.pt"):
         run_experiment(compose([*demo_setup["overrides"], "method=sum", "model_location=" + str(demo_setup["root"] / "nowhere")]))
 
 
@@ -240,3 +240,21 @@ def test_launch_settings_are_checked():
         _launch_settings({"world_size": 0, "device": "cpu"})
     with pytest.raises(ConfigError, match="must be integers"):
         _launch_settings({"world_size": "two"})
+
+
+def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
+    """Like the paper's code, a missing MNISTVal/nonlinear_zeroshot.pt is saved from the openai weights;
+    offline, that fails in one line naming the model."""
+    from tallmasks.models import finetuned_path, zeroshot_path
+
+    loc = tmp_path / "checkpoints"
+    ft = finetuned_path(loc, "ViT-B-32", "MNIST")
+    ft.parent.mkdir(parents=True)
+    ft.write_bytes(b"")
+    args = ["model=ViT-B-32", "DATASETS=[MNIST]", f"model_location={loc}", f"data_location={tmp_path / 'data'}",
+            f"results_dir={tmp_path / 'results'}", "device=cpu"]
+    proc = run_main(args, tmp_path, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "could not fetch" in line and "ViT-B-32" in line
+    assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()

@@ -227,13 +227,26 @@ def run_experiment(cfg: Any) -> dict:
     dist, device = init_distributed(exp.device_name)
     from tallmasks.datasets import load_split
     from tallmasks.merging import CheckpointSet, alpha_candidates, merge
-    from tallmasks.models import ImageEncoder, finetuned_path, get_classification_head, zeroshot_path
+    from tallmasks.models import (
+        MODELS,
+        ImageEncoder,
+        finetuned_path,
+        get_classification_head,
+        save_zeroshot_encoder,
+        zeroshot_path,
+    )
 
     log.info("%s on %s: %d tasks (%s), device %s, precision %s", exp.full_name, exp.model, exp.num_tasks,
              ", ".join(exp.datasets), device, exp.precision)
     zs = zeroshot_path(exp.model_location, exp.model)
     fts = [finetuned_path(exp.model_location, exp.model, d) for d in exp.datasets]
-    _check_files([zs, *fts])
+    _check_files(fts)
+    if not zs.is_file() and exp.model in MODELS:  # like the paper's code: theta_0 saved from the openai weights
+        if dist.is_main:
+            log.info("%s missing: saving the pre-trained %s image encoder there", zs, exp.model)
+            save_zeroshot_encoder(exp.model, exp.model_location)
+        dist.barrier()
+    _check_files([zs])
     finetuned_acc, ft_sources = finetuned_accuracies(exp.model, exp.datasets, exp.single_task_dir, exp.model_location)
 
     # masks needed up front (fail before any expensive work)
