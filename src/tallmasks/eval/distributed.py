@@ -52,6 +52,13 @@ class DistInfo:
 
             dist.barrier()
 
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, then (after a barrier) on the other ranks: rank 0 builds or converts files
+        that the others then only read."""
+        result = fn() if self.is_main else None
+        self.barrier()
+        return result if self.is_main else fn()
+
     def broadcast_object(self, obj):
         """rank 0's ``obj`` on every rank."""
         if not self.enabled:

@@ -27,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
-from tallmasks.models.paths import mask_dir
 from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
 from tallmasks.eval.distributed import DistInfo, check_world_size, init_distributed, spawn_ranks, under_launcher
 from tallmasks.eval.evaluator import PRECISIONS, Evaluator
 from tallmasks.eval.results import Journal, atomic_write_json
 from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
+from tallmasks.models.paths import mask_dir
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,8 @@ def run_experiment(cfg: Any) -> dict:
     fts = [finetuned_path(exp.model_location, exp.model, d) for d in exp.datasets]
     _check_files(fts)
     if not zs.is_file() and exp.model in MODELS:  # like the paper's code: theta_0 saved from the openai weights
-        if dist.is_main:
-            log.info("%s missing: saving the pre-trained %s image encoder there", zs, exp.model)
-            save_zeroshot_encoder(exp.model, exp.model_location)
-        dist.barrier()
+        log.info("%s missing: saving the pre-trained %s image encoder there", zs, exp.model)
+        dist.main_first(lambda: save_zeroshot_encoder(exp.model, exp.model_location))  # kept once saved
     _check_files([zs])
     finetuned_acc, ft_sources = finetuned_accuracies(exp.model, exp.datasets, exp.single_task_dir, exp.model_location)
 
@@ -274,21 +272,12 @@ def run_experiment(cfg: Any) -> dict:
                     encoder.image_size, encoder.val_preprocess, exp.num_workers, build=build,
                 )
 
-    if dist.is_main:
-        prepare(True)
-    dist.barrier()
-    if not dist.is_main:
-        prepare(False)
+    dist.main_first(lambda: prepare(dist.is_main))
     _keep_on_device(data, device, exp.device_cache_gb)
 
     results_path = exp.results_path()
-    masks = None
-    if needs_masks:  # rank 0 first: a released .npy is converted (and saved) once
-        if dist.is_main:
-            masks = load_tall_masks(cs, mask_file, released)
-        dist.barrier()
-        if not dist.is_main:
-            masks = load_tall_masks(cs, mask_file, released)
+    # rank 0 first: a released .npy is converted (and saved) once
+    masks = dist.main_first(lambda: load_tall_masks(cs, mask_file, released)) if needs_masks else None
     inputs = [zs, *fts] + ([mask_file] if needs_masks else [])
     run_key = dist.broadcast_object(exp.run_key(inputs) if dist.is_main else None)
     journal = Journal(results_path.with_suffix(".journal.json"), run_key, writer=dist.is_main)

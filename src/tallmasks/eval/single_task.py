@@ -77,12 +77,12 @@ def evaluate_single_task(
         evaluator.load_state(load_state_dict(paths[dataset]))
         evaluator.set_head(dataset, get_classification_head(model, dataset, model_location, device="cpu"))
         for split, key in (("val", dataset + "Val"), ("test", dataset)):
-            if dist.is_main:
-                data = load_or_build_split(lambda d=dataset, s=split: load_split(d, s, data_location), dataset, split, cache,
-                                           encoder.image_size, encoder.val_preprocess, workers)
-            dist.barrier()
-            if not dist.is_main:
-                data = load_or_build_split(None, dataset, split, cache, encoder.image_size, encoder.val_preprocess, build=False)
+            data = dist.main_first(
+                lambda d=dataset, s=split: load_or_build_split(
+                    lambda: load_split(d, s, data_location), d, s, cache, encoder.image_size, encoder.val_preprocess,
+                    workers, build=dist.is_main,
+                )
+            )
             correct, total = evaluator.count_correct(dataset, data)
             new[key] = correct / total
         log.info("%s: test %.2f%%, val %.2f%%", dataset, 100 * new[dataset], 100 * new[dataset + "Val"])
