@@ -236,8 +236,41 @@ class CodedTensor:
         return out.reshape(self.shape)
 
     def mask(self, task: int) -> torch.Tensor:
-        bits = (self.patterns >> self.patterns.dtype.type(task)) & self.patterns.dtype.type(1)
-        return torch.from_numpy(bits.astype(bool)).reshape(self.shape)
+        return torch.from_numpy(_bit(self.patterns, task)).reshape(self.shape)
+
+    def apply(self, theta0: torch.Tensor, task: int) -> torch.Tensor:
+        """theta_0 where the task's bit is 0, (theta_0 + tau) in float32 cast to theta_0's dtype where it is 1;
+        arithmetic on the task's weights only."""
+        out = theta0.reshape(-1).clone()
+        kept = np.flatnonzero(self.patterns)
+        chosen = _bit(self.patterns[kept], task)
+        positions = kept[chosen]
+        words = out.view(_WORDS[out.element_size()]).numpy()  # gather and scatter on raw words: any float dtype
+        base = torch.from_numpy(words[positions]).view(out.dtype)
+        summed = (base.to(torch.float32) + self.kept_values[torch.from_numpy(chosen)].to(torch.float32)).to(out.dtype)
+        words[positions] = summed.view(_WORDS[out.element_size()]).numpy()
+        return out.reshape(theta0.shape)
+
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit(patterns: np.ndarray, task: int) -> np.ndarray:
+    one = patterns.dtype.type(1)
+    return ((patterns >> patterns.dtype.type(task)) & one).view(bool) if patterns.dtype.itemsize == 1 else (
+        (patterns >> patterns.dtype.type(task)) & one
+    ).astype(bool)
+
+
+def _mapped_tensor(path: Path, name: str) -> np.ndarray:
+    """The bytes of one uint8 tensor of a safetensors file, memory-mapped (read as they are used)."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    start, stop = header[name]["data_offsets"]
+    if stop == start:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size + start, shape=(stop - start,))
 
 
 class CodedFile:
@@ -263,16 +296,16 @@ class CodedFile:
             self.info: dict = json.loads(meta.get("info", "{}"))
             packed = self._handle.get_tensor("index").numpy().tobytes()
             self.index: dict[str, dict] = json.loads(zstandard.ZstdDecompressor().decompress(packed))
-            self._data = self._handle.get_slice("data")
+            self._data = _mapped_tensor(self.path, "data")
         except Exception:
             raise CheckpointError(f"{self.path}: damaged coded file (unreadable index)") from None
         self.pattern_dtype = pattern_dtype(len(self.names))
         self.layout = Layout(tuple(self.index), tuple(tuple(v["shape"]) for v in self.index.values()))
 
-    def _payload(self, spec: Mapping) -> bytes:
+    def _payload(self, spec: Mapping) -> np.ndarray | bytes:
         if not spec["bytes"]:
             return b""
-        return self._data[spec["offset"] : spec["offset"] + spec["bytes"]].numpy().tobytes()
+        return self._data[spec["offset"] : spec["offset"] + spec["bytes"]]
 
     def read(self, key: str) -> CodedTensor:
         entry = self.index[key]
@@ -358,10 +391,5 @@ def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str)
         tensor = coded.read(key)
         if tuple(base.shape) != tensor.shape:
             raise CheckpointError(f"shape mismatch for {key!r}: {list(tensor.shape)} vs {list(base.shape)}")
-        out[key] = masked_sum(base, tensor.vector(), tensor.mask(t))
+        out[key] = tensor.apply(base, t)
     return out
-
-
-def masked_sum(theta0: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """theta_0 where ``mask`` is 0, (theta_0 + tau) in float32 cast to theta_0's dtype where it is 1."""
-    return torch.where(mask, (theta0.to(torch.float32) + tau.to(torch.float32)).to(theta0.dtype), theta0)
