@@ -287,6 +287,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from tallmasks.reporting import write_report
+
+    paths = args.paths or [p for p in ("results/merging", "results/demo") if Path(p).exists()]
+    if not paths:
+        raise ConfigError("no results folder given and none of results/merging, results/demo exists")
+    written = write_report(paths, args.out)
+    log.info("wrote %s, %d CSV files and %d figures to %s", written["markdown"].name, len(written["csv"]), len(written["figures"]), args.out)
+    return 0
+
+
 def cmd_prepare_data(args) -> int:
     from tallmasks.datasets.preparation import main as prepare_main
 
@@ -354,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+
+    rep = sub.add_parser("report", help="tables (markdown, CSV) and figures of results beside the paper's, and storage")
+    rep.add_argument("paths", nargs="*", help="results files or folders, compressed collections (default: results/merging results/demo)")
+    rep.add_argument("--out", default="reports", help="output folder (default reports/)")
+    rep.set_defaults(func=cmd_report)
 
     data = sub.add_parser("prepare-data", help="download or arrange evaluation datasets under a data location")
     data.add_argument("names", nargs="+", help="dataset names, e.g. MNIST SVHN (or 'all')")

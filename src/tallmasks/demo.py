@@ -306,14 +306,10 @@ def method_summary(per_task_top1: dict[str, float], finetuned_top1: dict[str, fl
 
 
 def format_table(summary: dict[str, Any], tasks: Sequence[str]) -> str:
-    """Method x task table of test accuracy (%), with normalized accuracy in the last column."""
-    short = [t.removeprefix("Digits")[:8] for t in tasks]
-    header = f"{'method':<15}" + "".join(f"{s:>9}" for s in short) + f"{'avg':>8}{'norm.':>8}"
-    lines = [header, "-" * len(header)]
-    for name, entry in summary["methods"].items():
-        cells = "".join(f"{100 * entry['per_task'][t]['top1']:>9.1f}" for t in tasks)
-        lines.append(f"{name:<15}{cells}{100 * entry['avg_top1']:>8.1f}{100 * entry['avg_normalized_top1']:>8.1f}")
-    return "\n".join(lines)
+    """Method x task table of test accuracy (%), with normalized accuracy in the last column (the report's table code)."""
+    from tallmasks.reporting import summary_table
+
+    return summary_table(summary, tasks)
 
 
 def agreement_profile(masks: Any, prefix: str = "model.visual.") -> list[int]:
