@@ -164,3 +164,13 @@ def _as_safetensors(pt, tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in load_state_dict(pt).items()}, str(path))
     return path
+
+
+def test_a_damaged_payload_is_one_line(tmp_path):
+    masks = _random_masks(5, {"w": (64, 40)}, density=0.2)
+    vector = {"w": torch.randn(64, 40)}
+    write_coded(tmp_path / "c.safetensors", masks, vector)
+    file = CodedFile(tmp_path / "c.safetensors")
+    file._data = np.full(file._data.shape, 0x5A, dtype=np.uint8)  # every payload byte overwritten
+    with pytest.raises(CheckpointError, match="damaged chunk of 'w'"):
+        file.read("w")

@@ -185,7 +185,7 @@ def write_coded(path: str | Path, masks: MaskSet, vector: Mapping[str, torch.Ten
         if str(flat.dtype).replace("torch.", "") not in _DTYPES:
             raise CheckpointError(f"merged vector {key!r} has dtype {flat.dtype}, not a floating-point type")
         chunks = []
-        for start in range(0, max(numel, 1), CHUNK):
+        for start in range(0, numel, CHUNK):
             stop = min(numel, start + CHUNK)
             patterns = tensor_patterns(masks, offset + start, stop - start)
             kept = torch.from_numpy(patterns != 0)
@@ -308,22 +308,31 @@ class CodedFile:
         return self._data[spec["offset"] : spec["offset"] + spec["bytes"]]
 
     def read(self, key: str) -> CodedTensor:
+        """Decode one tensor; a damaged or inconsistent chunk raises a one-line CheckpointError."""
         entry = self.index[key]
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: unknown dtype {entry['dtype']!r} for {key!r}")
-        patterns, values = [], []
-        for chunk in entry["chunks"]:
-            p = decode_stream(chunk["patterns"], self._payload(chunk["patterns"]), chunk["n"], self.pattern_dtype)
-            kept = int(np.count_nonzero(p))
-            if kept != chunk["kept"]:
-                raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
-            planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
-            patterns.append(p)
-            values.append(from_planes(planes, dtype))
         shape = tuple(entry["shape"])
-        numel = math.prod(shape)
-        flat_patterns = np.concatenate(patterns)[:numel] if patterns else np.zeros(0, self.pattern_dtype)
+        patterns, values = [], []
+        try:
+            for chunk in entry["chunks"]:
+                p = decode_stream(chunk["patterns"], self._payload(chunk["patterns"]), chunk["n"], self.pattern_dtype)
+                kept = int(np.count_nonzero(p))
+                if kept != chunk["kept"]:
+                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
+                planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
+                if len(planes) != (dtype.itemsize if kept else 0):
+                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
+                patterns.append(p)
+                values.append(from_planes(planes, dtype))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a corrupt payload: zstd, rANS or numpy complain in their own words
+            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({type(exc).__name__})") from None
+        flat_patterns = np.concatenate(patterns) if patterns else np.zeros(0, self.pattern_dtype)
+        if flat_patterns.size != math.prod(shape):
+            raise CheckpointError(f"{self.path}: {key!r} holds {flat_patterns.size} weights, its shape {list(shape)} needs {math.prod(shape)}")
         return CodedTensor(key, shape, flat_patterns, torch.cat(values) if values else torch.zeros(0, dtype=dtype))
 
     def tensors(self) -> Iterator[CodedTensor]:
