@@ -163,30 +163,26 @@ def synthesize_resampled(model: str, tasks: int, root: Path, source: dict, seed:
     del clip.transformer
     theta0 = {f"model.{k}": v.detach().clone() for k, v in clip.state_dict().items()}
     del clip
-    gen = torch.Generator().manual_seed(seed + 1)
-    per_task: list[dict] = [{} for _ in range(tasks)]
-    for key, value in theta0.items():
-        if not value.dtype.is_floating_point:
-            for state in per_task:
-                state[key] = value.clone()
-            continue
-        source_taus = pool_cat.get(_role(key.removeprefix("model.")), everything)
-        columns = []
-        while sum(c.shape[1] for c in columns) < tasks:
-            rows = torch.randint(source_taus.shape[0], (value.numel(),), generator=gen)
-            columns.append(source_taus[rows])
-        taus = torch.cat(columns, 1)[:, :tasks]
-        for t in range(tasks):
-            per_task[t][key] = value + taus[:, t].reshape(value.shape)
     (root / "MNISTVal").mkdir(parents=True, exist_ok=True)
     pt = root / "MNISTVal" / "nonlinear_zeroshot.pt"
     torch.save(theta0, pt)
+    width = everything.shape[1]
     paths = []
-    for t, state in enumerate(per_task):
+    for t in range(tasks):  # one checkpoint in memory at a time; task t reads column t % width of draw t // width
+        state = {}
+        for number, (key, value) in enumerate(theta0.items()):
+            if not value.dtype.is_floating_point:
+                state[key] = value.clone()
+                continue
+            source_taus = pool_cat.get(_role(key.removeprefix("model.")), everything)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + number * 1009 + t // width)
+            rows = torch.randint(source_taus.shape[0], (value.numel(),), generator=gen)
+            state[key] = value + source_taus[rows, t % width].reshape(value.shape)
         folder = root / f"Task{t}Val"
         folder.mkdir(exist_ok=True)
         torch.save(state, folder / "nonlinear_finetuned.pt")
         paths.append(folder / "nonlinear_finetuned.pt")
+        del state
     return pt, paths
 
 

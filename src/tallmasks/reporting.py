@@ -494,20 +494,14 @@ def plot_agreement_pair(runs: Mapping[str, Run], title: str, path: Path) -> Path
     profiles = {k: v for k, v in profiles.items() if v}
     if not profiles:
         return None
+    from tallmasks.plots import draw_agreement
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.4), sharey=True, squeeze=False)
     for ax, (label, profile) in zip(axes[0], profiles.items()):
-        total = max(sum(profile), 1)
-        shares = [100.0 * v / total for v in profile]
-        colors = ["#c0392b", "#e67e22"] + ["#2e86c1"] * max(len(shares) - 2, 0)
-        ax.bar(range(len(shares)), shares, color=colors[: len(shares)])
-        ax.set_title(label)
-        ax.set_xlabel("number of tasks whose mask keeps the weight")
-        ax.set_xticks(range(len(shares)))
-        for index, name in ((0, "catastrophic"), (1, "selfish")):
-            if index < len(shares):
-                ax.annotate(f"{name}\n{shares[index]:.1f}%", (index, shares[index]), ha="center", va="bottom", fontsize=7)
-    axes[0][0].set_ylabel("share of weights (%)")
+        draw_agreement(ax, profile, label)
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
