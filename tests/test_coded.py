@@ -36,7 +36,7 @@ def _streams():
 
 
 @pytest.mark.parametrize("expected", ["const", "ans", "zstd", "raw"])
-def test_each_coder_round_trips_and_the_smallest_is_kept(expected):
+def test_each_coder_round_trips_and_the_cheapest_is_kept(expected):
     symbols = _streams()[expected]
     spec, blob = encode_stream(symbols)
     assert spec["coder"] == expected
