@@ -132,8 +132,9 @@ def test_tall_mask_saves_masks_that_consensus_and_load_mask_read(demo_setup):
     lambdas = res["selection"]["lambdas"]
     assert set(lambdas) == set(tasks) and all(v in (0.2, 0.3, 0.4, 0.5, 0.6) for v in lambdas.values())
     assert res["evaluations"]["evaluated"] == 5 * len(tasks) + len(tasks)
-    path = tall_mask_path(demo_setup["loc"], DEMO_MODEL, len(tasks), use_ties=False)
+    path = Path(res["mask_path"])
     assert path.parent == demo_setup["root"] / "tall_masks" / DEMO_MODEL and path.is_file()
+    assert path.name.startswith(tall_mask_path(demo_setup["loc"], DEMO_MODEL, len(tasks), use_ties=False).stem + "_")
     assert MaskSet.load(path).names == tasks
     # per task, the chosen lambda is the best on that task's validation split
     for task, lam in lambdas.items():
@@ -231,15 +232,28 @@ def test_world_size_spawns_ranks_that_equal_one_process(demo_setup):
 
 
 def test_launch_settings_are_checked():
+    import os
+    import socket
+
     from tallmasks.errors import ConfigError
     from tallmasks.eval.runner import _launch_settings
 
-    assert _launch_settings({"world_size": 2, "port": "None", "device": "cpu"}) == (2, None)
-    assert _launch_settings({"world_size": 1, "port": 12355}) == (1, 12355)
+    assert _launch_settings(compose(["world_size=2", "port=None", "device=cpu"])) == (2, None)
+    assert _launch_settings(compose(["world_size=1", "port=12355"])) == (1, 12355)
     with pytest.raises(ConfigError, match="world_size must be >= 1"):
-        _launch_settings({"world_size": 0, "device": "cpu"})
-    with pytest.raises(ConfigError, match="must be integers"):
-        _launch_settings({"world_size": "two"})
+        _launch_settings(compose(["world_size=0", "device=cpu"]))
+    with pytest.raises(ConfigError, match="world_size must be an integer"):
+        _launch_settings(compose(["world_size=two"]))
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError, match=f"world_size={cores + 1} is more than the {cores} CPU cores"):
+        _launch_settings(compose([f"world_size={cores + 1}", "device=cpu"]))
+    assert _launch_settings(compose([f"world_size={cores + 1}", "device=cpu", "force_world_size=true"]))[0] == cores + 1
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port={port} cannot be used"):
+            _launch_settings(compose(["world_size=2", f"port={port}", "device=cpu"]))
 
 
 def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
