@@ -431,6 +431,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     unknown = [m for m in cfg.methods if m not in SUMMARY_METHODS]
     if unknown:
         raise ConfigError(f"unknown demo method {unknown[0]!r}; choose from {', '.join(SUMMARY_METHODS)}")
+    from tallmasks.guard import check_output
+
+    check_output(cfg.output_dir, folder=True, label="--output-dir")  # both writable before any work
+    check_output(cfg.cache_dir, folder=True, label="--cache-dir")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
     try:

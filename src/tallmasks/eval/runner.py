@@ -333,7 +333,7 @@ def run_experiment(cfg: Any) -> dict:
     else:
         alphas = alpha_candidates(exp.method_name, exp.n_eval_points, exp.num_tasks, exp.specify_lambda)
         val: dict[float, dict] = {}
-        for alpha in tqdm(alphas, desc="alpha on validation", disable=not dist.is_main):
+        for alpha in tqdm(alphas, desc="alpha on validation", disable=not dist.is_main, leave=False):
             apply = lambda a=alpha: evaluator.set_weights(a, tag="alpha")  # noqa: E731
             top1 = {d: accuracy(f"alpha={alpha:.6g}", d, "val", apply) for d in exp.datasets}
             val[alpha] = average_normalized(top1, finetuned_acc, suffix="Val")
@@ -378,7 +378,7 @@ def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_f
     else:
         val_top1: dict[float, dict[str, float]] = {}
         steps = [(lam, t, d) for lam in TALL_LAMBDAS for t, d in enumerate(exp.datasets)]
-        for lam, t, d in tqdm(steps, desc="lambda per task on validation", disable=not dist.is_main):
+        for lam, t, d in tqdm(steps, desc="lambda per task on validation", disable=not dist.is_main, leave=False):
 
             def apply(t=t, d=d, lam=lam) -> None:
                 evaluator.set_weights(1.0, tall_mask(cs, t, vector, lam, device=str(evaluator.device)), tag=("tall", d, lam))
