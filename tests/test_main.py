@@ -112,6 +112,9 @@ def test_main_sum_end_to_end_and_one_line_errors(demo_setup):
     proc = run_main([*demo_setup["overrides"], "method=consensus", "method.use_ties=true"], cwd=root)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: TALL masks not found") and "Traceback" not in proc.stderr
+    proc = run_main([*demo_setup["overrides"], "method=sum", "batch_size=abc"], cwd=root)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: batch_size must be an integer, got 'abc'"]
 
 
 def test_missing_checkpoint_is_a_one_line_error(demo_setup):
@@ -181,6 +184,13 @@ def test_resume_does_not_redo_finished_evaluations(demo_setup, monkeypatch):
     os.utime(ft, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     changed = run_experiment(compose(overrides))
     assert changed["evaluations"] == {"evaluated": 6, "reused": 0}
+    # so does a zero-shot head replaced in place
+    from tallmasks.models import head_path
+
+    head = head_path(demo_setup["loc"], DEMO_MODEL, demo_setup["tasks"][1])
+    stat = head.stat()
+    os.utime(head, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert run_experiment(compose(overrides))["evaluations"] == {"evaluated": 6, "reused": 0}
 
 
 def test_eval_single_task_merges_table(demo_setup, tmp_path):
@@ -270,5 +280,5 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     proc = run_main(args, tmp_path, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert "could not fetch" in line and "ViT-B-32" in line
+    assert "could not fetch" in line and "ViT-B-32" in line and "pretrained_weights=PATH" in line
     assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()

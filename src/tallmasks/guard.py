@@ -218,10 +218,21 @@ def write_failure(exc: BaseException, path: Path) -> OutputError | None:
         code = re.search(r"code: (\d+)", text)  # safetensors: IoError(Os { code: 28, ... })
         if code and type(exc).__name__ == "SafetensorError":
             reason = os.strerror(int(code.group(1)))
-        elif type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "write" in text.lower()):
+        elif type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and _torch_write_error(exc)):
             full = shutil.disk_usage(_existing_ancestor(path.parent)).free < (1 << 20)
             reason = os.strerror(errno.ENOSPC) if full else one_line(exc, 160)
     return None if reason is None else OutputError(f"{path}: cannot write it ({reason})")
+
+
+def _torch_write_error(exc: BaseException) -> bool:
+    """torch.save's failures to write: 'file write failed', or an iostream error surfacing as an
+    'enforce fail' of its zip writer (inline_container.cc)."""
+    while exc is not None:
+        text = str(exc).lower()
+        if "write" in text or "enforce fail" in text or "iostream" in text:
+            return True
+        exc = exc.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -238,6 +249,8 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         raise OutputError(f"{path}: cannot write it ({exc.strerror or one_line(exc)})") from None
     try:
         yield tmp
+        if not tmp.is_dir():
+            os.chmod(tmp, 0o666 & ~current_umask())  # some writers recreate the file with mode 0600
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -249,6 +262,17 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
         if failure is not None:
             raise failure from None
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def preallocate(path: PathLike, size: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -227,10 +228,20 @@ def _scalar(value: Any, annotation: Any, where: str) -> Any:
 
 
 def _hints(obj: Any) -> dict[str, Any]:
+    """Resolved annotations of a function or dataclass; one that cannot be resolved is left out (its
+    default's type stands in for it)."""
     try:
         return typing.get_type_hints(obj, include_extras=True)
-    except Exception:  # an annotation that cannot be resolved: fall back to the defaults' types
-        return {}
+    except Exception:
+        pass
+    namespace = dict(getattr(obj, "__globals__", None) or vars(sys.modules.get(obj.__module__, object())))
+    out = {}
+    for name, annotation in getattr(obj, "__annotations__", {}).items():
+        try:
+            out[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+        except Exception:
+            continue
+    return out
 
 
 def validate_section(values: Any, schema: type, where: str = "", context: Mapping[str, Any] | None = None,
