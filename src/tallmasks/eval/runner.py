@@ -257,13 +257,12 @@ def run_experiment(cfg: Any) -> dict:
     cs = CheckpointSet(zs, fts, names=exp.datasets)
     cs.progress = dist.is_main
     results_path = exp.results_path()
-    if dist.is_main:  # every output checked before the work: not an input, writable, room for it
+    if dist.is_main:  # outputs checked before the work (a split cache is checked before it is built)
         read = [zs, *fts, *([mask_file] if needs_masks else []), *map(Path, ft_sources)]
         check_output(results_path, read, label="results")
         check_output(results_path.with_suffix(".journal.json"), read, label="journal")
         if exp.method_name == "tall_mask" and not exp.load_mask:
             check_output(mask_file, read, expected_bytes=exp.num_tasks * (cs.num_float_params + 7) // 8, label="TALL masks")
-        check_output(exp.cache_dir, read, folder=True, label="cache_dir")
     encoder = ImageEncoder(exp.model, pretrained=None)
     evaluator = Evaluator(encoder, cs.pretrained, device, exp.precision, exp.batch_size, dist)
 
