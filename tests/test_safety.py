@@ -22,7 +22,7 @@ from tallmasks.checkpoints import load_state_dict, save_state_dict
 from tallmasks.cli import main as cli
 from tallmasks.errors import CheckpointError, ConfigError, OutputError, TallmasksError, one_line
 from tallmasks.guard import atomic_output, check_output, remove_stale_temporaries, require_file
-from tallmasks.schema import Percent
+from tallmasks.schema import Percent, PositiveInt
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -496,3 +496,27 @@ def test_eval_single_task_help_is_whole():
     res = subprocess.run([sys.executable, str(REPO / "eval_single_task.py"), "--help"], capture_output=True, text=True,
                          env=subprocess_env(), timeout=120)
     assert res.returncode == 0 and "merged into\nresults/single_task/<model>/" in res.stdout
+
+
+def test_a_new_config_group_is_validated_from_its_registered_functions(monkeypatch):
+    from tallmasks import schema
+
+    def tact(model, *, num_images: PositiveInt = 100, by_layer: bool = True):
+        return model
+
+    registry = {"tact": tact}
+
+    def lookup(name):
+        if name not in registry:
+            raise ConfigError(f"unknown correction {name!r}")
+        return registry[name]
+
+    monkeypatch.setitem(schema.GROUPS, "correction", schema.Group(lookup, required=False))
+    assert "correction" not in schema.validate_config(_compose(["device=cpu"])).groups  # optional, absent
+    settings = schema.validate_config(_compose(["device=cpu", "+correction.name=tact", "+correction.num_images=8"]))
+    assert settings.groups["correction"].params == {"num_images": 8, "by_layer": True}
+    for override, message in (("+correction.num_images=0", "correction.num_images must be >= 1"),
+                              ("+correction.by_layer=maybe", "correction.by_layer must be true or false"),
+                              ("+correction.images=8", "unknown config field correction.images for correction 'tact'")):
+        with pytest.raises(ConfigError, match=message):
+            schema.validate_config(_compose(["device=cpu", "+correction.name=tact", override]))
