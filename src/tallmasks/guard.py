@@ -210,7 +210,7 @@ def write_failure(exc: BaseException, path: Path) -> OutputError | None:
         return None
     reason = None
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-        if exc.filename is not None and not str(exc.filename).startswith(str(path.parent)):
+        if exc.filename is not None and Path(os.path.abspath(path.parent)) not in Path(os.path.abspath(exc.filename)).parents:
             return None  # about another file (an input read inside the block)
         reason = exc.strerror or os.strerror(exc.errno)
     else:
@@ -277,6 +277,8 @@ def current_umask() -> int:
 
 def preallocate(path: PathLike, size: int) -> None:
     """Reserve ``size`` bytes for ``path`` so that a full disk fails here (ENOSPC), not later in a memory map (SIGBUS)."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: a full disk then fails on write
+        return
     with open(path, "r+b") as handle:
         try:
             os.posix_fallocate(handle.fileno(), 0, int(size))
