@@ -627,7 +627,9 @@ and only the paper's models have its denominators); `(not run)`: a row of the pa
 def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Markdown, CSV and PNG reports of every run and collection under ``paths``; returns what was written."""
     from tallmasks.errors import TallmasksError
+    from tallmasks.guard import check_output
 
+    check_output(out_dir, paths, folder=True, label="--out")
     runs, collections = collect(paths)
     if not runs and not collections:
         raise TallmasksError(f"no results or compressed collections found under {', '.join(map(str, paths))}")
