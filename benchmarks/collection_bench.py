@@ -142,8 +142,8 @@ def _role(key: str) -> str:
 
 def synthesize_resampled(model: str, tasks: int, root: Path, source: dict, seed: int = 0) -> tuple[Path, list[Path]]:
     """Real-size checkpoints of ``model`` whose task vectors are drawn from the demo's experts, role by role."""
-    import open_clip
     import torch
+    from merge_bench import write_theta0
 
     from tallmasks.checkpoints import load_state_dict
 
@@ -158,14 +158,7 @@ def synthesize_resampled(model: str, tasks: int, root: Path, source: dict, seed:
         pool.setdefault(_role(key.removeprefix("model.")), []).append(taus)
     pool_cat = {role: torch.cat(parts) for role, parts in pool.items()}
     everything = torch.cat(list(pool_cat.values()))
-    torch.manual_seed(seed)
-    clip = open_clip.create_model(model, pretrained=None)
-    del clip.transformer
-    theta0 = {f"model.{k}": v.detach().clone() for k, v in clip.state_dict().items()}
-    del clip
-    (root / "MNISTVal").mkdir(parents=True, exist_ok=True)
-    pt = root / "MNISTVal" / "nonlinear_zeroshot.pt"
-    torch.save(theta0, pt)
+    theta0, pt = write_theta0(model, root, seed)
     width = everything.shape[1]
     paths = []
     for t in range(tasks):  # one checkpoint in memory at a time; task t reads column t % width of draw t // width
