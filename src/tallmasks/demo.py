@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from tallmasks.checkpoints import load_state_dict, save_state_dict
 from tallmasks.datasets.scenes import CaptionStyle
 from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.eval.results import atomic_write_json
 
 log = logging.getLogger("tallmasks.demo")
 
@@ -66,9 +67,9 @@ class PretrainSettings:
     """Contrastive pre-training of a demo foundation model; ``data_seed`` (default: ``seed``) orders the data."""
 
     seed: int = 0
-    steps: int = 300
+    steps: int = 450
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-3
     images_per_task: int = 1000
     captions: CaptionStyle = field(default_factory=CaptionStyle)
     data_seed: int | None = None
@@ -91,7 +92,7 @@ class FinetuneSettings:
 
     steps: int = 100
     batch_size: int = 128
-    lr: float = 1e-4
+    lr: float = 2e-4
     warmup_steps: int = 10
     weight_decay: float = 0.1
     seed: int = 0
@@ -276,7 +277,7 @@ def pretrain_foundation(settings: PretrainSettings, cache_dir: str | Path = ".de
             settings.seed, len(losses), time.perf_counter() - start, losses[0], float(np.mean(losses[-10:])),
         )
     save_state_dict(clip.state_dict(), path)
-    (directory / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str) + "\n")
+    atomic_write_json(directory / "settings.json", json.loads(json.dumps(asdict(settings), default=str)))
     return Foundation(settings, clip, directory)
 
 
@@ -314,7 +315,7 @@ def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: Fin
     theta0 = zeroshot_path(location, DEMO_MODEL)
     if not theta0.is_file():
         save_state_dict(image_encoder_from(foundation.clip).state_dict(), theta0)
-    (location.parent / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    atomic_write_json(location.parent / "settings.json", asdict(settings))
     for task in tasks:
         head = get_classification_head(DEMO_MODEL, task, location, clip_model=foundation.clip)
         if finetuned_path(location, DEMO_MODEL, task).is_file():
@@ -416,7 +417,7 @@ def single_task_accuracies(cfg: DemoConfig, location: Path) -> dict[str, float]:
     it normalizes by); only tasks missing there are evaluated.
     """
     from tallmasks.datasets import load_split
-    from tallmasks.eval import Evaluator, atomic_write_json, load_or_build_split, read_json
+    from tallmasks.eval import Evaluator, load_or_build_split, read_json
     from tallmasks.eval.selection import FT_FILE
     from tallmasks.models import DEMO_MODEL, ImageEncoder, finetuned_path, get_classification_head
 
@@ -519,7 +520,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from tallmasks.eval import atomic_write_json
     from tallmasks.eval.runner import tall_mask_path
     from tallmasks.masks import MaskSet
     from tallmasks.models import DEMO_MODEL
