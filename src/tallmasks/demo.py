@@ -67,9 +67,9 @@ class PretrainSettings:
     """Contrastive pre-training of a demo foundation model; ``data_seed`` (default: ``seed``) orders the data."""
 
     seed: int = 0
-    steps: int = 450
+    steps: int = 300
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 2e-3
     images_per_task: int = 1000
     captions: CaptionStyle = field(default_factory=CaptionStyle)
     data_seed: int | None = None
@@ -92,7 +92,7 @@ class FinetuneSettings:
 
     steps: int = 100
     batch_size: int = 128
-    lr: float = 2e-4
+    lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.1
     seed: int = 0

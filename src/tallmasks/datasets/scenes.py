@@ -536,8 +536,8 @@ class CaptionStyle:
     probability ``exact_count`` (else "a few" / "many"); positions are only ever named along one axis;
     what a fact implies (parity, magnitude, equal colours, ...) is never said."""
 
-    mention: float = 0.85
-    noise: float = 0.1
+    mention: float = 0.6
+    noise: float = 0.2
     exact_count: float = 0.3
 
 
