@@ -15,12 +15,7 @@ from tallmasks.datasets import DEMO_DATASETS, get_spec, load_split
 from tallmasks.datasets import scenes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_suite_is_one_ordered_list_of_at_least_twenty_tasks_with_distinct_label_spaces():

@@ -16,13 +16,7 @@ CONFIG_DIR = REPO / "config"
 scenes = pytest.importorskip("tallmasks.datasets.scenes", reason="the offline demo tasks (tallmasks.datasets.scenes) are not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
