@@ -511,6 +511,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if name != "finetuned":
             method_run(name)
     cfg.task_names()
+    from tallmasks.guard import check_output
+
+    check_output(cfg.output_dir, folder=True, label="--output-dir")  # both writable before any work
+    check_output(cfg.cache_dir, folder=True, label="--cache-dir")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
     try:
@@ -520,7 +524,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from tallmasks.eval.runner import tall_mask_path
     from tallmasks.masks import MaskSet
     from tallmasks.models import DEMO_MODEL
 
@@ -551,8 +554,8 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     output = Path(cfg.output_dir)
     name = cfg.summary_name()
-    mask_file = tall_mask_path(location, DEMO_MODEL, len(tasks), use_ties=False)
-    if mask_file.is_file():  # written by the tall_mask run
+    mask_file = Path(runs["tall_mask"]["mask_path"]) if "mask_path" in runs.get("tall_mask", {}) else None
+    if mask_file is not None and mask_file.is_file():  # written by the tall_mask run
         profile = agreement_profile(MaskSet.load(mask_file))
         plot_name = name.replace("summary", "mask_agreement").replace(".json", ".png")
         plot_agreement(profile, output / plot_name, f"TALL-mask agreement, {len(tasks)} demo tasks (image tower)")
