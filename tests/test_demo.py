@@ -73,6 +73,30 @@ def test_scenes_are_deterministic_and_tasks_differ_in_inputs():
     assert np.all(distances[~np.eye(len(means), dtype=bool)] > 0)
 
 
+def test_foundation_fingerprint_follows_the_rendered_scenes(monkeypatch):
+    from tallmasks.demo import PretrainSettings
+
+    before = PretrainSettings().fingerprint()
+    assert PretrainSettings().fingerprint() == before
+    task = scenes.TASKS_BY_NAME["Shapes"]
+
+    def brighter(rng, label, pool):
+        canvas, facts = task.draw(rng, label, pool)
+        canvas.pixels[:] = np.minimum(canvas.pixels + 1, 255)
+        return canvas, facts
+
+    changed = scenes.SceneTask(task.name, task.classnames, task.templates, brighter, task.description)
+    monkeypatch.setattr(scenes, "SCENE_TASKS", [changed, *scenes.SCENE_TASKS[1:]])
+    assert PretrainSettings().fingerprint() != before  # a changed scene is never served a stale cached foundation
+
+
+def test_house_numbers_contrast_with_their_plate():
+    for index in range(20):
+        image, _, _ = scenes.draw("StreetDigits", "train", index)
+        luminance = image.astype(np.float32).mean(axis=-1)
+        assert luminance.max() - luminance.min() > 100, index
+
+
 def test_captions_are_partial_noisy_and_in_the_demo_vocabulary():
     from tallmasks.models import DEMO_MODEL, get_tokenizer
     from tallmasks.models.vocabulary import words_of

@@ -81,8 +81,7 @@ class PretrainSettings:
         return _fingerprint({
             **asdict(self),
             "model_config": _model_config_text(),
-            "image_size": scenes.IMAGE_SIZE,
-            "suite": scenes.DEMO_DATASETS,
+            "suite": scenes.suite_fingerprint(),
         })
 
 

@@ -291,9 +291,10 @@ def _positions(rng, label, pool):
 
 def _street_digits(rng, label, pool):
     canvas = Canvas(0)
-    c1 = rng.uniform(0, 255, 3).astype(np.float32)
-    canvas.texture(_pick(rng, ("plain", "striped", "gradient")), c1, np.clip(c1 + rng.uniform(-50, 50, 3), 0, 255), rng)
-    ink = np.clip(255 - c1 + rng.uniform(-30, 30, 3), 0, 255)
+    light = rng.uniform() < 0.5  # a light plate with dark numbers, or the reverse: always readable
+    c1 = _light(rng) if light else _dark(rng)
+    canvas.texture(_pick(rng, ("plain", "striped", "gradient")), c1, np.clip(c1 + rng.uniform(-40, 40, 3), 0, 255), rng)
+    ink = _dark(rng) if light else _light(rng)
     for side in (-1, 1):  # neighbouring house-number digits, cut by the image border
         if rng.uniform() < 0.7:
             canvas.paint(glyph_mask(int(rng.integers(10)), pool, rng, 8 + side * rng.uniform(8.5, 10), 8, 11), ink)
@@ -523,6 +524,20 @@ def draw(task: str, pool: str, index: int) -> tuple[np.ndarray, int, Facts]:
     label = int(rng.integers(len(spec.classnames)))
     canvas, facts = spec.draw(rng, label, pool)
     return canvas.image(), label, facts
+
+
+def suite_fingerprint(samples: int = 2) -> str:
+    """Short hash of the suite: task names, class names, image size and the first scenes of every pool."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{IMAGE_SIZE}".encode())
+    for task in SCENE_TASKS:
+        digest.update(repr((task.name, task.classnames, [t("x") for t in task.templates])).encode())
+        for pool in POOLS:
+            for index in range(samples):
+                image, label, facts = draw(task.name, pool, index)
+                digest.update(image.tobytes() + repr((label, sorted(facts.items()))).encode())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
