@@ -258,3 +258,64 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "could not fetch" in line and "ViT-B-32" in line
     assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()
+
+
+def test_main_tact_end_to_end_records_the_correction(demo_setup):
+    """main.py's run with correction=tact: calibrated per task on unlabeled training images; the results name,
+    JSON and per-task correction files record it."""
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.non_local import load_correction
+
+    root = demo_setup["root"]
+    args = [*demo_setup["overrides"], "method=ties", "correction=tact", "correction.num_images=48", "results_dir=" + str(root / "tact")]
+    res = run_experiment(compose(args))
+    path = Path(res["results_path"])
+    assert path.name.endswith("_tact48.json") and json.loads(path.read_text())["correction"] == res["correction"]
+    record = res["correction"]
+    assert record["name"] == "tact" and record["num_images"] == 48 and record["sites"] == 1 + 4 * 3
+    # one calibration per (alpha, task) on validation, reused for the test split
+    assert record["calibrations"] == len(res["val"]) * len(demo_setup["tasks"])
+    for task in demo_setup["tasks"]:
+        corr, meta = load_correction(record["files"][task])
+        assert meta["task"] == task and len(corr) == record["sites"]
+        assert all(scale.shape == shift.shape for scale, shift in corr.values())
+    calibration = list((root / "data" / ".tallmasks_cache").glob("*/*/train_calibration48_seed0.images.npy"))
+    assert len(calibration) == len(demo_setup["tasks"])
+    with pytest.raises(ConfigError, match="correction.num_images must be an integer >= 1"):
+        run_experiment(compose([*args, "correction.num_images=0"]))
+
+
+def test_main_weight_matching_undoes_a_permuted_foundation(demo_setup, tmp_path):
+    """A second foundation that is the first with its units permuted, and an expert fine-tuned "from it"
+    (the same expert, permuted): alignment=weight_matching recovers the plain run exactly."""
+    import shutil
+
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.models import DEMO_MODEL, finetuned_path, head_path, zeroshot_path
+    from tallmasks.non_local import apply_permutation, heads_of_model, random_permutation, vit_spec
+
+    loc, tasks = demo_setup["loc"], demo_setup["tasks"]
+    other = tmp_path / "other" / "checkpoints"
+    theta0 = torch.load(zeroshot_path(loc, DEMO_MODEL), weights_only=True)
+    spec = vit_spec(theta0, heads_of_model(DEMO_MODEL))
+    perm = random_permutation(spec, torch.Generator().manual_seed(0))
+    for source, target in [(zeroshot_path(loc, DEMO_MODEL), zeroshot_path(other, DEMO_MODEL)),
+                           (finetuned_path(loc, DEMO_MODEL, tasks[1]), finetuned_path(other, DEMO_MODEL, tasks[1]))]:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(apply_permutation(spec, perm, torch.load(source, weights_only=True)), target)
+    shutil.copy(head_path(loc, DEMO_MODEL, tasks[1]), head_path(other, DEMO_MODEL, tasks[1]))
+    shutil.copy(loc / DEMO_MODEL / "nonlinear_ft_accuracies.json", other / DEMO_MODEL / "nonlinear_ft_accuracies.json")
+
+    plain = run_experiment(compose([*demo_setup["overrides"], "method=sum", "results_dir=" + str(tmp_path / "plain")]))
+    aligned_args = [*demo_setup["overrides"], "method=sum", "alignment=weight_matching", f"alignment.foundations=[{other}]",
+                    "results_dir=" + str(tmp_path / "aligned")]
+    aligned = run_experiment(compose([*aligned_args, "alignment.assignment=[0,1]"]))
+    assert aligned["test"] == plain["test"] and aligned["val"] == plain["val"]
+    record = aligned["alignment"]
+    assert record["assignment"] == {tasks[0]: 0, tasks[1]: 1} and record["iterations"][1] >= 1
+    assert record["objective"][1][1] > record["objective"][1][0]
+    assert "_wm" in Path(aligned["results_path"]).name and Path(record["permutation_file"]).is_file()
+    with pytest.raises(ConfigError, match=f"expert of {tasks[1]} exists under several foundations"):
+        run_experiment(compose(aligned_args))

@@ -1,4 +1,4 @@
-"""The ``tallmasks`` console command: merge, compress, decompress, inspect and convert checkpoints."""
+"""The ``tallmasks`` console command: merge, compress, decompress, inspect, convert and align checkpoints."""
 
 from __future__ import annotations
 
@@ -245,6 +245,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    from tallmasks.non_local.permutation import heads_of_model
+    from tallmasks.non_local.weight_matching import align_checkpoint_files
+
+    if args.arch != "vit" and (args.heads is not None or args.model is not None):
+        raise ConfigError("--heads and --model apply to --arch vit only")
+    heads = args.heads if args.heads is not None else (heads_of_model(args.model) if args.model else None)
+    if heads is not None and heads < 1:
+        raise ConfigError(f"--heads must be a positive integer, got {heads}")
+    record = align_checkpoint_files(args.reference, args.other, args.arch, args.out, args.experts or [], args.names,
+                                    heads, args.max_iter, args.seed, _device(args.device))
+    log.info("aligned %s to %s in %d iterations (objective %.6g -> %.6g); wrote %s", args.other, args.reference,
+             record["iterations"], *record["objective"], args.out)
+    return 0
+
+
 def cmd_prepare_data(args) -> int:
     from tallmasks.datasets.preparation import main as prepare_main
 
@@ -305,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+
+    align = sub.add_parser("align", help="permute a checkpoint (and its experts) to match a reference (weight matching)")
+    align.add_argument("--reference", required=True, help="reference foundation (.pt or .safetensors)")
+    align.add_argument("--other", required=True, help="foundation to align to the reference")
+    align.add_argument("--arch", required=True, choices=["vit", "cnn", "mlp"],
+                       help="vit: open_clip VisionTransformer; cnn: torchvision ResNet layout; mlp: a chain of linear/conv layers")
+    align.add_argument("--experts", nargs="+", help="checkpoints fine-tuned from --other, permuted likewise")
+    align.add_argument("--names", nargs="+", help="expert names (default: from file names)")
+    align.add_argument("--out", required=True, help="new output folder")
+    align.add_argument("--heads", type=int, help="vit: attention heads per block (default: width / 64)")
+    align.add_argument("--model", help="vit: open_clip model name to read the heads from (e.g. ViT-B-32)")
+    align.add_argument("--max-iter", type=int, default=100, help="weight matching iteration cap (100)")
+    align.add_argument("--seed", type=int, default=0, help="order in which permutation groups are visited (0)")
+    align.add_argument("--device", default="cpu", help="cpu, cuda or auto (matrix products; assignments run on the CPU)")
+    align.set_defaults(func=cmd_align)
 
     data = sub.add_parser("prepare-data", help="download or arrange evaluation datasets under a data location")
     data.add_argument("names", nargs="+", help="dataset names, e.g. MNIST SVHN (or 'all')")

@@ -45,14 +45,17 @@ def _label(source: StateDictLike, fallback: str) -> str:
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if isinstance(state, LazyStateDict):
-        return state.shape(key)
+    """Shape of ``key`` without reading its data when the mapping can tell (lazy or computed views)."""
+    shape = getattr(state, "shape", None)
+    if callable(shape):
+        return tuple(shape(key))
     return tuple(state[key].shape)
 
 
 def _dtype(state: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
-    if isinstance(state, LazyStateDict):
-        return state.dtype(key)
+    dtype = getattr(state, "dtype", None)
+    if callable(dtype):
+        return dtype(key)
     return state[key].dtype
 
 

@@ -13,6 +13,7 @@ Call it from Python with a composed Hydra config::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from tallmasks.eval.evaluator import PRECISIONS, Evaluator
 from tallmasks.eval.results import Journal, atomic_write_json
 from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
 from tallmasks.models.paths import mask_dir
+from tallmasks.non_local.experiment import AlignmentSettings, CorrectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,12 @@ def _datasets_field(value: Any) -> list[str] | None:
     return [str(v) for v in value] or None
 
 
-def tall_mask_path(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> Path:
-    """The one path where method=tall_mask saves its chosen masks and load_mask/consensus read them."""
+def tall_mask_path(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum",
+                   variant: str = "") -> Path:
+    """The one path where method=tall_mask saves its chosen masks and load_mask/consensus read them
+    (``variant``: the alignment and correction tags of runs whose lambdas were chosen with them)."""
     suffix = f"_use_ties_{ties_agg}" if use_ties else ""
-    return mask_dir(model_location) / model / f"TALL_mask_{int(num_tasks)}task{suffix}.safetensors"
+    return mask_dir(model_location) / model / f"TALL_mask_{int(num_tasks)}task{suffix}{variant}.safetensors"
 
 
 def released_mask_paths(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> list[Path]:
@@ -151,6 +155,13 @@ class Experiment:
         self.load_mask = bool(method.get("load_mask", False))
         self.use_ties = bool(method.get("use_ties", False))
         self.ties_agg = str(method.get("ties_agg", "sum"))
+        self.correction = CorrectionSettings.from_config(c.get("correction"))
+        self.alignment = AlignmentSettings.from_config(c.get("alignment"))
+
+    @property
+    def variant(self) -> str:
+        """Name suffix of the alignment and correction settings (empty for neither)."""
+        return self.alignment.tag + self.correction.tag
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -179,6 +190,7 @@ class Experiment:
         extra = "" if self.specify_lambda is None else f"_alpha={self.specify_lambda}"
         extra += "" if self.n_eval_points == 21 else f"_n{self.n_eval_points}"
         extra += "" if self.precision == "fp32" else f"_{self.precision}"
+        extra += self.variant
         name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
         return self.results_dir / name.replace("/", "-")
 
@@ -193,6 +205,8 @@ class Experiment:
             "specify_lambda": self.specify_lambda,
             "precision": self.precision,
             "model_location": str(self.model_location.resolve()),
+            "correction": self.correction.record(),
+            "alignment": self.alignment.record(),
         }
 
 
@@ -238,47 +252,83 @@ def run_experiment(cfg: Any) -> dict:
 
     log.info("%s on %s: %d tasks (%s), device %s, precision %s", exp.full_name, exp.model, exp.num_tasks,
              ", ".join(exp.datasets), device, exp.precision)
-    zs = zeroshot_path(exp.model_location, exp.model)
-    fts = [finetuned_path(exp.model_location, exp.model, d) for d in exp.datasets]
+    from tallmasks.non_local.experiment import Sources, resolve_sources
+
+    sources = (resolve_sources(exp.alignment, exp.model_location, exp.model, exp.datasets) if exp.alignment.enabled
+               else Sources([exp.model_location], {d: 0 for d in exp.datasets}))
+    foundations = [zeroshot_path(loc, exp.model) for loc in sources.locations]
+    fts = [finetuned_path(sources.location(d), exp.model, d) for d in exp.datasets]
     _check_files(fts)
-    if not zs.is_file() and exp.model in MODELS:  # like the paper's code: theta_0 saved from the openai weights
+    zs = foundations[0]
+    if not zs.is_file() and exp.model in MODELS and not exp.alignment.enabled:  # like the paper's code: theta_0 saved from the openai weights
         log.info("%s missing: saving the pre-trained %s image encoder there", zs, exp.model)
         dist.main_first(lambda: save_zeroshot_encoder(exp.model, exp.model_location))  # kept once saved
-    _check_files([zs])
-    finetuned_acc, ft_sources = finetuned_accuracies(exp.model, exp.datasets, exp.single_task_dir, exp.model_location)
+    _check_files(foundations)
+    finetuned_acc, ft_sources = {}, []
+    for index, location in enumerate(sources.locations):
+        group = [d for d in exp.datasets if sources.foundation_of[d] == index]
+        if group:
+            found, used = finetuned_accuracies(exp.model, group, exp.single_task_dir, location)
+            finetuned_acc.update(found)
+            ft_sources += [u for u in used if u not in ft_sources]
 
     # masks needed up front (fail before any expensive work)
-    mask_file = tall_mask_path(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
-    released = released_mask_paths(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
+    mask_file = tall_mask_path(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg, exp.variant)
+    released = [] if exp.variant else released_mask_paths(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
     needs_masks = exp.method_name == "consensus" or (exp.method_name == "tall_mask" and exp.load_mask)
     if needs_masks and not (mask_file.is_file() or any(p.is_file() for p in released)):
         raise ConfigError(f"TALL masks not found at {mask_file}: run method=tall_mask first (with the same model, tasks and use_ties)")
 
-    cs = CheckpointSet(zs, fts, names=exp.datasets)
-    cs.progress = dist.is_main
     encoder = ImageEncoder(exp.model, pretrained=None)
+    alignment_record = None
+    if exp.alignment.enabled:
+        from tallmasks.non_local.experiment import aligned_checkpoints, cache_key, vit_heads
+
+        key = cache_key([[_file_signature(p) for p in foundations], exp.alignment.max_iter, exp.alignment.seed])
+        cache_file = exp.cache_dir / "alignment" / exp.model / f"{key}.safetensors"
+        theta0, experts, alignment_record = dist.main_first(
+            lambda: aligned_checkpoints(sources, foundations, fts, exp.datasets, vit_heads(encoder), exp.alignment, cache_file, device)
+        )
+        cs = CheckpointSet(theta0, experts, names=exp.datasets)
+    else:
+        cs = CheckpointSet(zs, fts, names=exp.datasets)
+    cs.progress = dist.is_main
     evaluator = Evaluator(encoder, cs.pretrained, device, exp.precision, exp.batch_size, dist)
 
     # heads and preprocessed splits: rank 0 builds what is missing, the others wait and read
     data: dict[tuple[str, str], SplitData] = {}
+    calibration: dict[str, torch.Tensor] = {}
 
     def prepare(build: bool) -> None:
         for dataset in tqdm(exp.datasets, desc="heads and data", disable=not build, leave=False):
-            head = get_classification_head(exp.model, dataset, exp.model_location, device="cpu")
+            head = get_classification_head(exp.model, dataset, sources.location(dataset), device="cpu")
             evaluator.set_head(dataset, head)
             for split in ("val", "test"):
                 data[(dataset, split)] = load_or_build_split(
                     lambda d=dataset, s=split: load_split(d, s, exp.data_location), dataset, split, exp.cache_dir,
                     encoder.image_size, encoder.val_preprocess, exp.num_workers, build=build,
                 )
+        if exp.correction.enabled:
+            from tallmasks.non_local.experiment import load_calibration_images
+
+            calibration.update(load_calibration_images(exp.datasets, exp.correction, exp.data_location, exp.cache_dir,
+                                                       encoder.image_size, encoder.val_preprocess, exp.num_workers, build,
+                                                       load_or_build_split))
 
     dist.main_first(lambda: prepare(dist.is_main))
     _keep_on_device(data, device, exp.device_cache_gb)
+    corrections = None
+    if exp.correction.enabled:
+        from tallmasks.non_local.experiment import CorrectionRun
+
+        corrections = CorrectionRun(exp.correction, evaluator, cs, calibration, dist)
+        log.info("%s: measuring the experts' activation statistics", exp.correction.name)
+        corrections.measure_experts()
 
     results_path = exp.results_path()
     # rank 0 first: a released .npy is converted (and saved) once
     masks = dist.main_first(lambda: load_tall_masks(cs, mask_file, released)) if needs_masks else None
-    inputs = [zs, *fts] + ([mask_file] if needs_masks else [])
+    inputs = [*foundations, *fts] + ([mask_file] if needs_masks else [])
     run_key = dist.broadcast_object(exp.run_key(inputs) if dist.is_main else None)
     journal = Journal(results_path.with_suffix(".journal.json"), run_key, writer=dist.is_main)
     dist.barrier()
@@ -293,7 +343,8 @@ def run_experiment(cfg: Any) -> dict:
             counter["reused"] += 1
             return done["correct"] / done["total"]
         apply()
-        correct, total = evaluator.count_correct(dataset, data[(dataset, split)])
+        with corrections.applied(dataset, split) if corrections is not None else contextlib.nullcontext():
+            correct, total = evaluator.count_correct(dataset, data[(dataset, split)])
         journal.record(setting, dataset, split, correct, total)
         counter["evaluated"] += 1
         return correct / total
@@ -314,6 +365,8 @@ def run_experiment(cfg: Any) -> dict:
         "finetuned_accuracies": {k: finetuned_acc[k] for k in sorted(finetuned_acc)},
         "finetuned_accuracies_source": ft_sources,
     }
+    if alignment_record is not None:
+        out["alignment"] = alignment_record
     if exp.method_name == "tall_mask":
         out.update(_run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_file, dist))
     elif exp.method_name == "mag_masking":
@@ -339,6 +392,11 @@ def run_experiment(cfg: Any) -> dict:
     out["avg_normalized_top1"] = out["test"]["avg_normalized_top1"]
     out["evaluations"] = dict(counter)
     out["seconds"] = round(time.perf_counter() - start, 2)
+    if corrections is not None:
+        out["correction"] = corrections.record()
+        folder = results_path.with_suffix("")
+        if dist.is_main:
+            out["correction"]["files"] = corrections.save(folder.with_name(folder.name + ".corrections"), {"model": exp.model})
     if dist.is_main:
         atomic_write_json(results_path, out)
         log.info("test: avg top1 %.2f%%, avg normalized %.2f%% -> %s", 100 * out["avg_top1"], 100 * out["avg_normalized_top1"], results_path)
