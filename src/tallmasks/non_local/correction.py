@@ -284,9 +284,21 @@ class Corrector:
                         with contextlib.suppress(_Stop):
                             module(x.clone())  # a module may change its input in place
 
+                produced = False
                 for name in names:
-                    solve_site(name, replay)
-                if index + 1 < len(plan.stages):
+                    if name != f"{path}:out" or index + 1 == len(plan.stages):
+                        solve_site(name, replay)
+                        continue
+                    # the module's own output: one pass gives its statistics and the next module's inputs
+                    moments = {name: Moments()}
+                    with self._recording(moments):
+                        outputs = [module(x.clone()) for x in cache]
+                    correction[name] = solve(SiteStats.of(moments[name]), target[name], eps)
+                    scale, shift = correction[name]
+                    dim = self.by_name[name].channel_dim
+                    cache = [y * _broadcast(scale, y, dim) + _broadcast(shift, y, dim) for y in outputs]
+                    produced = True
+                if index + 1 < len(plan.stages) and not produced:
                     cache = [module(x) for x in cache]
             cache = []
             for name in plan.suffix:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.eval.evaluator import precision_context
 from tallmasks.non_local.correction import Correction, Corrector, Statistics, repair_target, save_correction
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,8 @@ class CorrectionRun:
             self.targets = {d: shared for d in self.cs.names}
 
     def _statistics(self, images: torch.Tensor) -> Statistics:
-        return self.corrector.statistics(images, batch_size=self.evaluator.batch_size, preprocess=self.evaluator.normalize)
+        with precision_context("fp32", self.evaluator.device):
+            return self.corrector.statistics(images, batch_size=self.evaluator.batch_size, preprocess=self.evaluator.normalize)
 
     def _key(self, dataset: str) -> Any:
         setting = self.evaluator.setting
@@ -337,8 +339,9 @@ class CorrectionRun:
     def _calibrate(self, dataset: str) -> Correction:
         images = self.images[dataset] if self.settings.name == "tact" else self._pooled()
         self.calibrations += 1
-        corr = self.corrector.calibrate(dataset, images, self.targets[dataset], self.evaluator.batch_size,
-                                        self.evaluator.normalize, self.settings.eps)
+        with precision_context("fp32", self.evaluator.device):  # statistics in exact float32, whatever the evaluation's precision
+            corr = self.corrector.calibrate(dataset, images, self.targets[dataset], self.evaluator.batch_size,
+                                            self.evaluator.normalize, self.settings.eps)
         return {site: (scale.cpu(), shift.cpu()) for site, (scale, shift) in corr.items()}
 
     def save(self, folder: Path, metadata: Mapping[str, str]) -> dict[str, str]:
