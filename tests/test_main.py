@@ -16,13 +16,7 @@ CONFIG_DIR = REPO / "config"
 digits = pytest.importorskip("tallmasks.datasets.digits", reason="the offline demo tasks (tallmasks.datasets.digits) are not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model runs faster on one thread
 
 
 @pytest.fixture(scope="module")

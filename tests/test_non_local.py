@@ -33,13 +33,7 @@ from tallmasks.non_local import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +256,12 @@ CORRECTED = {
 }
 
 
+def expert_merged_inputs(name: str, seed: int):
+    """(constructor, expert, merged, calibration inputs, the model to correct) for a tiny model family."""
+    make, shape = CORRECTED[name]
+    return make, make(1), make(2), inputs(shape, seed), make(0)
+
+
 def plain_site_statistics(model: nn.Module, corrector: Corrector, x: torch.Tensor, task: str | None) -> dict:
     """Each site's (corrected) values captured in one pass by plain hooks registered after the corrector's,
     reduced over the whole batch at once; sites inside attention are measured by the corrector itself."""
@@ -290,10 +290,7 @@ def plain_site_statistics(model: nn.Module, corrector: Corrector, x: torch.Tenso
 
 @pytest.mark.parametrize("name", ["mlp", "resnet", "vit"])
 def test_calibrated_statistics_equal_the_experts_at_every_site(name):
-    make, shape = CORRECTED[name]
-    expert, merged = make(1), make(2)
-    x = inputs(shape, 8)
-    model = make(0)
+    _make, expert, merged, x, model = expert_merged_inputs(name, 8)
     corrector = Corrector(model)
     load_weights(model, expert.state_dict())
     target = plain_site_statistics(model, corrector, x, None)
@@ -343,10 +340,7 @@ def test_chained_calibration_equals_full_passes():
 
 @pytest.mark.parametrize("name", ["mlp", "resnet", "vit"])
 def test_folding_leaves_outputs_unchanged(name):
-    make, shape = CORRECTED[name]
-    expert, merged = make(1), make(2)
-    x = inputs(shape, 11)
-    model = make(0)
+    make, expert, merged, x, model = expert_merged_inputs(name, 11)
     corrections = tact(model, merged.state_dict(), {"t": expert.state_dict()}, {"t": x}, batch_size=8)
     with torch.no_grad(), correction(model, "t"):
         hooked = model(x)

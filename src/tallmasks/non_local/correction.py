@@ -152,6 +152,8 @@ class Corrector:
     """The correction sites of one model, installed as hooks, and the per-task (scale, shift) sets."""
 
     def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, chain: Sequence[str] | None = None):
+        if getattr(model, "_tallmasks_corrector", None) is not None:
+            raise ConfigError("the model already has correction sites installed (remove() them first)")
         self.model = model
         if sites is None:
             sites, found_chain = find_sites(model)
@@ -162,12 +164,34 @@ class Corrector:
         if len(self.by_name) != len(self.sites):
             raise ConfigError("correction sites are not unique")
         self.corrections: dict[str, Correction] = {}
-        self.active: Correction | None = None
+        self._active: Correction | None = None
+        self._placed: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._record: dict[str, Moments] | None = None
         self._record_after = False
         self._stop_at: str | None = None
         self._installed: list[Installed] = [install(model, site, self._callback(site)) for site in self.sites]
         model._tallmasks_corrector = self  # type: ignore[attr-defined]
+
+    @property
+    def active(self) -> Correction | None:
+        """The correction the hooks apply now (None: none)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: Correction | None) -> None:
+        self._active = value
+        self._placed = {}
+
+    def _pair(self, name: str, value: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The active (scale, shift) of site ``name``, shaped to broadcast over ``value`` (kept per device)."""
+        pair = self._active.get(name) if self._active is not None else None
+        if pair is None:
+            return None
+        key = (name, value.device, value.dtype)
+        placed = self._placed.get(key)
+        if placed is None or placed[0].dim() != value.dim():
+            placed = self._placed[key] = (_broadcast(pair[0], value, dim), _broadcast(pair[1], value, dim))
+        return placed
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -178,9 +202,9 @@ class Corrector:
             record = self._record
             if record is not None and not self._record_after and name in record:
                 record[name].update(value, dim)
-            pair = self.active.get(name) if self.active is not None else None
+            pair = self._pair(name, value, dim)
             if pair is not None:
-                value = value * _broadcast(pair[0], value, dim) + _broadcast(pair[1], value, dim)
+                value = value * pair[0] + pair[1]
             if record is not None and self._record_after and name in record:
                 record[name].update(value, dim)
             if self._stop_at == name:
@@ -230,10 +254,20 @@ class Corrector:
         correction applied (None: none); ``after_correction`` measures a site's corrected values."""
         moments = {name: Moments() for name in self.by_name}
         device = self._device()
-        with self.use(task), self._recording(moments, after_correction):
+        with self._evaluating(), self.use(task), self._recording(moments, after_correction):
             for batch in _batches(images, batch_size, device, preprocess):
                 self.model(batch)
         return {name: SiteStats.of(m) for name, m in moments.items()}
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """The model in eval mode inside the block (normalization layers use their running statistics)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
 
     @contextlib.contextmanager
     def _recording(self, moments: dict[str, Moments], after: bool = False, stop_at: str | None = None) -> Iterator[None]:
@@ -256,7 +290,8 @@ class Corrector:
         device = self._device()
         correction: Correction = {}
         self.corrections[task] = correction
-        plan = self._plan(next(_batches(images, batch_size, device, preprocess)))
+        with self._evaluating():
+            plan = self._plan(next(_batches(images, batch_size, device, preprocess)))
 
         def batches() -> Iterator[torch.Tensor]:
             return _batches(images, batch_size, device, preprocess)
@@ -272,7 +307,7 @@ class Corrector:
                 with contextlib.suppress(_Stop):
                     self.model(batch)
 
-        with self.use(task):
+        with self._evaluating(), self.use(task):
             for name in plan.prefix:
                 solve_site(name, full_pass)
             cache = self._chain_inputs(batches()) if plan.stages else []

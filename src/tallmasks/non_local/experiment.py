@@ -40,8 +40,28 @@ def _int(value: Any, name: str, minimum: int) -> int:
     return number
 
 
+def _section(section: Mapping[str, Any] | None, group: str, choices: Sequence[str], fields: Sequence[str]) -> tuple[str, dict]:
+    """(name, fields) of a config group's section; an unknown choice or field is a one-line error."""
+    section = dict(section or {})
+    name = str(section.get("name", "none"))
+    if name not in choices:
+        raise ConfigError(f"{group} must be one of {', '.join(choices)}, got {name!r}")
+    unknown = sorted(set(section) - {"name", *fields})
+    if unknown:
+        raise ConfigError(f"{group} has no field {unknown[0]!r} (it takes name, {', '.join(fields)})")
+    return name, section
+
+
+class _Choice:
+    name: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
 @dataclass(frozen=True)
-class CorrectionSettings:
+class CorrectionSettings(_Choice):
     """``correction.*``: none, tact (per task) or repair (shared); images per task; variance epsilon."""
 
     name: str = "none"
@@ -50,13 +70,7 @@ class CorrectionSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> CorrectionSettings:
-        section = dict(section or {})
-        name = str(section.get("name", "none"))
-        if name not in CORRECTIONS:
-            raise ConfigError(f"correction must be one of {', '.join(CORRECTIONS)}, got {name!r}")
-        unknown = sorted(set(section) - {"name", "num_images", "eps"})
-        if unknown:
-            raise ConfigError(f"correction has no field {unknown[0]!r} (it takes name, num_images, eps)")
+        name, section = _section(section, "correction", CORRECTIONS, ("num_images", "eps"))
         num_images = _int(section.get("num_images", 2000), "correction.num_images", 1)
         try:
             eps = float(section.get("eps", 0.0))
@@ -65,10 +79,6 @@ class CorrectionSettings:
         if not eps >= 0:
             raise ConfigError(f"correction.eps must be >= 0, got {eps}")
         return cls(name, num_images, eps)
-
-    @property
-    def enabled(self) -> bool:
-        return self.name != "none"
 
     @property
     def tag(self) -> str:
@@ -82,7 +92,7 @@ class CorrectionSettings:
 
 
 @dataclass(frozen=True)
-class AlignmentSettings:
+class AlignmentSettings(_Choice):
     """``alignment.*``: other foundations' model locations (``model_location`` is the reference), which
     foundation each task's expert comes from, and weight matching's iteration cap and seed."""
 
@@ -95,13 +105,7 @@ class AlignmentSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> AlignmentSettings:
-        section = dict(section or {})
-        name = str(section.get("name", "none"))
-        if name not in ALIGNMENTS:
-            raise ConfigError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {name!r}")
-        unknown = sorted(set(section) - {"name", "foundations", "assignment", "max_iter", "seed"})
-        if unknown:
-            raise ConfigError(f"alignment has no field {unknown[0]!r} (it takes name, foundations, assignment, max_iter, seed)")
+        name, section = _section(section, "alignment", ALIGNMENTS, ("foundations", "assignment", "max_iter", "seed"))
         foundations = _str_list(section.get("foundations"))
         assignment = section.get("assignment")
         if assignment is not None and not (isinstance(assignment, str) and assignment.strip() in ("", "None", "null")):
@@ -113,10 +117,6 @@ class AlignmentSettings:
         locations = tuple(Path(os.path.expanduser(f)).resolve() for f in foundations)
         return cls(name, tuple(foundations), assignment, _int(section.get("max_iter", 100), "alignment.max_iter", 1),
                    _int(section.get("seed", 0), "alignment.seed", 0), locations)
-
-    @property
-    def enabled(self) -> bool:
-        return self.name != "none"
 
     @property
     def tag(self) -> str:
@@ -289,9 +289,15 @@ class CorrectionRun:
         self.cache: dict[Any, Correction] = {}
         self.used_for_test: dict[str, Correction] = {}
         self.calibrations = 0
+        self._pooled: torch.Tensor | None = None
 
-    def _pooled(self) -> torch.Tensor:
-        return torch.cat([self.images[d] for d in self.cs.names])
+    def _inputs(self, dataset: str) -> torch.Tensor:
+        """TACT: the task's own images; REPAIR: every task's images pooled (built once)."""
+        if self.settings.name == "tact":
+            return self.images[dataset]
+        if self._pooled is None:
+            self._pooled = torch.cat([self.images[d] for d in self.cs.names])
+        return self._pooled
 
     def measure_experts(self) -> None:
         """The targets: each expert on its task's images (TACT), or REPAIR's mean over experts on pooled images."""
@@ -302,8 +308,7 @@ class CorrectionRun:
         stats = {}
         for index, dataset in enumerate(tqdm(self.cs.names, desc="expert statistics", leave=False)):
             self.evaluator.load_state(self.cs.finetuned[index])
-            images = self.images[dataset] if self.settings.name == "tact" else self._pooled()
-            stats[dataset] = self._statistics(images)
+            stats[dataset] = self._statistics(self._inputs(dataset))
         if self.settings.name == "tact":
             self.targets = stats
         else:
@@ -337,10 +342,9 @@ class CorrectionRun:
             yield
 
     def _calibrate(self, dataset: str) -> Correction:
-        images = self.images[dataset] if self.settings.name == "tact" else self._pooled()
         self.calibrations += 1
         with precision_context("fp32", self.evaluator.device):  # statistics in exact float32, whatever the evaluation's precision
-            corr = self.corrector.calibrate(dataset, images, self.targets[dataset], self.evaluator.batch_size,
+            corr = self.corrector.calibrate(dataset, self._inputs(dataset), self.targets[dataset], self.evaluator.batch_size,
                                             self.evaluator.normalize, self.settings.eps)
         return {site: (scale.cpu(), shift.cpu()) for site, (scale, shift) in corr.items()}
 
