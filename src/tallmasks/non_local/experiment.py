@@ -13,43 +13,20 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.evaluator import precision_context
 from tallmasks.non_local.correction import Correction, Corrector, Statistics, repair_target, save_correction
+from tallmasks.schema import GroupSettings, NonNegative, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
-CORRECTIONS = ("none", "tact", "repair")
-ALIGNMENTS = ("none", "weight_matching")
 CALIBRATION_SEED = 0
-
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or number != value or number < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return number
-
-
-def _section(section: Mapping[str, Any] | None, group: str, choices: Sequence[str], fields: Sequence[str]) -> tuple[str, dict]:
-    """(name, fields) of a config group's section; an unknown choice or field is a one-line error."""
-    section = dict(section or {})
-    name = str(section.get("name", "none"))
-    if name not in choices:
-        raise ConfigError(f"{group} must be one of {', '.join(choices)}, got {name!r}")
-    unknown = sorted(set(section) - {"name", *fields})
-    if unknown:
-        raise ConfigError(f"{group} has no field {unknown[0]!r} (it takes name, {', '.join(fields)})")
-    return name, section
 
 
 class _Choice:
@@ -69,16 +46,9 @@ class CorrectionSettings(_Choice):
     eps: float = 0.0
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> CorrectionSettings:
-        name, section = _section(section, "correction", CORRECTIONS, ("num_images", "eps"))
-        num_images = _int(section.get("num_images", 2000), "correction.num_images", 1)
-        try:
-            eps = float(section.get("eps", 0.0))
-        except (TypeError, ValueError):
-            raise ConfigError(f"correction.eps must be a number, got {section.get('eps')!r}") from None
-        if not eps >= 0:
-            raise ConfigError(f"correction.eps must be >= 0, got {eps}")
-        return cls(name, num_images, eps)
+    def of(cls, group: GroupSettings | None) -> CorrectionSettings:
+        """The settings of a validated ``correction`` group (none when absent)."""
+        return cls() if group is None or group.name == "none" else cls(group.name, **group.params)
 
     @property
     def tag(self) -> str:
@@ -101,22 +71,21 @@ class AlignmentSettings(_Choice):
     assignment: tuple[int, ...] | None = None
     max_iter: int = 100
     seed: int = 0
-    locations: tuple[Path, ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> AlignmentSettings:
-        name, section = _section(section, "alignment", ALIGNMENTS, ("foundations", "assignment", "max_iter", "seed"))
-        foundations = _str_list(section.get("foundations"))
-        assignment = section.get("assignment")
-        if assignment is not None and not (isinstance(assignment, str) and assignment.strip() in ("", "None", "null")):
-            assignment = tuple(_int(v, "alignment.assignment entries", 0) for v in _str_list(assignment))
-        else:
-            assignment = None
-        if name == "weight_matching" and not foundations:
+    def of(cls, group: GroupSettings | None) -> AlignmentSettings:
+        """The settings of a validated ``alignment`` group (none when absent)."""
+        if group is None or group.name == "none":
+            return cls()
+        params = group.params
+        if not params["foundations"]:
             raise ConfigError("alignment=weight_matching needs alignment.foundations: the model locations of the other foundations")
-        locations = tuple(Path(os.path.expanduser(f)).resolve() for f in foundations)
-        return cls(name, tuple(foundations), assignment, _int(section.get("max_iter", 100), "alignment.max_iter", 1),
-                   _int(section.get("seed", 0), "alignment.seed", 0), locations)
+        assignment = None if params["assignment"] is None else tuple(params["assignment"])
+        return cls(group.name, tuple(str(f) for f in params["foundations"]), assignment, params["max_iter"], params["seed"])
+
+    @property
+    def locations(self) -> tuple[Path, ...]:
+        return tuple(Path(os.path.expanduser(f)).resolve() for f in self.foundations)
 
     @property
     def tag(self) -> str:
@@ -132,15 +101,44 @@ class AlignmentSettings(_Choice):
                 "max_iter": self.max_iter, "seed": self.seed}
 
 
-def _str_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if text in ("", "None", "null", "[]"):
-            return []
-        return [part.strip() for part in text.strip("[]").split(",") if part.strip()]
-    return list(value)
+# the config groups' choices: their keyword-only parameters are the fields that tallmasks.schema validates
+
+
+def no_correction() -> None:
+    """No correction of activation statistics."""
+
+
+def tact_correction(*, num_images: PositiveInt = 2000, eps: NonNegative = 0.0) -> None:
+    """TACT: each task's merged model corrected towards its expert on ``num_images`` images of the task."""
+
+
+def repair_correction(*, num_images: PositiveInt = 1000, eps: NonNegative = 0.0) -> None:
+    """REPAIR: one correction towards the experts' mean statistics on ``num_images`` images per task, pooled."""
+
+
+def no_alignment() -> None:
+    """Every expert fine-tuned from the foundation at model_location."""
+
+
+def weight_matching_alignment(*, foundations: Sequence[str] = (), assignment: Optional[list[NonNegativeInt]] = None,
+                              max_iter: PositiveInt = 100, seed: NonNegativeInt = 0) -> None:
+    """Other foundations aligned to model_location's by weight matching; experts permuted likewise."""
+
+
+CORRECTION_CHOICES: dict[str, Callable] = {"none": no_correction, "tact": tact_correction, "repair": repair_correction}
+ALIGNMENT_CHOICES: dict[str, Callable] = {"none": no_alignment, "weight_matching": weight_matching_alignment}
+
+
+def correction_choice(name: str) -> Callable:
+    if name not in CORRECTION_CHOICES:
+        raise ConfigError(f"correction must be one of {', '.join(CORRECTION_CHOICES)}, got {name!r}")
+    return CORRECTION_CHOICES[name]
+
+
+def alignment_choice(name: str) -> Callable:
+    if name not in ALIGNMENT_CHOICES:
+        raise ConfigError(f"alignment must be one of {', '.join(ALIGNMENT_CHOICES)}, got {name!r}")
+    return ALIGNMENT_CHOICES[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,12 +362,11 @@ class CorrectionRun:
 def load_calibration_images(
     datasets: Sequence[str], settings: CorrectionSettings, data_location: Path, cache_dir: Path, image_size: int,
     val_preprocess: Any, num_workers: int, build: bool, load_or_build: Callable,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Per task, ``num_images`` preprocessed (uint8) images of its training part, cached like the eval splits."""
-    out = {}
-    for dataset in datasets:
-        split = load_or_build(calibration_split(dataset, settings.num_images, data_location), dataset,
-                              calibration_split_name(settings.num_images), cache_dir, image_size, val_preprocess,
-                              num_workers, build=build)
-        out[dataset] = split.images
-    return out
+    return {
+        dataset: load_or_build(calibration_split(dataset, settings.num_images, data_location), dataset,
+                               calibration_split_name(settings.num_images), cache_dir, image_size, val_preprocess,
+                               num_workers, build=build)
+        for dataset in datasets
+    }

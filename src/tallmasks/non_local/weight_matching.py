@@ -257,20 +257,21 @@ def align_checkpoint_files(
     """Align checkpoint ``other`` to ``reference`` and write, into the new folder ``out``:
     ``foundation.safetensors`` (other, permuted), ``theta0.safetensors`` (the mean of the two),
     ``permutation.safetensors``, ``experts/<name>.safetensors`` (experts of ``other``, permuted) and
-    ``alignment.json``. Inputs are checked before any work; the folder appears only when complete."""
+    ``alignment.json``. Inputs and the output are checked before any work; the folder appears only when complete."""
     import json
     import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from tallmasks.checkpoints import load_state_dict, materialize, save_state_dict
+    from tallmasks.guard import atomic_output, check_output, file_size, require_file
     from tallmasks.non_local.permutation import apply_permutation, spec_for
     from tallmasks.task_vectors import _default_name
 
-    out = Path(out)
+    inputs = [require_file(p, "checkpoint") for p in (reference, other, *experts)]
+    out = Path(out).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ConfigError(f"--out {out}: exists; choose a new folder")
+    check_output(out, inputs, expected_bytes=sum(file_size(p) for p in inputs[1:]) + file_size(reference), folder=True, label="--out")
     names = [_default_name(p, i) for i, p in enumerate(experts)] if names is None else [str(n) for n in names]
     if len(names) != len(experts):
         raise ConfigError(f"--names: {len(names)} names for {len(experts)} experts")
@@ -286,26 +287,22 @@ def align_checkpoint_files(
         _same_layout(ref, state, str(path))
     result = weight_matching(spec, ref, oth, max_iter=max_iter, seed=seed, device=device)
     aligned = apply_permutation(spec, result.perm, oth)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    record = {
+        "arch": arch, "reference": str(reference), "other": str(other), "experts": dict(zip(names, map(str, experts))),
+        "iterations": result.iterations, "objective": [result.objective[0], result.objective[-1]],
+        "groups": dict(spec.sizes), "max_iter": int(max_iter), "seed": int(seed),
+    }
+    with atomic_output(out) as tmp:
+        os.unlink(tmp)
+        tmp.mkdir()
         save_state_dict(aligned, tmp / "foundation.safetensors")
         save_state_dict(dict(MeanStateDict([ref, aligned]).items()), tmp / "theta0.safetensors")
         save_permutation(result.perm, tmp / "permutation.safetensors", {"arch": arch})
         for name, state in zip(names, expert_states):
             save_state_dict(apply_permutation(spec, result.perm, materialize(state)), tmp / "experts" / f"{name}.safetensors")
-        record = {
-            "arch": arch, "reference": str(reference), "other": str(other), "experts": dict(zip(names, map(str, experts))),
-            "iterations": result.iterations, "objective": [result.objective[0], result.objective[-1]],
-            "groups": {g: n for g, n in spec.sizes.items()}, "max_iter": int(max_iter), "seed": int(seed),
-        }
         (tmp / "alignment.json").write_text(json.dumps(record, indent=1) + "\n")
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 
