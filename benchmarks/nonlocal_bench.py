@@ -43,6 +43,20 @@ def timed(fn, device, label: str = ""):
     return result, seconds
 
 
+class Report(dict):
+    """The figures so far, rewritten to ``path`` after every one (a run cut short keeps what it measured)."""
+
+    def __init__(self, path: str | None, **fields):
+        super().__init__(**fields)
+        self.path = Path(path) if path else None
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self, indent=1) + "\n")
+
+
 def naive_calibrate(corrector, task, images, target, batch_size):
     """One whole forward pass per site, earlier sites corrected (the baseline)."""
     import torch
@@ -92,8 +106,8 @@ def main(argv=None) -> int:
     expert, merged, model = tower(1), tower(2), tower(0)
     size = model.image_size[0] if isinstance(model.image_size, (tuple, list)) else model.image_size
     images = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
-    report: dict = {"model": args.model, "images": args.images, "batch_size": args.batch_size, "device": str(device),
-                    "threads": torch.get_num_threads()}
+    report = Report(args.out, model=args.model, images=args.images, batch_size=args.batch_size, device=str(device),
+                    threads=torch.get_num_threads())
 
     corrector = Corrector(model)
     report["sites"] = len(corrector.sites)
@@ -111,7 +125,7 @@ def main(argv=None) -> int:
     corrector.remove()
     with torch.no_grad():
         _, bare = timed(lambda: [model(images[i : i + args.batch_size].to(device)) for i in range(0, len(images), args.batch_size)], device)
-    report.update({"forward_bare_s": bare, "forward_sites_installed_s": plain, "forward_corrected_s": hooked})
+    report["forward_bare_s"], report["forward_sites_installed_s"], report["forward_corrected_s"] = bare, plain, hooked
 
     if not args.no_baselines:
         results = {}
@@ -140,9 +154,6 @@ def main(argv=None) -> int:
         report["weight_matching_objective"] = [result.objective[0], result.objective[-1]]
 
     print(json.dumps(report, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
