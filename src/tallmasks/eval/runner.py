@@ -463,6 +463,7 @@ def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_f
         top1[d] = accuracy(setting, d, "test", apply)
     out["selection"] = {"lambdas": {d: lambdas.get(d) for d in exp.datasets}}
     out["test"] = average_normalized(top1, finetuned_acc)
+    out["agreement"] = masks.agreement()  # weights switched on by exactly 0, 1, ..., T task masks
     return out
 
 

@@ -88,10 +88,9 @@ def _tokenizer_for(clip_model: Any, model_name: str | None) -> Callable[[list[st
     import open_clip
 
     if model_name:
-        from tallmasks.models.encoder import register_demo_model
+        from tallmasks.models.encoder import get_tokenizer
 
-        register_demo_model()
-        return open_clip.get_tokenizer(model_name)
+        return get_tokenizer(model_name)
     context = int(getattr(clip_model, "context_length", 77) or 77)
     return lambda texts: open_clip.tokenize(texts, context_length=context)
 
