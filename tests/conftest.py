@@ -79,12 +79,3 @@ def tiny_checkpoints(tmp_path):
     st_path = tmp_path / "svhn.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_state(9, pt).items()}, str(st_path))
     return pt_path, paths, st_path
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

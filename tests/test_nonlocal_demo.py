@@ -13,22 +13,22 @@ from tallmasks.datasets import DEMO_DATASETS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_nonlocal_experiment_end_to_end(tmp_path, capsys):
+def test_nonlocal_experiment_end_to_end(tmp_path):
     """Two quick foundations, their experts, every variant through the runner: the JSON has the issue's
     structure, accuracies are fractions that agree with the runner's results files, theta_0 of the unaligned
     merge is the foundations' mean, and the variance-collapse table and figure are written."""
     from tallmasks.checkpoints import load_state_dict
-    from tallmasks.demo import main
+    from tallmasks.demo import DemoConfig
     from tallmasks.models import DEMO_MODEL, zeroshot_path
-    from tallmasks.non_local.offline import FIGURE_NAME, NONLOCAL_VARIANTS, RESULTS_NAME
+    from tallmasks.non_local.offline import FIGURE_NAME, NONLOCAL_VARIANTS, RESULTS_NAME, NonLocalSettings, format_tables, run_nonlocal
 
     tasks = DEMO_DATASETS[:2]
     out, cache = tmp_path / "out", tmp_path / "cache"
-    code = main(["--nonlocal", "--quick", "--tasks", *tasks, "--cache-dir", str(cache), "--output-dir", str(out),
-                 "--methods", "sum", "--calibration-sizes", "8", "4000", "--tact-images", "16", "--repair-images", "8"])
-    assert code == 0
-    assert "align_tact" in capsys.readouterr().out
+    cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out, n_eval_points=2)
+    settings = NonLocalSettings(methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000))
+    returned = run_nonlocal(cfg, settings)
     summary = json.loads((out / RESULTS_NAME).read_text())
+    assert summary == json.loads(json.dumps(returned)) and "align_tact" in format_tables(summary)
     assert set(summary["nonlocal"]) == set(summary["local"]) == set(summary["long"]) == {"sum"}
     assert set(summary["nonlocal"]["sum"]) == set(NONLOCAL_VARIANTS)
     assert set(summary["local"]["sum"]) == set(summary["long"]["sum"]) == {"none", "tact"}

@@ -47,8 +47,8 @@ class NonLocalSettings:
     repair_images: int = 1000  # per task, pooled (the paper's REPAIR setting)
     calibration_sizes: tuple[int, ...] = (50, 200, 1000, 2000)
     calibration_methods: tuple[str, ...] = ("sum",)
-    long_steps_factor: float = 3.0  # the long regime: the demo's fine-tuning steps (and warm-up) times this
-    long_lr_factor: float = 5.0  # ... and its learning rate times this
+    long_steps_factor: float = 1.0  # the long regime: the demo's fine-tuning steps (and warm-up) times this
+    long_lr_factor: float = 10.0  # ... and its learning rate times this
     max_iter: int = 100  # weight matching's iteration cap
 
     def check(self, cfg: Any) -> None:
@@ -427,8 +427,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=list(defaults.calibration_sizes),
                         help="TACT images per task for the calibration-size table (50 200 1000 2000)")
     parser.add_argument("--calibration-methods", nargs="+", default=list(defaults.calibration_methods), help="methods of that table (sum)")
-    parser.add_argument("--long-steps-factor", type=float, default=defaults.long_steps_factor, help="long regime: fine-tuning steps x (3)")
-    parser.add_argument("--long-lr-factor", type=float, default=defaults.long_lr_factor, help="long regime: learning rate x (5)")
+    parser.add_argument("--long-steps-factor", type=float, default=defaults.long_steps_factor, help="long regime: fine-tuning steps x (1)")
+    parser.add_argument("--long-lr-factor", type=float, default=defaults.long_lr_factor, help="long regime: learning rate x (10)")
     parser.add_argument("--max-iter", type=int, default=defaults.max_iter, help="weight matching's iteration cap (100)")
     args, rest = parser.parse_known_args(argv)
     configs = demo_args(rest)
