@@ -24,8 +24,8 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
 
     tasks = DEMO_DATASETS[:2]
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out, n_eval_points=2)
-    settings = NonLocalSettings(methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000))
+    cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out)
+    settings = NonLocalSettings(methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000), alpha_points=2)
     returned = run_nonlocal(cfg, settings)
     summary = json.loads((out / RESULTS_NAME).read_text())
     assert summary == json.loads(json.dumps(returned)) and "align_tact" in format_tables(summary)
@@ -85,6 +85,7 @@ def test_long_regime_follows_the_demo_settings():
     (["--methods", "consensus"], "non-local methods are sum, ties, tall_mask"),
     (["--tasks", DEMO_DATASETS[0]], "at least 2 tasks"),
     (["--calibration-sizes", "0"], "--calibration-sizes must be >= 1"),
+    (["--alpha-points", "1"], "--alpha-points must be >= 2"),
     (["--seed", "0", "2"], "one --seed"),
 ])
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, args, message):

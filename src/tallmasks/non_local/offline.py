@@ -43,13 +43,14 @@ class NonLocalSettings:
 
     other_seed: int = 1  # pre-training seed of the second foundation
     methods: tuple[str, ...] = MERGE_METHODS
-    tact_images: int = 2000  # per task, capped by the training split (the project's TACT default)
-    repair_images: int = 1000  # per task, pooled (the paper's REPAIR setting)
-    calibration_sizes: tuple[int, ...] = (50, 200, 1000, 2000)
+    tact_images: int = 200  # per task, capped by the training split
+    repair_images: int = 100  # per task, pooled over the tasks
+    calibration_sizes: tuple[int, ...] = (20, 50, 200, 1000)
     calibration_methods: tuple[str, ...] = ("sum",)
     long_steps_factor: float = 1.0  # the long regime: the demo's fine-tuning steps (and warm-up) times this
     long_lr_factor: float = 10.0  # ... and its learning rate times this
     max_iter: int = 100  # weight matching's iteration cap
+    alpha_points: int | None = 10  # main.py's n_eval_points (alphas 0.2, 0.4, ..., 1.0); None: the demo's
 
     def check(self, cfg: Any) -> None:
         """One-line errors for settings the experiment cannot run."""
@@ -69,6 +70,8 @@ class NonLocalSettings:
         for label, value in (("--long-steps-factor", self.long_steps_factor), ("--long-lr-factor", self.long_lr_factor)):
             if not value > 0:
                 raise ConfigError(f"{label} must be > 0, got {value}")
+        if self.alpha_points is not None and self.alpha_points < 2:
+            raise ConfigError(f"--alpha-points must be >= 2, got {self.alpha_points}")
         if self.max_iter < 1:
             raise ConfigError(f"--max-iter must be >= 1, got {self.max_iter}")
 
@@ -258,7 +261,7 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path) -> P
 
     from tallmasks.checkpoints import atomic_path
 
-    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 3.6), dpi=120)
     for index, (label, entry) in enumerate(collapse.items()):
         color = f"C{index}"
         sites = entry["sites"]
@@ -270,7 +273,7 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path) -> P
     ax.set_xticklabels([_short_site(s) for s in first], rotation=90, fontsize=6)
     ax.set_ylabel("std merged / std expert")
     ax.set_title("Variance collapse per correction site (TA; Val images; mean over tasks and channels)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -307,6 +310,8 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
     from tallmasks.eval.results import atomic_write_json
 
     start = time.perf_counter()
+    if settings.alpha_points is not None:
+        cfg = replace(cfg, n_eval_points=settings.alpha_points)
     tasks = cfg.task_names()
     half = len(tasks) // 2
     first, second = tasks[:half], tasks[half:]
@@ -422,21 +427,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
                                      epilog="The demo's options apply too (--quick, --seed, --num-tasks, --tasks, --cache-dir, --output-dir, --threads).")
     parser.add_argument("--other-seed", type=int, default=defaults.other_seed, help="pre-training seed of the second foundation (1)")
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), help="merging methods (sum ties tall_mask)")
-    parser.add_argument("--tact-images", type=int, default=defaults.tact_images, help="TACT images per task (2000, capped by the split)")
-    parser.add_argument("--repair-images", type=int, default=defaults.repair_images, help="REPAIR images per task (1000)")
+    parser.add_argument("--tact-images", type=int, default=defaults.tact_images, help="TACT images per task (200, capped by the split)")
+    parser.add_argument("--repair-images", type=int, default=defaults.repair_images, help="REPAIR images per task, pooled (100)")
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=list(defaults.calibration_sizes),
-                        help="TACT images per task for the calibration-size table (50 200 1000 2000)")
+                        help="TACT images per task for the calibration-size table (20 50 200 1000)")
     parser.add_argument("--calibration-methods", nargs="+", default=list(defaults.calibration_methods), help="methods of that table (sum)")
     parser.add_argument("--long-steps-factor", type=float, default=defaults.long_steps_factor, help="long regime: fine-tuning steps x (1)")
     parser.add_argument("--long-lr-factor", type=float, default=defaults.long_lr_factor, help="long regime: learning rate x (10)")
     parser.add_argument("--max-iter", type=int, default=defaults.max_iter, help="weight matching's iteration cap (100)")
+    parser.add_argument("--alpha-points", type=int, default=defaults.alpha_points,
+                        help="main.py's n_eval_points for every run (10: alphas 0.2 ... 1.0)")
     args, rest = parser.parse_known_args(argv)
     configs = demo_args(rest)
     if len(configs) != 1:
         raise ConfigError("--nonlocal takes one --seed (the reference foundation's); --other-seed names the second")
     settings = NonLocalSettings(args.other_seed, tuple(args.methods), args.tact_images, args.repair_images,
                                 tuple(args.calibration_sizes), tuple(args.calibration_methods), args.long_steps_factor,
-                                args.long_lr_factor, args.max_iter)
+                                args.long_lr_factor, args.max_iter, args.alpha_points)
     return configs[0], settings
 
 
