@@ -258,3 +258,17 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "could not fetch" in line and "ViT-B-32" in line
     assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("method", ["magmax", "breadcrumbs", "model_stock", "pcb", "cart", "wudi"])
+def test_main_runs_the_later_methods(demo_setup, method):
+    """Each later method merges and evaluates through main.py's runner with its paper's defaults."""
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import get_method
+
+    res = run_experiment(compose([*demo_setup["overrides"], f"method={method}", "results_dir=" + str(demo_setup["root"] / method)]))
+    assert Path(res["results_path"]).is_file() and res["results_path"].startswith(str(demo_setup["root"] / method))
+    expected = [0.5, 1.0] if get_method(method).coefficient == "grid" else [1.0]
+    assert res["selection"]["alpha"] in expected and len(res["val"]) == len(expected)
+    for task in demo_setup["tasks"]:
+        assert 0 <= res["test"][f"{task}:top1"] <= 1

@@ -1,6 +1,7 @@
 """Merging methods, registered by name (``METHODS``); ``merge(cs, name, **hyperparameters)``."""
 
 from tallmasks.merging import magnitude, tall, task_arithmetic, ties  # noqa: F401  (registration)
+from tallmasks.merging import breadcrumbs, cart, magmax, model_stock, pcb, wudi  # noqa: F401  (registration)
 from tallmasks.merging.base import (
     METHODS,
     TALL_LAMBDAS,

@@ -1,0 +1,49 @@
+"""Shared walks for methods that work entry by entry, or on one whole tensor (layer) of every task at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from tallmasks.errors import ConfigError
+from tallmasks.task_vectors import Block, CheckpointSet
+
+Vector = dict[str, torch.Tensor]
+
+
+def whole_tensors(cs: CheckpointSet, device: torch.device | str = "cpu") -> Iterator[Block]:
+    """One block per floating-point tensor: theta_0 and every theta_t of that key, flattened."""
+    largest = max((cs.numel(key) for key in cs.float_keys), default=1)
+    return cs.blocks(device=device, block_elems=max(largest, 1))
+
+
+def blockwise(
+    cs: CheckpointSet,
+    merge_block: Callable[[Block], torch.Tensor],
+    device: torch.device | str = "cpu",
+    whole: bool = False,
+) -> Vector:
+    """The merged vector (float32, by key) from ``merge_block(block)``, over row blocks or whole tensors."""
+    out = {key: torch.empty(cs.numel(key), dtype=torch.float32) for key in cs.float_keys}
+    blocks = whole_tensors(cs, device) if whole else cs.blocks(device=device)
+    for block in blocks:
+        out[block.key][block.start : block.stop] = merge_block(block).reshape(-1).to("cpu", torch.float32)
+    return {key: value.reshape(cs.shapes[key]) for key, value in out.items()}
+
+
+def is_layer_matrix(key: str, shape: Sequence[int]) -> bool:
+    """A weight matrix of an attention or MLP layer (open_clip: attn.in_proj_weight, attn.out_proj.weight,
+    mlp.c_fc.weight, mlp.c_proj.weight), the matrices that CART and WUDI-merging treat as such."""
+    return len(shape) == 2 and ("attn" in key or "mlp" in key)
+
+
+def check_fraction(value: float, name: str, low_open: bool = False) -> float:
+    """A number in [0, 1] (or (0, 1] with ``low_open``); ConfigError naming ``name`` otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not (0.0 <= number <= 1.0) or (low_open and number == 0.0):
+        raise ConfigError(f"{name} must be a fraction in {'(0' if low_open else '[0'}, 1], got {value!r}")
+    return number
