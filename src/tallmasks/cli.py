@@ -50,6 +50,33 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
     return values[0] if len(values) == 1 else list(values)
 
 
+def _method_params(method, pairs: Sequence[str] | None) -> dict:
+    """``--param NAME=VALUE`` pairs, typed like the method's default of NAME."""
+    params: dict = {}
+    for pair in pairs or []:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
+        if name not in method.defaults or name == "device":
+            accepted = sorted(k for k in method.defaults if k != "device")
+            raise ConfigError(f"--param {name}: method {method.name!r} takes {', '.join(accepted) or 'no hyperparameters'}")
+        default = method.defaults[name]
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                params[name] = text.lower() == "true"
+            elif isinstance(default, int):
+                params[name] = int(text)
+            elif isinstance(default, float):
+                params[name] = float(text)
+            else:
+                params[name] = text
+        except ValueError:
+            raise ConfigError(f"--param {name}={text}: expected a {type(default).__name__}") from None
+    return params
+
+
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
     from tallmasks.masks import tall_masks
@@ -61,7 +88,7 @@ def cmd_merge(args) -> int:
 
     out = _check_out_file(args.out)
     method = get_method(args.method)
-    params: dict = {"device": _device(args.device)}
+    params: dict = {"device": _device(args.device), **_method_params(method, args.param)}
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
     if args.k is not None:
         if "k" not in method.defaults:
@@ -162,7 +189,7 @@ def cmd_inspect(args) -> int:
         agreement = report["agreement"]
         names = report["tasks"]
         densities = report["densities"]
-    elif path.is_dir():
+    elif path.is_dir() and not any(path.glob("*.safetensors*")):
         raise ConfigError(f"{path}: not a compressed collection")
     elif path.suffix == ".safetensors" and _is_maskset(path):
         masks = MaskSet.load(path)
@@ -176,11 +203,12 @@ def cmd_inspect(args) -> int:
         for key in state:
             dtype = str(state.dtype(key)).replace("torch.", "")
             dtypes[dtype] = dtypes.get(dtype, 0) + state.numel(key)
-        report = {"tensors": len(state), "params_by_dtype": dtypes, "bytes": path.stat().st_size}
+        size = sum(file.stat().st_size for file in state.files)
+        report = {"tensors": len(state), "params_by_dtype": dtypes, "bytes": size, "files": len(state.files)}
         if args.json:
             print(json.dumps(report, indent=1))
         else:
-            print(f"{path}: {len(state)} tensors, {path.stat().st_size / 1e6:.1f} MB")
+            print(f"{path}: {len(state)} tensors, {size / 1e6:.1f} MB" + (f" in {len(state.files)} files" if len(state.files) > 1 else ""))
             for dtype, n in sorted(dtypes.items()):
                 print(f"  {dtype:<10} {n:>14,} parameters")
         return 0
@@ -260,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def checkpoints(p):
-        p.add_argument("--pretrained", required=True, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
-        p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t")
+        p.add_argument("--pretrained", required=True,
+                       help="pre-trained checkpoint theta_0 (.pt, .safetensors, or a sharded safetensors folder)")
+        p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t (same formats)")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
@@ -275,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--prun-thre-k", type=int, help="consensus: minimum number of tasks per weight (2)")
     merge.add_argument("--tall-mask-lambda", type=float, nargs="+", help="consensus: lambda, one or one per task (0.4)")
     merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau")
+    merge.add_argument("--param", action="append", metavar="NAME=VALUE",
+                       help="a hyperparameter of the method, e.g. --param beta=0.9 (breadcrumbs); repeatable")
     merge.set_defaults(func=cmd_merge)
 
     comp = sub.add_parser("compress", help="merged vector + one bit mask per task")
