@@ -33,6 +33,22 @@ def _check_out_file(path: str) -> Path:
     return out
 
 
+def _inputs(args) -> tuple[str | Path, list[str | Path], list[str] | None]:
+    """(theta_0, fine-tuned checkpoints, task names) from --pretrained/--finetuned or from --pool."""
+    if args.pool is not None:
+        if args.pretrained or args.finetuned or args.names:
+            raise ConfigError("--pool replaces --pretrained, --finetuned and --names; give one or the other")
+        from tallmasks.models import finetuned_path, zeroshot_path
+        from tallmasks.pools import load_pool, prepare_pool
+
+        pool = load_pool(args.pool)
+        root = prepare_pool(pool, args.pool_dir, heads=False)
+        return zeroshot_path(root, pool.model), [finetuned_path(root, pool.model, d) for d in pool.tasks], list(pool.tasks)
+    if not args.pretrained or not args.finetuned:
+        raise ConfigError("give --pretrained and --finetuned checkpoints, or a --pool")
+    return args.pretrained, list(args.finetuned), _names(args, len(args.finetuned))
+
+
 def _names(args, count: int) -> list[str] | None:
     if args.names is None:
         return None
@@ -105,7 +121,7 @@ def cmd_merge(args) -> int:
         if args.method != "consensus":
             raise ConfigError("--prun-thre-k applies to method 'consensus' only")
         params["prun_thre_k"] = check_prun_thre_k(args.prun_thre_k)
-    cs = CheckpointSet(args.pretrained, args.finetuned, _names(args, len(args.finetuned)))
+    cs = CheckpointSet(*_inputs(args))
     cs.progress = not args.quiet
     if args.method == "consensus":
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
@@ -135,11 +151,12 @@ def cmd_compress(args) -> int:
         raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
     if args.k is not None:
         check_k(args.k)
+    pretrained, finetuned, names = _inputs(args)
     compress(
-        args.pretrained,
-        args.finetuned,
+        pretrained,
+        finetuned,
         args.out,
-        names=_names(args, len(args.finetuned)),
+        names=names,
         use_ties=args.use_ties,
         lambdas=_lambdas(args.tall_mask_lambda, DEFAULT_LAMBDA),  # validated before any work
         masks=args.masks,
@@ -155,7 +172,7 @@ def cmd_compress(args) -> int:
         report["total_bytes"] / 1e6,
         report["bytes_per_param"],
         len(report["tasks"]),
-        sum(Path(p).stat().st_size for p in args.finetuned) / 1e6,
+        sum(Path(p).stat().st_size for p in finetuned) / 1e6,
     )
     return 0
 
@@ -288,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def checkpoints(p):
-        p.add_argument("--pretrained", required=True,
-                       help="pre-trained checkpoint theta_0 (.pt, .safetensors, or a sharded safetensors folder)")
-        p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t (same formats)")
+        p.add_argument("--pretrained", help="pre-trained checkpoint theta_0 (.pt, .safetensors, or a sharded safetensors folder)")
+        p.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints theta_t (same formats)")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
+        p.add_argument("--pool", help="instead: a pool of transformers CLIP checkpoints (config/pool/NAME.yaml, or a path)")
+        p.add_argument("--pool-dir", default="models/checkpoints",
+                       help="where a pool's converted checkpoints are kept (<pool-dir>/hf/<pool name>)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
     merge = sub.add_parser("merge", help="merge task vectors with one method")

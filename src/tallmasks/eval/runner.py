@@ -37,6 +37,7 @@ from tallmasks.models.paths import mask_dir
 log = logging.getLogger(__name__)
 
 MASKED_METHODS = ("tall_mask", "mag_masking")
+MODEL_SOURCES = ("released", "hf")  # the paper's layout under model_location, or a pool of transformers checkpoints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +120,17 @@ class Experiment:
         self.model: str = str(c.get("model", "ViT-B-32"))
         names = _datasets_field(c.get("DATASETS"))
         num_tasks = _none(c.get("num_tasks"))
-        self.datasets: list[str] = resolve_datasets(None if names else (int(num_tasks) if num_tasks is not None else None), names)
+        self.model_source = str(c.get("model_source", "released"))
+        if self.model_source not in MODEL_SOURCES:
+            raise ConfigError(f"model_source must be one of {', '.join(MODEL_SOURCES)}, got {self.model_source!r}")
+        self.pool = None
+        if self.model_source == "hf":  # a pool of transformers CLIP checkpoints, converted on first use
+            from tallmasks.pools import Pool
+
+            self.pool = Pool.from_mapping(_none(c.get("pool")), self.model)
+            self.datasets: list[str] = self.pool.select(names, num_tasks)
+        else:
+            self.datasets = resolve_datasets(None if names else (int(num_tasks) if num_tasks is not None else None), names)
         self.num_tasks = len(self.datasets)
         method = dict(c.get("method") or {})
         if "name" not in method:
@@ -179,7 +190,8 @@ class Experiment:
         extra = "" if self.specify_lambda is None else f"_alpha={self.specify_lambda}"
         extra += "" if self.n_eval_points == 21 else f"_n{self.n_eval_points}"
         extra += "" if self.precision == "fp32" else f"_{self.precision}"
-        name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
+        source = f"_{self.pool.name}" if self.pool is not None else ""
+        name = f"{self.model}{source}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
         return self.results_dir / name.replace("/", "-")
 
     def run_key(self, inputs: list[Path] = ()) -> dict:
@@ -238,6 +250,15 @@ def run_experiment(cfg: Any) -> dict:
 
     log.info("%s on %s: %d tasks (%s), device %s, precision %s", exp.full_name, exp.model, exp.num_tasks,
              ", ".join(exp.datasets), device, exp.precision)
+    if exp.pool is not None:  # converted once into the released layout; its own fine-tuned accuracies
+        from tallmasks.pools import ensure_finetuned_accuracies, prepare_pool
+
+        exp.model_location = dist.main_first(lambda: prepare_pool(exp.pool, exp.model_location, exp.datasets))
+        exp.single_task_dir = exp.model_location
+        ensure_finetuned_accuracies(
+            exp.model_location, exp.model, exp.datasets, data_location=exp.data_location, batch_size=exp.batch_size,
+            device=exp.device_name, precision=exp.precision, cache_dir=exp.cache_dir, num_workers=exp.num_workers,
+        )
     zs = zeroshot_path(exp.model_location, exp.model)
     fts = [finetuned_path(exp.model_location, exp.model, d) for d in exp.datasets]
     _check_files(fts)
