@@ -8,6 +8,9 @@ count). The naive baseline loads every checkpoint fully, flattens each into one 
 
     python benchmarks/merge_bench.py --model ViT-B-32 --tasks 8
     python benchmarks/merge_bench.py --model ViT-L-14 --tasks 20 --methods ties compress consensus --no-naive
+    python benchmarks/merge_bench.py --methods magmax breadcrumbs model_stock pcb cart \
+        --naive-methods magmax breadcrumbs model_stock cart
+    python benchmarks/merge_bench.py --methods wudi --wudi-iterations 30 --no-naive
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress"]
+ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress",
+            "magmax", "breadcrumbs", "model_stock", "pcb", "cart", "wudi"]
+#: float32 copies of the (tasks x parameters) matrix a naive job holds at its peak, beyond the default 2T + 3
+NAIVE_COPIES = {"pcb": lambda tasks: 5 * tasks + 3}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,7 +78,7 @@ def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path,
 # child jobs
 
 
-def _naive(job: str, pt: Path, fts: list[Path], device: str) -> None:
+def _naive(job: str, pt: Path, fts: list[Path], device: str, params: dict | None = None) -> None:
     """The stack-everything baseline: whole checkpoints in memory, a (T x d) matrix, kthvalue."""
     import torch
 
@@ -99,7 +105,18 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str) -> None:
         total = selected.sum(0)
         return total / torch.clamp((selected != 0).sum(0).float(), min=1) if agg == "mean" else total
 
-    if job == "sum":
+    def per_key(fn):
+        """fn(key, (T x numel) slice) -> merged slice, over the keys of the stacked matrix."""
+        out, offset = [], 0
+        for key in keys:
+            n = theta0[key].numel()
+            out.append(fn(key, taus[:, offset : offset + n]))
+            offset += n
+        return torch.cat(out)
+
+    if job in NAIVE_PLAIN:
+        merged = NAIVE_PLAIN[job](taus, per_key, {k: tuple(theta0[k].shape) for k in keys}, **(params or {}))
+    elif job == "sum":
         merged = taus.sum(0)
     elif job == "ties":
         merged = ties(taus, "mean")
@@ -117,7 +134,102 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path) -> None:
+def _naive_magmax(taus, per_key, shapes):
+    best = taus.abs().argmax(0)  # first maximum; ties are rare in random data
+    return taus.gather(0, best.unsqueeze(0)).squeeze(0)
+
+
+def _naive_breadcrumbs(taus, per_key, shapes, beta=0.85, gamma=0.993):
+    import torch
+
+    def crumbs(key, rows):
+        n = rows.shape[1]
+        if len(shapes[key]) == 0:
+            return rows.sum(0)
+        ordered = rows.abs().sort(dim=1).values
+        keep = rows.abs() >= ordered[:, int(n * beta)].unsqueeze(1)
+        if int(n * gamma) < n:
+            keep &= rows.abs() < ordered[:, int(n * gamma)].unsqueeze(1)
+        return (rows * keep).sum(0)
+
+    return per_key(crumbs)
+
+
+def _naive_model_stock(taus, per_key, shapes):
+    import math
+
+    def stock(key, rows):
+        count = rows.shape[0]
+        gram = rows.double() @ rows.double().T
+        angles = [math.acos(max(-1.0, min(1.0, float(gram[i, j]) / (math.sqrt(float(gram[i, i] * gram[j, j])) + 1e-8))))
+                  for i in range(count) for j in range(i + 1, count)]
+        cos = math.cos(sum(angles) / len(angles))
+        return rows.mean(0) * (count * cos / ((count - 1) * cos + 1 + 1e-8))
+
+    return per_key(stock)
+
+
+def _naive_pcb(taus, per_key, shapes, ratio=0.1, clamp_ratio=1e-4):
+    import torch
+
+    count, d = taus.shape
+
+    def kth(x, index):
+        return x.kthvalue(index + 1, dim=1, keepdim=True).values
+
+    low, high = kth(taus.abs(), int(d * clamp_ratio)), kth(taus.abs(), int(d * (1 - clamp_ratio) - 1))
+    magnitude = torch.clamp(taus.abs(), low, high)
+    scores = torch.exp(count * ((magnitude - low) / (high - low)) ** 2) * torch.tanh(taus * taus.sum(0))
+    cut, top = kth(scores, int(d * (1 - ratio))), scores.max(1, keepdim=True).values
+    scale = (torch.clamp(scores, cut, top) - cut) / (top - cut)
+    return (torch.sign(taus) * magnitude * scale).sum(0) / torch.clamp(scale.sum(0), min=1e-12)
+
+
+def _naive_cart(taus, per_key, shapes, rank_ratio=0.12, prior=2.0):
+    import torch
+
+    def cart(key, rows):
+        mean = rows.mean(0)
+        centred = rows - mean
+        shape = shapes[key]
+        if len(shape) == 2 and ("attn" in key or "mlp" in key):
+            total = torch.zeros(shape)
+            for c in centred:
+                u, s, vh = torch.linalg.svd(c.reshape(shape), full_matrices=False)
+                r = max(1, int(rank_ratio * len(s)))
+                total += (u[:, :r] * s[:r]) @ vh[:r]
+            return mean + prior * total.reshape(-1)
+        return mean + prior * centred.sum(0)
+
+    return per_key(cart)
+
+
+def _naive_wudi(taus, per_key, shapes, iterations=300, lr=1e-5):
+    import torch
+
+    def wudi(key, rows):
+        shape = shapes[key]
+        if not (len(shape) == 2 and ("attn" in key or "mlp" in key)):
+            return torch.zeros(rows.shape[1])
+        vectors = rows.reshape(-1, *shape)
+        merged = torch.nn.Parameter(vectors.sum(0).clone())
+        norms = vectors.reshape(len(vectors), -1).square().sum(1)
+        optimizer = torch.optim.Adam([merged], lr=lr)
+        for _ in range(iterations):  # the reference's autograd loss, two products per task and step
+            loss = (torch.matmul(merged.unsqueeze(0) - vectors, vectors.transpose(1, 2)).square() / norms.view(-1, 1, 1)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return merged.detach().reshape(-1)
+
+    return per_key(wudi)
+
+
+NAIVE_PLAIN = {"magmax": _naive_magmax, "breadcrumbs": _naive_breadcrumbs, "model_stock": _naive_model_stock,
+               "pcb": _naive_pcb, "cart": _naive_cart, "wudi": _naive_wudi}
+
+
+def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path, params: dict | None = None) -> None:
     from tallmasks.compression import compress
     from tallmasks.masks import magnitude_masks, tall_masks
     from tallmasks.merging import merge
@@ -139,7 +251,7 @@ def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path) -> None:
         vector = merge(cs, "mag_masking", device=device)
         magnitude_masks(cs, 10, device=device)
     else:
-        vector = merge(cs, job, device=device)
+        vector = merge(cs, job, device=device, **(params or {}))
     save_state_dict(vector, out / f"{job}.safetensors")
 
 
@@ -148,10 +260,11 @@ def child(args) -> None:
 
     fts = [Path(p) for p in args.finetuned]
     start = time.perf_counter()
+    params = {"iterations": args.wudi_iterations} if args.job == "wudi" else {}
     if args.impl == "naive":
-        _naive(args.job, Path(args.pretrained), fts, args.device)
+        _naive(args.job, Path(args.pretrained), fts, args.device, params)
     else:
-        _ours(args.job, Path(args.pretrained), fts, args.device, Path(args.out))
+        _ours(args.job, Path(args.pretrained), fts, args.device, Path(args.out), params)
     elapsed = time.perf_counter() - start
     print(json.dumps({"seconds": elapsed, "threads": torch.get_num_threads()}))
 
@@ -213,6 +326,7 @@ def main() -> None:
     parser.add_argument("--naive-methods", nargs="+", default=["sum"], help="jobs to run the baseline for")
     parser.add_argument("--naive-limit-gb", type=float, default=20.0, help="skip the baseline when its estimate exceeds this")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--wudi-iterations", type=int, default=300, help="Adam steps of the wudi job (default 300)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -241,12 +355,15 @@ def main() -> None:
     rows = []
     for job in args.methods:
         base_cmd = [sys.executable, __file__, "--child", "--job", job, "--device", device,
+                    "--wudi-iterations", str(args.wudi_iterations),
                     "--pretrained", str(pt), "--finetuned", *map(str, fts), "--out", str(out_dir)]
         ours = measure(base_cmd + ["--impl", "ours"], args.timeout)
         row = {"job": job, "ours": ours}
         if not args.no_naive and job in args.naive_methods:
-            if naive_estimate_gb > args.naive_limit_gb:
-                row["naive"] = {"status": f"skipped (needs about {naive_estimate_gb:.0f} GB)"}
+            copies = NAIVE_COPIES.get(job, lambda tasks: 2 * tasks + 3)(args.tasks)
+            estimate_gb = naive_estimate_gb * copies / (2 * args.tasks + 3)
+            if estimate_gb > args.naive_limit_gb:
+                row["naive"] = {"status": f"skipped (needs about {estimate_gb:.0f} GB)"}
             else:
                 row["naive"] = measure(base_cmd + ["--impl", "naive"], args.timeout)
         rows.append(row)
