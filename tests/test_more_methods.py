@@ -11,10 +11,10 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.merging import METHODS, alpha_candidates, merge
 from tallmasks.task_vectors import CheckpointSet
-from test_merging import as_flat, flat, make_states, seq_sum
+from test_merging import as_flat, cs_and_refs, seq_sum  # noqa: F401  (cs_and_refs: a fixture)
 
 # ------------------------------------------------------------------------------------------------
-# tiny models: make_states (tied magnitudes, a zero task vector, sign conflicts, a 0-dim tensor, an
+# tiny models: test_merging's (tied magnitudes, a zero task vector, sign conflicts, a 0-dim tensor, an
 # integer buffer) and a transformer-shaped one whose attention/MLP matrices CART and WUDI treat as such
 
 
@@ -43,15 +43,6 @@ def layer_states(num_tasks=3, seed=1):
     return pt, fts
 
 
-@pytest.fixture(params=[1 << 22, 5], ids=["whole", "tiny-blocks"])
-def setup(request):
-    pt, fts = make_states()
-    cs = CheckpointSet(pt, fts, names=[f"T{i}" for i in range(len(fts))], block_elems=request.param)
-    keys = cs.float_keys
-    taus = torch.stack([flat(ft, keys) for ft in fts]) - flat(pt, keys)
-    return cs, pt, fts, keys, taus
-
-
 def per_key(taus, cs, key):
     """The (tasks x numel) slice of one key in the stacked flat task vectors."""
     offset = 0
@@ -74,8 +65,8 @@ def ref_magmax(taus):
     return taus[last, torch.arange(taus.shape[1])]
 
 
-def test_magmax_matches_reference(setup):
-    cs, _, _, keys, taus = setup
+def test_magmax_matches_reference(cs_and_refs):
+    cs, keys, _, _, taus = cs_and_refs
     got = as_flat(merge(cs, "magmax"), keys)
     assert torch.equal(got, ref_magmax(taus))
 
@@ -107,8 +98,8 @@ def ref_breadcrumbs(cs, taus, beta, gamma):
 
 
 @pytest.mark.parametrize("beta,gamma", [(0.85, 0.993), (0.0, 1.0), (0.3, 0.7), (0.5, 0.6)])
-def test_breadcrumbs_matches_reference(setup, beta, gamma):
-    cs, _, _, keys, taus = setup
+def test_breadcrumbs_matches_reference(cs_and_refs, beta, gamma):
+    cs, keys, _, _, taus = cs_and_refs
     got = as_flat(merge(cs, "breadcrumbs", beta=beta, gamma=gamma), keys)
     assert torch.equal(got, ref_breadcrumbs(cs, taus, beta, gamma))
     assert alpha_candidates("breadcrumbs", 21) == pytest.approx([i / 10 for i in range(1, 11)])
@@ -122,9 +113,9 @@ def test_breadcrumbs_drops_outliers_and_small_entries():
 
 
 @pytest.mark.parametrize("params", [{"beta": 0.9, "gamma": 0.9}, {"beta": -0.1}, {"gamma": 1.5}, {"beta": "x"}])
-def test_breadcrumbs_refuses_bad_cuts(setup, params):
+def test_breadcrumbs_refuses_bad_cuts(cs_and_refs, params):
     with pytest.raises(ConfigError, match="beta|gamma"):
-        merge(setup[0], "breadcrumbs", **params)
+        merge(cs_and_refs[0], "breadcrumbs", **params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,8 +139,8 @@ def ref_model_stock(cs, taus):
     return torch.cat(out)
 
 
-def test_model_stock_matches_reference(setup):
-    cs, _, _, keys, taus = setup
+def test_model_stock_matches_reference(cs_and_refs):
+    cs, keys, _, _, taus = cs_and_refs
     got = as_flat(merge(cs, "model_stock"), keys)
     assert torch.allclose(got, ref_model_stock(cs, taus), atol=1e-6, rtol=1e-5)
     assert alpha_candidates("model_stock") == [1.0]
@@ -189,8 +180,8 @@ def ref_pcb(taus, ratio, clamp_ratio=1e-4):
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.05, 0.5, 1.0])
-def test_pcb_matches_reference(setup, ratio):
-    cs, _, _, keys, taus = setup
+def test_pcb_matches_reference(cs_and_refs, ratio):
+    cs, keys, _, _, taus = cs_and_refs
     got = as_flat(merge(cs, "pcb", pcb_ratio=ratio), keys)
     assert torch.allclose(got, ref_pcb(taus, ratio), atol=1e-6, rtol=1e-5)
     with pytest.raises(ConfigError, match="pcb_ratio"):

@@ -169,7 +169,7 @@ def _fetch_hub(repo: str, revision: str | None) -> Path:
 
     from tallmasks.download import explain_network_error
 
-    unavailable: BaseException | None = None
+    not_cached: BaseException | None = None  # a file neither in the local cache nor reachable
     for filename in HUB_WEIGHT_FILES:
         try:
             path = Path(hf_hub_download(repo, filename, revision=revision))
@@ -180,12 +180,12 @@ def _fetch_hub(repo: str, revision: str | None) -> Path:
             return path
         except Exception as exc:  # hub, network and file errors of many types
             kinds = _error_kind(exc)
-            if kinds & {"EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"}:
-                unavailable = exc if unavailable is None or "LocalEntryNotFoundError" in kinds else unavailable
-                continue
-            raise TallmasksError(f"{repo}: {explain_network_error(exc, 'hf', repo=repo)}") from None
-    if unavailable is not None and "LocalEntryNotFoundError" in _error_kind(unavailable):
-        raise TallmasksError(f"{repo}: {explain_network_error(unavailable, 'hf', repo=repo)}")
+            if "LocalEntryNotFoundError" in kinds:
+                not_cached = exc
+            elif not kinds & {"EntryNotFoundError", "RemoteEntryNotFoundError"}:
+                raise TallmasksError(f"{repo}: {explain_network_error(exc, 'hf', repo=repo)}") from None
+    if not_cached is not None:
+        raise TallmasksError(f"{repo}: {explain_network_error(not_cached, 'hf', repo=repo)}")
     raise CheckpointError(f"{repo}: no weights on the hub ({', '.join(HUB_WEIGHT_FILES)})")
 
 
@@ -302,15 +302,19 @@ def prepare_pool(
     return root
 
 
-def ensure_finetuned_accuracies(root: Path, model: str, datasets: Sequence[str], **evaluation) -> None:
-    """Measure the fine-tuned accuracy (val and test) of the pool's tasks that its table lacks."""
+def ensure_finetuned_accuracies(root: Path, model: str, datasets: Sequence[str], dist=None, **evaluation) -> None:
+    """Measure the fine-tuned accuracy (val and test) of the pool's tasks that its table lacks (every rank
+    takes part; rank 0 writes the table)."""
+    from tallmasks.eval.distributed import DistInfo
     from tallmasks.eval.results import read_json
     from tallmasks.eval.selection import FT_FILE
     from tallmasks.eval.single_task import evaluate_single_task
 
+    dist = dist or DistInfo()
     table_path = root / model / FT_FILE
     table = read_json(table_path) if table_path.is_file() else {}
-    missing = [d for d in datasets if d not in table or d + "Val" not in table]
+    missing = dist.broadcast_object([d for d in datasets if d not in table or d + "Val" not in table])
     if missing:
         log.info("measuring the fine-tuned accuracy of %s (pool checkpoints)", ", ".join(missing))
         evaluate_single_task(model, "standard", missing, model_location=root, output_dir=root, **evaluation)
+        dist.barrier()

@@ -256,7 +256,7 @@ def run_experiment(cfg: Any) -> dict:
         exp.model_location = dist.main_first(lambda: prepare_pool(exp.pool, exp.model_location, exp.datasets))
         exp.single_task_dir = exp.model_location
         ensure_finetuned_accuracies(
-            exp.model_location, exp.model, exp.datasets, data_location=exp.data_location, batch_size=exp.batch_size,
+            exp.model_location, exp.model, exp.datasets, dist, data_location=exp.data_location, batch_size=exp.batch_size,
             device=exp.device_name, precision=exp.precision, cache_dir=exp.cache_dir, num_workers=exp.num_workers,
         )
     zs = zeroshot_path(exp.model_location, exp.model)
