@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from tallmasks.errors import ConfigError
-from tallmasks.merging.base import COEF_GRID, Vector, ordered_sum, register
-from tallmasks.merging.layers import blockwise, check_fraction
-from tallmasks.task_vectors import Block, CheckpointSet
+from tallmasks.merging.base import COEF_GRID, Vector, register
+from tallmasks.merging.layers import TensorTasks, blockwise, check_fraction, running_sum
+from tallmasks.task_vectors import CheckpointSet
 
 
 def breadcrumb_mask(tau: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -45,9 +45,8 @@ def breadcrumbs_method(cs: CheckpointSet, *, beta: float = 0.85, gamma: float = 
     """sum_t m_t * tau_t, with m_t keeping the magnitudes between the beta and gamma quantiles of each tensor."""
     beta, gamma = check_cuts(beta, gamma)
 
-    def merge_block(block: Block) -> torch.Tensor:
-        shape = cs.shapes[block.key]
-        taus = [tau.reshape(shape) for tau in block.task_vectors()]
-        return ordered_sum([tau * breadcrumb_mask(tau, beta, gamma) for tau in taus])
+    def merge_tensor(tensor: TensorTasks) -> torch.Tensor:
+        shape = cs.shapes[tensor.key]
+        return running_sum(tau.reshape(shape) * breadcrumb_mask(tau.reshape(shape), beta, gamma) for tau in tensor.taus)
 
-    return blockwise(cs, merge_block, device, whole=True)
+    return blockwise(cs, merge_tensor, device, whole=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from tallmasks.errors import ConfigError
-from tallmasks.merging.base import COEF_ONE, Vector, ordered_sum, register
-from tallmasks.merging.layers import blockwise, check_fraction, is_layer_matrix
-from tallmasks.task_vectors import Block, CheckpointSet
+from tallmasks.merging.base import COEF_ONE, Vector, register
+from tallmasks.merging.layers import TensorTasks, blockwise, check_fraction, is_layer_matrix, running_sum
+from tallmasks.task_vectors import CheckpointSet
 
 
 def low_rank(matrix: torch.Tensor, rank_ratio: float) -> torch.Tensor:
@@ -33,15 +33,14 @@ def cart_method(cs: CheckpointSet, *, rank_ratio: float = 0.12, prior: float = 2
     except (TypeError, ValueError):
         raise ConfigError(f"prior must be a number, got {prior!r}") from None
 
-    def merge_block(block: Block) -> torch.Tensor:
-        shape = cs.shapes[block.key]
-        taus = block.task_vectors()
-        mean = ordered_sum(taus) / cs.num_tasks
+    def merge_tensor(tensor: TensorTasks) -> torch.Tensor:
+        shape = cs.shapes[tensor.key]
+        mean = running_sum(tensor.taus) / cs.num_tasks
         if rank_ratio == 0.0:
             return mean
-        centred = [(tau - mean).reshape(shape) for tau in taus]
-        if is_layer_matrix(block.key, shape):
-            centred = [low_rank(c, rank_ratio) for c in centred]
-        return mean + prior * ordered_sum(centred).reshape(-1)
+        matrix = is_layer_matrix(tensor.key, shape)
+        centred = ((tau - mean).reshape(shape) for tau in tensor.taus)
+        kept = running_sum(low_rank(c, rank_ratio) if matrix else c for c in centred)
+        return mean + prior * kept.reshape(-1)
 
-    return blockwise(cs, merge_block, device, whole=True)
+    return blockwise(cs, merge_tensor, device, whole=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -12,15 +13,55 @@ from tallmasks.task_vectors import Block, CheckpointSet
 Vector = dict[str, torch.Tensor]
 
 
-def whole_tensors(cs: CheckpointSet, device: torch.device | str = "cpu") -> Iterator[Block]:
-    """One block per floating-point tensor: theta_0 and every theta_t of that key, flattened."""
-    largest = max((cs.numel(key) for key in cs.float_keys), default=1)
-    return cs.blocks(device=device, block_elems=max(largest, 1))
+@dataclass
+class TensorTasks:
+    """One whole floating-point tensor: theta_0 and the task vector of every task, flattened."""
+
+    key: str
+    pretrained: torch.Tensor  # 1-D float32
+    taus: torch.Tensor  # (tasks, numel) float32
+    start: int = 0
+
+    @property
+    def stop(self) -> int:
+        return self.pretrained.numel()
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        return list(self.taus)
+
+
+def whole_tensors(cs: CheckpointSet, device: torch.device | str = "cpu") -> Iterator[TensorTasks]:
+    """Every floating-point tensor whole, one key at a time, its task vectors gathered from the streamed row
+    blocks (memory: tasks x the tensor, plus one block)."""
+    current: TensorTasks | None = None
+    for block in cs.blocks(device=device):
+        if current is None or current.key != block.key:
+            if current is not None:
+                yield current
+            numel = cs.numel(block.key)
+            current = TensorTasks(
+                block.key,
+                torch.empty(numel, dtype=torch.float32, device=block.pretrained.device),
+                torch.empty(cs.num_tasks, numel, dtype=torch.float32, device=block.pretrained.device),
+            )
+        current.pretrained[block.start : block.stop] = block.pretrained
+        for t, theta_t in enumerate(block.finetuned):
+            torch.sub(theta_t, block.pretrained, out=current.taus[t, block.start : block.stop])
+    if current is not None:
+        yield current
+
+
+def running_sum(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum in task order, one term at a time (for terms too large to hold all at once)."""
+    total = None
+    for part in parts:
+        total = part.clone() if total is None else total.add_(part)
+    return total
 
 
 def blockwise(
     cs: CheckpointSet,
-    merge_block: Callable[[Block], torch.Tensor],
+    merge_block: Callable[[Block | TensorTasks], torch.Tensor],
     device: torch.device | str = "cpu",
     whole: bool = False,
 ) -> Vector:

@@ -22,11 +22,9 @@ from tallmasks.task_vectors import Block, CheckpointSet
 EPS = 1e-8
 
 
-def stock_ratio(taus: list[torch.Tensor]) -> float:
-    """The interpolation ratio t of one tensor from the mean pairwise angle of its task vectors."""
-    stacked = torch.stack([tau.reshape(-1) for tau in taus]).double()
-    gram = (stacked @ stacked.T).cpu()
-    count = len(taus)
+def stock_ratio(gram: torch.Tensor) -> float:
+    """The interpolation ratio t of one tensor from the Gram matrix of its task vectors (float64)."""
+    count = gram.shape[0]
     angles = []
     for i in range(count):
         for j in range(i + 1, count):
@@ -38,12 +36,19 @@ def stock_ratio(taus: list[torch.Tensor]) -> float:
 
 @register("model_stock", COEF_ONE, "Model Stock: per layer, t * mean task vector with t from the angle between task vectors")
 def model_stock_method(cs: CheckpointSet, *, device: str = "cpu") -> Vector:
-    """t_key * mean_t(tau_t) per tensor (applied at alpha = 1)."""
+    """t_key * mean_t(tau_t) per tensor (applied at alpha = 1), streamed by row blocks."""
     if cs.num_tasks < 2:
         raise ConfigError(f"model_stock needs at least 2 fine-tuned models, got {cs.num_tasks}")
+    grams: dict[str, torch.Tensor] = {}
 
     def merge_block(block: Block) -> torch.Tensor:
         taus = block.task_vectors()
-        return ordered_sum(taus) / cs.num_tasks * stock_ratio(taus)
+        stacked = torch.stack(taus).double()
+        gram = (stacked @ stacked.T).cpu()
+        grams[block.key] = gram if block.key not in grams else grams[block.key] + gram
+        return ordered_sum(taus) / cs.num_tasks
 
-    return blockwise(cs, merge_block, device, whole=True)
+    vector = blockwise(cs, merge_block, device)
+    for key, value in vector.items():
+        value.mul_(stock_ratio(grams[key]))
+    return vector

@@ -13,23 +13,29 @@ applied at alpha = 1. Runs on the chosen device (a GPU makes it fast; the CPU wo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from tallmasks.errors import ConfigError
-from tallmasks.merging.base import COEF_ONE, Vector, ordered_sum, register
-from tallmasks.merging.layers import blockwise, is_layer_matrix
-from tallmasks.task_vectors import Block, CheckpointSet
+from tallmasks.merging.base import COEF_ONE, Vector, register
+from tallmasks.merging.layers import TensorTasks, blockwise, is_layer_matrix, running_sum
+from tallmasks.task_vectors import CheckpointSet
 
 
-def wudi_matrix(taus: list[torch.Tensor], iterations: int = 300, lr: float = 1e-5) -> torch.Tensor:
+def wudi_matrix(taus: Sequence[torch.Tensor], iterations: int = 300, lr: float = 1e-5) -> torch.Tensor:
     """The merged matrix of one layer: Adam on sum_t ||(M - tau_t) tau_t^T||^2 / ||tau_t||^2 from M = sum_t tau_t."""
-    merged = torch.nn.Parameter(ordered_sum(taus).clone())
-    active = [tau for tau in taus if float(torch.sum(tau * tau)) > 0.0]
-    if not active or iterations == 0:
+    merged = torch.nn.Parameter(running_sum(taus))
+    a = b = None
+    for tau in taus:  # A = sum_t A_t, A_t = tau_t^T tau_t / ||tau_t||^2;  B = sum_t tau_t A_t
+        norm = torch.sum(tau * tau)
+        if float(norm) == 0.0:
+            continue
+        weighted = (tau.T @ tau) / norm
+        a = weighted if a is None else a.add_(weighted)
+        b = tau @ weighted if b is None else b.add_(tau @ weighted)
+    if a is None or iterations == 0:
         return merged.detach()
-    weighted = [(tau.T @ tau) / torch.sum(tau * tau) for tau in active]  # tau_t^T tau_t / ||tau_t||^2
-    a = ordered_sum(weighted)
-    b = ordered_sum([tau @ w for tau, w in zip(active, weighted)])
     optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
     with torch.no_grad():
         for _ in range(iterations):
@@ -51,10 +57,10 @@ def wudi_method(cs: CheckpointSet, *, iterations: int = 300, lr: float = 1e-5, d
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
     iterations = int(iterations)
 
-    def merge_block(block: Block) -> torch.Tensor:
+    def merge_tensor(block: TensorTasks) -> torch.Tensor:
         shape = cs.shapes[block.key]
         if not is_layer_matrix(block.key, shape):
             return torch.zeros_like(block.pretrained)
-        return wudi_matrix([tau.reshape(shape) for tau in block.task_vectors()], iterations, lr)
+        return wudi_matrix([tau.reshape(shape) for tau in block.taus], iterations, lr)
 
-    return blockwise(cs, merge_block, device, whole=True)
+    return blockwise(cs, merge_tensor, device, whole=True)
