@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -259,14 +260,15 @@ def child(args) -> None:
     import torch
 
     fts = [Path(p) for p in args.finetuned]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     params = {"iterations": args.wudi_iterations} if args.job == "wudi" else {}
     if args.impl == "naive":
         _naive(args.job, Path(args.pretrained), fts, args.device, params)
     else:
         _ours(args.job, Path(args.pretrained), fts, args.device, Path(args.out), params)
     elapsed = time.perf_counter() - start
-    print(json.dumps({"seconds": elapsed, "threads": torch.get_num_threads()}))
+    cpu = time.process_time() - cpu_start
+    print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "threads": torch.get_num_threads()}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +314,8 @@ def measure(cmd: list[str], timeout: float) -> dict:
         status = "killed (out of memory?)" if proc.returncode < 0 else f"failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
         return {"status": status, "peak_gb": peak / 1e6, "wall": wall}
     result = json.loads(out.strip().splitlines()[-1])
-    return {"status": "ok", "seconds": result["seconds"], "wall": wall, "peak_gb": peak / 1e6}
+    return {"status": "ok", "seconds": result["seconds"], "cpu_seconds": result.get("cpu_seconds"), "wall": wall,
+            "peak_gb": peak / 1e6}
 
 
 def main() -> None:
@@ -348,7 +351,8 @@ def main() -> None:
     pt, fts = synthesize(args.model, args.tasks, workdir / f"{args.model}-{args.tasks}")
     n_params = sum(v.numel() for k, v in torch.load(pt, mmap=True, weights_only=True).items() if v.dtype.is_floating_point)
     print(f"{args.model}, {args.tasks} tasks, {n_params / 1e6:.1f}M parameters per checkpoint, device {device}, "
-          f"{torch.get_num_threads()} threads (checkpoints ready in {time.perf_counter() - t0:.0f} s)")
+          f"{torch.get_num_threads()} threads (checkpoints ready in {time.perf_counter() - t0:.0f} s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     naive_estimate_gb = 4 * n_params * (2 * args.tasks + 3) / 1e9
     out_dir = workdir / "out"
     out_dir.mkdir(exist_ok=True)
@@ -376,11 +380,12 @@ def main() -> None:
 def _format_row(row: dict) -> str:
     ours = row["ours"]
     text = f"{row['job']:<12} ours: "
-    text += f"{ours['seconds']:7.1f} s, peak RssAnon {ours['peak_gb']:5.2f} GB" if ours["status"] == "ok" else ours["status"]
+    text += (f"{ours['seconds']:7.1f} s ({ours['cpu_seconds']:.1f} s CPU), peak RssAnon {ours['peak_gb']:5.2f} GB"
+             if ours["status"] == "ok" else ours["status"])
     naive = row.get("naive")
     if naive:
         if naive["status"] == "ok":
-            text += f" | naive: {naive['seconds']:7.1f} s, {naive['peak_gb']:5.2f} GB"
+            text += f" | naive: {naive['seconds']:7.1f} s ({naive['cpu_seconds']:.1f} s CPU), {naive['peak_gb']:5.2f} GB"
             if ours["status"] == "ok":
                 text += f" | speed-up x{naive['seconds'] / ours['seconds']:.1f}, memory /{naive['peak_gb'] / max(ours['peak_gb'], 1e-9):.1f}"
         else:
