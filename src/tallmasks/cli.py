@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.guard import check_output, file_size, require_file
 
 log = logging.getLogger("tallmasks")
 
@@ -19,21 +20,30 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """The --device value checked (auto, cpu, cuda, cuda:N available here), auto resolved."""
+    from tallmasks.eval.distributed import check_device, resolve_device
+
+    return str(resolve_device(check_device(name, "--device")))
 
 
-def _check_out_file(path: str) -> Path:
-    out = Path(path)
+def _check_out_file(path: str, option: str = "--out") -> Path:
+    out = Path(path).expanduser()
     if out.suffix not in CHECKPOINT_SUFFIXES:
-        raise ConfigError(f"--out {path}: use a .safetensors or .pt file name")
+        raise ConfigError(f"{option} {path}: use a .safetensors or .pt file name")
     if out.is_dir():
-        raise ConfigError(f"--out {path}: is a folder, expected a file name")
+        raise ConfigError(f"{option} {path}: is a folder, expected a file name")
     return out
 
 
-def _inputs(args) -> tuple[str | Path, list[str | Path], list[str] | None]:
+def _inputs(*paths: str | Path) -> list[Path]:
+    """The input checkpoints' files, each a regular file (never a pipe or a device); a sharded checkpoint
+    gives its index and shards."""
+    from tallmasks.checkpoints import checkpoint_files
+
+    return [file for path in paths for file in checkpoint_files(path)]
+
+
+def _sources(args) -> tuple[str | Path, list[str | Path], list[str] | None]:
     """(theta_0, fine-tuned checkpoints, task names) from --pretrained/--finetuned or from --pool."""
     if args.pool is not None:
         if args.pretrained or args.finetuned or args.names:
@@ -47,6 +57,35 @@ def _inputs(args) -> tuple[str | Path, list[str | Path], list[str] | None]:
     if not args.pretrained or not args.finetuned:
         raise ConfigError("give --pretrained and --finetuned checkpoints, or a --pool")
     return args.pretrained, list(args.finetuned), _names(args, len(args.finetuned))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _method_params(method: str, given: dict[str, Any], num_tasks: int, label=_flag) -> dict[str, Any]:
+    """Hyperparameters given as flags, checked against the method's signature like main.py's method fields."""
+    from tallmasks.merging import get_method
+    from tallmasks.schema import coerce, parameters
+
+    accepted = parameters(get_method(method).fn, ("device",))
+    out = {}
+    for key, value in given.items():
+        if key not in accepted:
+            raise ConfigError(f"{label(key)} does not apply to method {method!r} (it takes {', '.join(accepted) or 'none'})")
+        out[key] = coerce(value, accepted[key].annotation, label(key), {"num_tasks": num_tasks})
+    return out
+
+
+def _param_pairs(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` pairs as {NAME: VALUE}."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
+        out[name.strip()] = text.strip()
+    return out
 
 
 def _names(args, count: int) -> list[str] | None:
@@ -66,62 +105,25 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
     return values[0] if len(values) == 1 else list(values)
 
 
-def _method_params(method, pairs: Sequence[str] | None) -> dict:
-    """``--param NAME=VALUE`` pairs, typed like the method's default of NAME."""
-    params: dict = {}
-    for pair in pairs or []:
-        name, sep, text = pair.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
-        if name not in method.defaults or name == "device":
-            accepted = sorted(k for k in method.defaults if k != "device")
-            raise ConfigError(f"--param {name}: method {method.name!r} takes {', '.join(accepted) or 'no hyperparameters'}")
-        default = method.defaults[name]
-        try:
-            if isinstance(default, bool):
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(text)
-                params[name] = text.lower() == "true"
-            elif isinstance(default, int):
-                params[name] = int(text)
-            elif isinstance(default, float):
-                params[name] = float(text)
-            else:
-                params[name] = text
-        except ValueError:
-            raise ConfigError(f"--param {name}={text}: expected a {type(default).__name__}") from None
-    return params
-
-
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
     from tallmasks.masks import tall_masks
-    from tallmasks.merging import base_vector, get_method, merge
+    from tallmasks.merging import base_vector, merge
+    from tallmasks.schema import coerce
     from tallmasks.task_vectors import CheckpointSet, apply_vector
 
-    from tallmasks.masks import check_prun_thre_k
-    from tallmasks.selection import check_k
-
     out = _check_out_file(args.out)
-    method = get_method(args.method)
-    params: dict = {"device": _device(args.device), **_method_params(method, args.param)}
+    given = {"k": args.k, "use_ties": args.use_ties or None, "ties_agg": args.ties_agg, "prun_thre_k": args.prun_thre_k}
+    count = len(args.finetuned or [])
+    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, count)
+    params.update(_method_params(args.method, _param_pairs(args.param), count, label=lambda key: f"--param {key}"))
+    params["device"] = _device(args.device)
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
-    if args.k is not None:
-        if "k" not in method.defaults:
-            raise ConfigError(f"--k does not apply to method {args.method!r}")
-        params["k"] = check_k(args.k)
-    if args.use_ties or args.ties_agg is not None:
-        if "use_ties" not in method.defaults and args.use_ties:
-            raise ConfigError(f"--use-ties does not apply to method {args.method!r}")
-        if args.use_ties:
-            params["use_ties"] = True
-        if args.ties_agg is not None:
-            params["ties_agg"] = args.ties_agg
-    if args.prun_thre_k is not None:
-        if args.method != "consensus":
-            raise ConfigError("--prun-thre-k applies to method 'consensus' only")
-        params["prun_thre_k"] = check_prun_thre_k(args.prun_thre_k)
-    cs = CheckpointSet(*_inputs(args))
+    alpha = None if args.alpha is None else coerce(args.alpha, float, "--alpha")
+    pretrained, finetuned, names = _sources(args)
+    inputs = _inputs(pretrained, *finetuned)
+    check_output(out, inputs, expected_bytes=sum(file_size(f) for f in _inputs(pretrained)), label="--out")
+    cs = CheckpointSet(pretrained, finetuned, names)
     cs.progress = not args.quiet
     if args.method == "consensus":
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
@@ -131,27 +133,26 @@ def cmd_merge(args) -> int:
     elif args.tall_mask_lambda:
         raise ConfigError("--tall-mask-lambda applies to method 'consensus' (and to compress)")
     vector = merge(cs, args.method, **params)
-    if args.alpha is None:
+    if alpha is None:
         result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
         what = "merged task vector"
     else:
-        result = apply_vector(cs.pretrained, vector, alpha=args.alpha)
-        what = f"merged model (alpha={args.alpha})"
-    save_state_dict(result, out)
+        result = apply_vector(cs.pretrained, vector, alpha=alpha)
+        what = f"merged model (alpha={alpha:g})"
+    save_state_dict(result, out, finite=True)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
 
 
 def cmd_compress(args) -> int:
     from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
-
-    from tallmasks.selection import check_k
+    from tallmasks.schema import Percent, coerce
 
     if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda):
         raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
     if args.k is not None:
-        check_k(args.k)
-    pretrained, finetuned, names = _inputs(args)
+        coerce(args.k, Percent, "--k")
+    pretrained, finetuned, names = _sources(args)
     compress(
         pretrained,
         finetuned,
@@ -172,7 +173,7 @@ def cmd_compress(args) -> int:
         report["total_bytes"] / 1e6,
         report["bytes_per_param"],
         len(report["tasks"]),
-        sum(Path(p).stat().st_size for p in finetuned) / 1e6,
+        sum(file.stat().st_size for file in _inputs(*finetuned)) / 1e6,
     )
     return 0
 
@@ -180,9 +181,11 @@ def cmd_compress(args) -> int:
 def cmd_decompress(args) -> int:
     from tallmasks.compression import decompress
 
+    from tallmasks.compression import read_meta, task_name
+
     out = _check_out_file(args.out)
     decompress(args.collection, args.task, out, pretrained=args.pretrained)
-    log.info("wrote task %s to %s", args.task, out)
+    log.info("wrote task %s to %s", task_name(read_meta(args.collection), args.task), out)
     return 0
 
 
@@ -200,15 +203,26 @@ def cmd_inspect(args) -> int:
     from tallmasks.compression import _is_collection, collection_report
     from tallmasks.masks import MaskSet
 
-    path = Path(args.path)
-    if path.is_dir() and _is_collection(path):
+    path = Path(args.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    sharded = path.is_dir() and not _is_collection(path) and any(path.glob("*.safetensors*"))
+    if path.is_dir() and not sharded:
+        if not _is_collection(path):
+            raise ConfigError(f"{path}: not a compressed collection (no valid meta.json)")
+    elif not sharded:
+        require_file(path, "checkpoint or mask")
+    is_maskset = not path.is_dir() and path.suffix == ".safetensors" and _is_maskset(path)
+    if args.plot:
+        if not ((path.is_dir() and not sharded) or is_maskset):
+            raise ConfigError(f"--plot draws the agreement of a collection or mask file; {path} is a checkpoint")
+        check_output(args.plot, [path], label="--plot")
+    if path.is_dir() and not sharded:
         report = collection_report(path)
         agreement = report["agreement"]
         names = report["tasks"]
         densities = report["densities"]
-    elif path.is_dir() and not any(path.glob("*.safetensors*")):
-        raise ConfigError(f"{path}: not a compressed collection")
-    elif path.suffix == ".safetensors" and _is_maskset(path):
+    elif is_maskset:
         masks = MaskSet.load(path)
         names, agreement = masks.names, masks.agreement()
         densities = {n: masks.density(n) for n in names}
@@ -275,9 +289,9 @@ def _is_released_head(path: str) -> bool:
 def cmd_convert(args) -> int:
     from tallmasks.checkpoints import convert_checkpoint
 
-    out = _check_out_file(args.dst)
-    if Path(args.src).resolve() == out.resolve():
-        raise ConfigError("convert: source and destination are the same file")
+    src = require_file(args.src, "checkpoint")
+    out = _check_out_file(args.dst, "convert: destination")
+    check_output(out, [src], expected_bytes=file_size(src), label="convert: destination")
     if _is_released_head(args.src):
         from tallmasks.released import load_released_head
 
@@ -369,13 +383,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (inspect --json | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
