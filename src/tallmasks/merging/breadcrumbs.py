@@ -16,6 +16,7 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register
 from tallmasks.merging.layers import TensorTasks, blockwise, check_fraction, running_sum
+from tallmasks.schema import Fraction
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -41,7 +42,7 @@ def check_cuts(beta: float, gamma: float) -> tuple[float, float]:
 
 
 @register("breadcrumbs", COEF_GRID, "Model Breadcrumbs: per layer, drop outliers and negligible entries, then sum; alpha on validation")
-def breadcrumbs_method(cs: CheckpointSet, *, beta: float = 0.85, gamma: float = 0.993, device: str = "cpu") -> Vector:
+def breadcrumbs_method(cs: CheckpointSet, *, beta: Fraction = 0.85, gamma: Fraction = 0.993, device: str = "cpu") -> Vector:
     """sum_t m_t * tau_t, with m_t keeping the magnitudes between the beta and gamma quantiles of each tensor."""
     beta, gamma = check_cuts(beta, gamma)
 

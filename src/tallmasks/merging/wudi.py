@@ -20,6 +20,7 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_ONE, Vector, register
 from tallmasks.merging.layers import TensorTasks, blockwise, is_layer_matrix, running_sum
+from tallmasks.schema import NonNegativeInt, Positive
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -45,7 +46,7 @@ def wudi_matrix(taus: Sequence[torch.Tensor], iterations: int = 300, lr: float =
 
 
 @register("wudi", COEF_ONE, "WUDI-merging: per layer matrix, Adam on the task vectors' interference loss; alpha = 1")
-def wudi_method(cs: CheckpointSet, *, iterations: int = 300, lr: float = 1e-5, device: str = "cpu") -> Vector:
+def wudi_method(cs: CheckpointSet, *, iterations: NonNegativeInt = 300, lr: Positive = 1e-5, device: str = "cpu") -> Vector:
     """Optimised merged matrices for attention/MLP weights; zero task vector elsewhere."""
     if isinstance(iterations, bool) or int(iterations) != iterations or int(iterations) < 0:
         raise ConfigError(f"iterations must be a non-negative integer, got {iterations!r}")
