@@ -15,7 +15,7 @@ from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_ONE, Vector, register
 from tallmasks.merging.layers import TensorTasks, blockwise, check_fraction, is_layer_matrix, running_sum
 from tallmasks.schema import Fraction
-from tallmasks.task_vectors import CheckpointSet
+from tallmasks.task_vectors import Block, CheckpointSet
 
 
 def low_rank(matrix: torch.Tensor, rank_ratio: float) -> torch.Tensor:
@@ -34,14 +34,17 @@ def cart_method(cs: CheckpointSet, *, rank_ratio: Fraction = 0.12, prior: float 
     except (TypeError, ValueError):
         raise ConfigError(f"prior must be a number, got {prior!r}") from None
 
-    def merge_tensor(tensor: TensorTasks) -> torch.Tensor:
-        shape = cs.shapes[tensor.key]
-        mean = running_sum(tensor.taus) / cs.num_tasks
+    def merge_part(part: Block | TensorTasks) -> torch.Tensor:
+        """A layer matrix whole (low rank), or a row block of any other tensor (kept whole, entry-wise)."""
+        taus = part.task_vectors()
+        mean = running_sum(taus) / cs.num_tasks
         if rank_ratio == 0.0:
             return mean
-        matrix = is_layer_matrix(tensor.key, shape)
-        centred = ((tau - mean).reshape(shape) for tau in tensor.taus)
-        kept = running_sum(low_rank(c, rank_ratio) if matrix else c for c in centred)
+        shape = cs.shapes[part.key]
+        if is_layer_matrix(part.key, shape):
+            kept = running_sum(low_rank((tau - mean).reshape(shape), rank_ratio) for tau in taus)
+        else:
+            kept = running_sum(tau - mean for tau in taus)
         return mean + prior * kept.reshape(-1)
 
-    return blockwise(cs, merge_tensor, device, whole=True)
+    return blockwise(cs, merge_part, device, whole=is_layer_matrix)

@@ -30,11 +30,16 @@ class TensorTasks:
         return list(self.taus)
 
 
-def whole_tensors(cs: CheckpointSet, device: torch.device | str = "cpu") -> Iterator[TensorTasks]:
-    """Every floating-point tensor whole, one key at a time, its task vectors gathered from the streamed row
-    blocks (memory: tasks x the tensor, plus one block)."""
+def whole_tensors(
+    cs: CheckpointSet, device: torch.device | str = "cpu", whole: Callable[[str, tuple[int, ...]], bool] | None = None
+) -> Iterator[Block | TensorTasks]:
+    """The streamed row blocks, except that each tensor for which ``whole(key, shape)`` holds (every tensor
+    by default) comes whole, its task vectors gathered from its blocks (memory: tasks x that tensor)."""
     current: TensorTasks | None = None
     for block in cs.blocks(device=device):
+        if whole is not None and not whole(block.key, cs.shapes[block.key]):
+            yield block
+            continue
         if current is None or current.key != block.key:
             if current is not None:
                 yield current
@@ -47,8 +52,9 @@ def whole_tensors(cs: CheckpointSet, device: torch.device | str = "cpu") -> Iter
         current.pretrained[block.start : block.stop] = block.pretrained
         for t, theta_t in enumerate(block.finetuned):
             torch.sub(theta_t, block.pretrained, out=current.taus[t, block.start : block.stop])
-    if current is not None:
-        yield current
+        if block.stop == cs.numel(block.key):
+            yield current
+            current = None
 
 
 def running_sum(parts: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -63,11 +69,15 @@ def blockwise(
     cs: CheckpointSet,
     merge_block: Callable[[Block | TensorTasks], torch.Tensor],
     device: torch.device | str = "cpu",
-    whole: bool = False,
+    whole: bool | Callable[[str, tuple[int, ...]], bool] = False,
 ) -> Vector:
-    """The merged vector (float32, by key) from ``merge_block(block)``, over row blocks or whole tensors."""
+    """The merged vector (float32, by key) from ``merge_block(block)``, over row blocks, or over whole
+    tensors (every one with ``whole=True``, those where ``whole(key, shape)`` holds otherwise)."""
     out = {key: torch.empty(cs.numel(key), dtype=torch.float32) for key in cs.float_keys}
-    blocks = whole_tensors(cs, device) if whole else cs.blocks(device=device)
+    if whole is False:
+        blocks = cs.blocks(device=device)
+    else:
+        blocks = whole_tensors(cs, device, None if whole is True else whole)
     for block in blocks:
         out[block.key][block.start : block.stop] = merge_block(block).reshape(-1).to("cpu", torch.float32)
     return {key: value.reshape(cs.shapes[key]) for key, value in out.items()}

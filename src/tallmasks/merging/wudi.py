@@ -21,7 +21,7 @@ from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_ONE, Vector, register
 from tallmasks.merging.layers import TensorTasks, blockwise, is_layer_matrix, running_sum
 from tallmasks.schema import NonNegativeInt, Positive
-from tallmasks.task_vectors import CheckpointSet
+from tallmasks.task_vectors import Block, CheckpointSet
 
 
 def wudi_matrix(taus: Sequence[torch.Tensor], iterations: int = 300, lr: float = 1e-5) -> torch.Tensor:
@@ -58,10 +58,11 @@ def wudi_method(cs: CheckpointSet, *, iterations: NonNegativeInt = 300, lr: Posi
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
     iterations = int(iterations)
 
-    def merge_tensor(block: TensorTasks) -> torch.Tensor:
-        shape = cs.shapes[block.key]
-        if not is_layer_matrix(block.key, shape):
-            return torch.zeros_like(block.pretrained)
-        return wudi_matrix([tau.reshape(shape) for tau in block.taus], iterations, lr)
+    def merge_part(part: Block | TensorTasks) -> torch.Tensor:
+        """A layer matrix whole (optimised), or a row block of any other tensor (zero task vector)."""
+        shape = cs.shapes[part.key]
+        if not is_layer_matrix(part.key, shape):
+            return torch.zeros_like(part.pretrained)
+        return wudi_matrix([tau.reshape(shape) for tau in part.taus], iterations, lr)
 
-    return blockwise(cs, merge_tensor, device, whole=True)
+    return blockwise(cs, merge_part, device, whole=is_layer_matrix)
