@@ -296,3 +296,20 @@ def test_new_methods_are_registered_with_their_papers_defaults():
     assert METHODS["cart"].defaults == {"rank_ratio": 0.12, "prior": 2.0, "device": "cpu"}
     assert METHODS["wudi"].defaults == {"iterations": 300, "lr": 1e-5, "device": "cpu"}
     assert {"magmax", "model_stock"} <= set(METHODS)
+
+
+def test_cli_param_sets_a_hyperparameter(tmp_path, tiny_checkpoints, capsys):
+    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.cli import main
+
+    pt, fts, _ = tiny_checkpoints
+    out = tmp_path / "crumbs.safetensors"
+    args = ["-q", "merge", "--method", "breadcrumbs", "--pretrained", str(pt), "--finetuned", *map(str, fts),
+            "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--param", "beta=0.5", "--param", "gamma=0.9"]) == 0
+    expected = merge(CheckpointSet(pt, fts), "breadcrumbs", beta=0.5, gamma=0.9)
+    got = load_state_dict(out)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    for bad, message in [("bogus=1", "--param bogus does not apply"), ("beta=2", "--param beta must be"), ("beta", "NAME=VALUE")]:
+        assert main([*args, "--param", bad]) == 2
+        assert message in capsys.readouterr().err
