@@ -258,3 +258,37 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "could not fetch" in line and "ViT-B-32" in line
     assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()
+
+
+def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, monkeypatch):
+    """method.grid: every combination merged once, alpha and the combination chosen jointly on validation."""
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import merge as real_merge
+
+    tasks = demo_setup["tasks"]
+    merged = []
+
+    def counting_merge(cs, method, **params):
+        merged.append(params["k"])
+        return real_merge(cs, method, **params)
+
+    monkeypatch.setattr("tallmasks.merging.merge", counting_merge)
+    overrides = [*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "results_dir=" + str(demo_setup["root"] / "grid")]
+    res = run_experiment(compose(overrides))
+    assert merged == [100.0, 20.0]  # each distinct merge computed once
+    assert set(res["val"]) == {f"k={k}|{a}" for k in (100, 20) for a in ("0.5", "1")}
+    best_key = max(res["val"], key=lambda key: res["val"][key]["avg_normalized_top1"])  # first on ties, as the runner
+    assert res["selection"] == {"alpha": float(best_key.split("|")[1]), "k": float(best_key.split("|")[0][2:])}
+    assert res["val_best"] == res["val"][best_key]
+    assert res["evaluations"]["evaluated"] == 2 * 2 * len(tasks) + len(tasks)
+    name = Path(res["results_path"]).name
+    assert f"ties_k={res['selection']['k']:g}" in name and "_grid-k=100,20" in name
+    # the chosen merge is the one evaluated on test: the same as a run without a grid at the chosen k
+    fixed = run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.k={res['selection']['k']}",
+                                    f"specify_lambda={res['selection']['alpha']}", "results_dir=" + str(demo_setup["root"] / "fixed")]))
+    assert fixed["test"] == res["test"]
+    for grid, message in [("{kk:[1]}", "has no hyperparameter 'kk'"), ("{k:[]}", "non-empty list"), ("{k:abc}", "non-empty list"),
+                          ("{ties_agg:[1]}", "is not a str"), ("{k:[20,20]}", "lists a value twice")]:
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.grid={grid}"]))

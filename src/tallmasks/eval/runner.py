@@ -14,12 +14,14 @@ Call it from Python with a composed Hydra config::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,10 @@ from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_s
 from tallmasks.eval.distributed import DistInfo, check_world_size, init_distributed, spawn_ranks, under_launcher
 from tallmasks.eval.evaluator import PRECISIONS, Evaluator
 from tallmasks.eval.results import Journal, atomic_write_json
-from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
+from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_per_task
 from tallmasks.models.paths import mask_dir
 
 log = logging.getLogger(__name__)
-
-MASKED_METHODS = ("tall_mask", "mag_masking")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +112,7 @@ class Experiment:
     """One run of main.py: settings, checkpoints, evaluator, journal."""
 
     def __init__(self, cfg: Any):
+        self.cfg = cfg
         self.raw = _plain(cfg)
         c = self.raw
         from tallmasks.datasets import resolve_datasets
@@ -126,9 +127,11 @@ class Experiment:
             raise ConfigError("method.name is missing (choose a method: method=sum, ties, tall_mask, consensus, ...)")
         self.method_name: str = str(method["name"])
         self.method = method
-        from tallmasks.merging import get_method
+        from tallmasks.merging import get_method, grid_combinations
 
         self.method_spec = get_method(self.method_name)
+        self.grid: dict[str, list] = {str(k): list(v) if isinstance(v, (list, tuple)) else v for k, v in (method.get("grid") or {}).items()}
+        self.combinations: list[dict[str, Any]] = grid_combinations(self.method_name, self.grid)
         self.n_eval_points = int(c.get("n_eval_points", 21))
         self.specify_lambda = _none(c.get("specify_lambda"))
         self.model_location = Path(os.path.expanduser(str(c.get("model_location", "models/checkpoints"))))
@@ -154,14 +157,48 @@ class Experiment:
 
     # -- names ----------------------------------------------------------------------------------
 
-    def merge_params(self, device: torch.device) -> dict:
+    def merge_params(self, device: torch.device, combination: dict[str, Any] | None = None) -> dict:
+        """The method's hyperparameters from the config, with one grid combination applied."""
         accepted = set(self.method_spec.defaults)
         params = {k: v for k, v in self.method.items() if k in accepted and k != "device"}
+        params.update(combination or {})
         if "device" in accepted:
             params["device"] = str(device)
         return params
 
-    def results_path(self) -> Path:
+    def grid_tag(self) -> str:
+        """``_grid-<name>=<values>...`` for a non-empty grid (a hash when long); empty otherwise."""
+        if not self.grid:
+            return ""
+        text = "-".join(f"{name}=" + ",".join(_label(v) for v in values) for name, values in self.grid.items())
+        if len(text) > 80:
+            text = hashlib.sha1(text.encode()).hexdigest()[:8]
+        return "_grid-" + text
+
+    def chosen_full_name(self, chosen: dict[str, Any]) -> str:
+        """The method's full name with grid-chosen values: the config's ``full_name`` resolved with them
+        (or, where it does not mention them, the values appended)."""
+        if not chosen:
+            return self.full_name
+        name = None
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(self.cfg, DictConfig):
+                cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=False))
+                for key, value in chosen.items():
+                    cfg.method[key] = value
+                name = OmegaConf.to_container(cfg, resolve=True)["method"].get("full_name")
+        except ImportError:  # pragma: no cover
+            pass
+        if name and str(name) != self.full_name:
+            return str(name)
+        return self.full_name + "".join(f"_{key}={_label(value)}" for key, value in chosen.items())
+
+    def journal_path(self) -> Path:
+        return self.results_path().with_suffix(".journal.json")
+
+    def results_path(self, chosen: dict[str, Any] | None = None) -> Path:
         if self.method_name == "tall_mask":
             suffix = "_tall_mask_ties" if self.use_ties else "_tall_mask_ta"
             suffix += "_loaded" if self.load_mask else ""
@@ -179,7 +216,9 @@ class Experiment:
         extra = "" if self.specify_lambda is None else f"_alpha={self.specify_lambda}"
         extra += "" if self.n_eval_points == 21 else f"_n{self.n_eval_points}"
         extra += "" if self.precision == "fp32" else f"_{self.precision}"
-        name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
+        extra += self.grid_tag()
+        full_name = self.chosen_full_name(chosen or {})
+        name = f"{self.model}_{self.num_tasks}tasks_{full_name}{suffix}{tag}{extra}.json"
         return self.results_dir / name.replace("/", "-")
 
     def run_key(self, inputs: list[Path] = ()) -> dict:
@@ -194,6 +233,13 @@ class Experiment:
             "precision": self.precision,
             "model_location": str(self.model_location.resolve()),
         }
+
+
+def _label(value: Any) -> str:
+    """A hyperparameter value as written in setting labels and file names."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 def _file_signature(path: Path) -> list:
@@ -250,7 +296,7 @@ def run_experiment(cfg: Any) -> dict:
     # masks needed up front (fail before any expensive work)
     mask_file = tall_mask_path(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
     released = released_mask_paths(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
-    needs_masks = exp.method_name == "consensus" or (exp.method_name == "tall_mask" and exp.load_mask)
+    needs_masks = exp.load_mask or any(exp.method_spec.needs_masks(exp.merge_params(device, c)) for c in exp.combinations)
     if needs_masks and not (mask_file.is_file() or any(p.is_file() for p in released)):
         raise ConfigError(f"TALL masks not found at {mask_file}: run method=tall_mask first (with the same model, tasks and use_ties)")
 
@@ -275,12 +321,11 @@ def run_experiment(cfg: Any) -> dict:
     dist.main_first(lambda: prepare(dist.is_main))
     _keep_on_device(data, device, exp.device_cache_gb)
 
-    results_path = exp.results_path()
     # rank 0 first: a released .npy is converted (and saved) once
     masks = dist.main_first(lambda: load_tall_masks(cs, mask_file, released)) if needs_masks else None
     inputs = [zs, *fts] + ([mask_file] if needs_masks else [])
     run_key = dist.broadcast_object(exp.run_key(inputs) if dist.is_main else None)
-    journal = Journal(results_path.with_suffix(".journal.json"), run_key, writer=dist.is_main)
+    journal = Journal(exp.journal_path(), run_key, writer=dist.is_main)
     dist.barrier()
     if len(journal):
         log.info("resuming: %d finished evaluations in %s", len(journal), journal.path)
@@ -298,13 +343,6 @@ def run_experiment(cfg: Any) -> dict:
         counter["evaluated"] += 1
         return correct / total
 
-    params = exp.merge_params(device)
-    if exp.method_name == "consensus":
-        params["masks"] = masks
-    log.info("merging with %s", exp.method_name)
-    vector = merge(cs, exp.method_name, **params)
-    evaluator.load_vector(vector)
-
     out: dict[str, Any] = {
         "model": exp.model,
         "method": exp.method,
@@ -314,24 +352,34 @@ def run_experiment(cfg: Any) -> dict:
         "finetuned_accuracies": {k: finetuned_acc[k] for k in sorted(finetuned_acc)},
         "finetuned_accuracies_source": ft_sources,
     }
-    if exp.method_name == "tall_mask":
-        out.update(_run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_file, dist))
-    elif exp.method_name == "mag_masking":
-        out.update(_run_mag(exp, cs, evaluator, accuracy, finetuned_acc, device))
-    else:
-        alphas = alpha_candidates(exp.method_name, exp.n_eval_points, exp.num_tasks, exp.specify_lambda)
-        val: dict[float, dict] = {}
-        for alpha in tqdm(alphas, desc="alpha on validation", disable=not dist.is_main):
-            apply = lambda a=alpha: evaluator.set_weights(a, tag="alpha")  # noqa: E731
-            top1 = {d: accuracy(f"alpha={alpha:.6g}", d, "val", apply) for d in exp.datasets}
-            val[alpha] = average_normalized(top1, finetuned_acc, suffix="Val")
-        best = select_alpha(val)
-        apply = lambda: evaluator.set_weights(best, tag="alpha")  # noqa: E731
-        top1 = {d: accuracy(f"alpha={best:.6g}", d, "test", apply) for d in exp.datasets}
-        out["selection"] = {"alpha": best}
-        out["val"] = {f"{a:.6g}": m for a, m in val.items()}
-        out["val_best"] = val[best]
-        out["test"] = average_normalized(top1, finetuned_acc)
+    ctx = _Context(exp, cs, evaluator, accuracy, finetuned_acc, dist, masks, mask_file)
+    best: _Trial | None = None
+    vals: dict[str, dict] = {}
+    for combination in tqdm(exp.combinations, desc="grid on validation", disable=len(exp.combinations) == 1 or not dist.is_main):
+        params = exp.merge_params(device, combination)
+        if exp.method_spec.needs_masks(params):
+            params["masks"] = masks
+        log.info("merging with %s%s", exp.method_name, f" ({_grid_label(combination)})" if combination else "")
+        vector = merge(cs, exp.method_name, **params)
+        evaluator.load_vector(vector)
+        trial = _select_per_task(ctx, combination, vector, params) if exp.method_spec.task_models else _select_alpha(ctx, combination, vector, params)
+        for label, metrics in trial.val.items():
+            vals[_grid_key(combination, label)] = metrics
+        if best is None or trial.score > best.score:  # ties go to the first combination
+            best = trial
+        del vector
+    assert best is not None
+    if len(exp.combinations) > 1:
+        evaluator.load_vector(best.vector)
+    out["selection"] = {**best.selection, **best.combination}
+    out["val"] = vals
+    out["val_best"] = best.val_best
+    out["test"] = best.finish()
+    out.update(best.extra)
+    info = getattr(best.vector, "info", None)
+    if info:
+        out["merge_info"] = dict(info)
+    results_path = exp.results_path(best.combination)
     out["per_task"] = {
         d: {"top1": out["test"][f"{d}:top1"], "normalized_top1": out["test"][f"{d}:normalized_top1"]} for d in exp.datasets
     }
@@ -350,60 +398,112 @@ def run_experiment(cfg: Any) -> dict:
     return out
 
 
-def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_file, dist) -> dict:
-    from tallmasks.masks import tall_mask, tall_masks
-    from tallmasks.merging import TALL_LAMBDAS
+def _grid_label(combination: dict[str, Any]) -> str:
+    return ",".join(f"{key}={_label(value)}" for key, value in combination.items())
 
-    out: dict[str, Any] = {}
-    if masks is not None:  # load_mask=true
-        top1 = {}
-        for d in exp.datasets:
-            apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("loaded", d))  # noqa: E731
-            top1[d] = accuracy("loaded_mask", d, "val", apply)
-        lambdas = dict((masks.info or {}).get("lambdas", {}))
-        out["val"] = {"loaded_mask": average_normalized(top1, finetuned_acc, suffix="Val")}
-        out["val_best"] = out["val"]["loaded_mask"]
+
+def _grid_key(combination: dict[str, Any], label: str) -> str:
+    """A validation setting's name: its label, after the grid combination when there is one."""
+    return f"{_grid_label(combination)}|{label}" if combination else label
+
+
+@dataclass
+class _Context:
+    """What the selection of one merged vector needs from the run."""
+
+    exp: Experiment
+    cs: Any
+    evaluator: Evaluator
+    accuracy: Callable[[str, str, str, Callable[[], None]], float]
+    finetuned_acc: dict[str, float]
+    dist: DistInfo
+    saved_masks: Any
+    mask_file: Path
+
+
+@dataclass
+class _Trial:
+    """One merged vector with its coefficients chosen on validation; ``finish()`` evaluates it on test."""
+
+    combination: dict[str, Any]
+    vector: Any
+    score: float
+    val: dict[str, dict]
+    val_best: dict
+    selection: dict
+    finish: Callable[[], dict]
+    extra: dict = field(default_factory=dict)
+
+
+def _select_alpha(ctx: _Context, combination: dict[str, Any], vector: Any, params: dict) -> _Trial:
+    """The coefficient alpha chosen on validation for theta_0 + alpha * tau."""
+    from tallmasks.merging import alpha_candidates
+
+    exp, evaluator, accuracy = ctx.exp, ctx.evaluator, ctx.accuracy
+    alphas = alpha_candidates(exp.method_name, exp.n_eval_points, exp.num_tasks, exp.specify_lambda, params)
+    prefix = _grid_key(combination, "")
+    val: dict[float, dict] = {}
+    for alpha in tqdm(alphas, desc="alpha on validation", disable=not ctx.dist.is_main, leave=not combination):
+        apply = lambda a=alpha: evaluator.set_weights(a, tag="alpha")  # noqa: E731
+        top1 = {d: accuracy(f"{prefix}alpha={alpha:.6g}", d, "val", apply) for d in exp.datasets}
+        val[alpha] = average_normalized(top1, ctx.finetuned_acc, suffix="Val")
+    best = select_alpha(val)
+
+    def finish() -> dict:
+        apply = lambda: evaluator.set_weights(best, tag="alpha")  # noqa: E731
+        top1 = {d: accuracy(f"{prefix}alpha={best:.6g}", d, "test", apply) for d in exp.datasets}
+        return average_normalized(top1, ctx.finetuned_acc)
+
+    labelled = {f"{a:.6g}": m for a, m in val.items()}
+    return _Trial(combination, vector, val[best]["avg_normalized_top1"], labelled, val[best], {"alpha": best}, finish)
+
+
+def _select_per_task(ctx: _Context, combination: dict[str, Any], vector: Any, params: dict) -> _Trial:
+    """Per-task models theta_0 + scale_t * (m_t * tau): each task's setting (TALL's lambda) chosen on its
+    own validation split; the chosen masks are built once more for every task and evaluated on test."""
+    from tallmasks.merging.per_task import TaskModels
+
+    exp, cs, evaluator, accuracy, dist = ctx.exp, ctx.cs, ctx.evaluator, ctx.accuracy, ctx.dist
+    if exp.load_mask:
+        lambdas = dict((ctx.saved_masks.info or {}).get("lambdas", {}))
+        models = TaskModels.fixed(ctx.saved_masks, "loaded_mask", lambda chosen: {"lambdas": {d: lambdas.get(d) for d in exp.datasets}})
     else:
-        val_top1: dict[float, dict[str, float]] = {}
-        steps = [(lam, t, d) for lam in TALL_LAMBDAS for t, d in enumerate(exp.datasets)]
-        for lam, t, d in tqdm(steps, desc="lambda per task on validation", disable=not dist.is_main):
+        hook = exp.method_spec.task_models
+        accepted = inspect.signature(hook).parameters
+        models = hook(cs, vector, **{k: v for k, v in params.items() if k in accepted})
+    prefix = _grid_key(combination, "")
+    device = str(evaluator.device)
+    val_top1: dict[str, dict[str, float]] = {}
+    steps = [(label, t, d) for label in models.choices for t, d in enumerate(exp.datasets)]
+    for label, t, d in tqdm(steps, desc="per-task models on validation", disable=not dist.is_main, leave=not combination):
 
-            def apply(t=t, d=d, lam=lam) -> None:
-                evaluator.set_weights(1.0, tall_mask(cs, t, vector, lam, device=str(evaluator.device)), tag=("tall", d, lam))
+        def apply(label=label, t=t, d=d) -> None:
+            evaluator.set_weights(models.scale(t), models.mask(t, models.choices[label]), tag=(prefix, "task", d, label))
 
-            val_top1.setdefault(lam, {})[d] = accuracy(f"lambda={lam:.6g}", d, "val", apply)
-        lambdas = select_lambdas(val_top1, exp.datasets)
-        masks = tall_masks(cs, vector, [lambdas[d] for d in exp.datasets], device=str(evaluator.device),
-                           info={"use_ties": exp.use_ties, "ties_agg": exp.ties_agg, "model": exp.model})
-        if dist.is_main:
-            masks.save(mask_file)
-            log.info("saved the chosen TALL masks to %s", mask_file)
-        out["val"] = {f"{lam:.6g}": average_normalized(v, finetuned_acc, suffix="Val") for lam, v in val_top1.items()}
-        out["val_best"] = average_normalized({d: val_top1[lambdas[d]][d] for d in exp.datasets}, finetuned_acc, suffix="Val")
-        out["mask_path"] = str(mask_file)
-    top1 = {}
-    for d in exp.datasets:
-        apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("final", d))  # noqa: E731
-        setting = f"lambda={lambdas[d]:.6g}" if d in lambdas and not exp.load_mask else "loaded_mask"
-        top1[d] = accuracy(setting, d, "test", apply)
-    out["selection"] = {"lambdas": {d: lambdas.get(d) for d in exp.datasets}}
-    out["test"] = average_normalized(top1, finetuned_acc)
-    return out
+        val_top1.setdefault(label, {})[d] = accuracy(f"{prefix}mask={label}", d, "val", apply)
+    chosen = select_per_task(val_top1, exp.datasets)
+    val = {label: average_normalized(v, ctx.finetuned_acc, suffix="Val") for label, v in val_top1.items()}
+    val_best = average_normalized({d: val_top1[chosen[d]][d] for d in exp.datasets}, ctx.finetuned_acc, suffix="Val")
+    extra: dict[str, Any] = {}
 
-
-def _run_mag(exp, cs, evaluator, accuracy, finetuned_acc, device) -> dict:
-    from tallmasks.masks import magnitude_masks
-
-    k = float(exp.method.get("k", 10))
-    masks = magnitude_masks(cs, k=k, device=str(device))
-    results: dict[str, dict] = {}
-    for split in ("val", "test"):
+    def finish() -> dict:
+        masks = models.masks([models.choices[chosen[d]] for d in exp.datasets])
+        if models.shared and not exp.load_mask:
+            masks.info.update({"use_ties": exp.use_ties, "ties_agg": exp.ties_agg, "model": exp.model})
+            if dist.is_main:
+                masks.save(ctx.mask_file)
+                log.info("saved the chosen TALL masks to %s", ctx.mask_file)
+            extra["mask_path"] = str(ctx.mask_file)
         top1 = {}
-        for d in exp.datasets:
-            apply = lambda d=d: evaluator.set_weights(1.0, masks.get(d), tag=("mag", d))  # noqa: E731
-            top1[d] = accuracy("mag_mask", d, split, apply)
-        results[split] = average_normalized(top1, finetuned_acc, suffix="Val" if split == "val" else "")
-    return {"val": {"1": results["val"]}, "val_best": results["val"], "test": results["test"], "selection": {"alpha": 1.0, "k": k}}
+        for t, d in enumerate(exp.datasets):
+            apply = lambda t=t, d=d: evaluator.set_weights(models.scale(t), masks.get(d), tag=(prefix, "final", d))  # noqa: E731
+            top1[d] = accuracy(f"{prefix}mask={chosen[d]}", d, "test", apply)
+        return average_normalized(top1, ctx.finetuned_acc)
+
+    selection = dict(models.describe(chosen))
+    if models.scales is not None:
+        selection["scales"] = {d: models.scale(t) for t, d in enumerate(exp.datasets)}
+    return _Trial(combination, vector, val_best["avg_normalized_top1"], val, val_best, selection, finish, extra)
 
 
 def _keep_on_device(data: dict, device: torch.device, budget_gb: float | None) -> None:

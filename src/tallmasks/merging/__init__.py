@@ -9,12 +9,14 @@ from tallmasks.merging.base import (
     alpha_grid,
     base_vector,
     get_method,
+    grid_combinations,
     merge,
     ordered_sum,
     task_arithmetic as task_arithmetic_vector,
     ties_merge,
     trim_thresholds,
 )
+from tallmasks.merging.per_task import TaskModels
 from tallmasks.masks import MaskSet, consensus_mask, magnitude_masks, tall_mask, tall_masks
 from tallmasks.task_vectors import CheckpointSet, TaskVector, apply_vector
 
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointSet",
     "MaskSet",
     "Method",
+    "TaskModels",
     "TaskVector",
     "alpha_candidates",
     "alpha_grid",
@@ -31,6 +34,7 @@ __all__ = [
     "base_vector",
     "consensus_mask",
     "get_method",
+    "grid_combinations",
     "magnitude_masks",
     "merge",
     "ordered_sum",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,27 +28,59 @@ COEF_AVERAGE = "average"  # alpha = 1 / T
 COEF_ONE = "one"  # alpha = 1 with per-task masks
 
 #: Hydra config fields that describe a run rather than the merge itself
-CONFIG_ONLY_FIELDS = frozenset({"name", "full_name", "load_mask"})
+CONFIG_ONLY_FIELDS = frozenset({"name", "full_name", "load_mask", "grid"})
+
+#: hyperparameters that the caller provides rather than the config (never in a grid)
+PROVIDED_PARAMS = frozenset({"device", "masks", "base"})
+
+
+def _never(params: Mapping[str, Any]) -> bool:
+    return False
+
+
+def _one(params: Mapping[str, Any]) -> float:
+    return 1.0
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered merging method: a function of a CheckpointSet and its hyperparameters."""
+    """A registered merging method: a function of a CheckpointSet and its hyperparameters.
+
+    ``task_models(cs, vector, **params)``, when set, makes it a per-task method (one model per task,
+    theta_0 + scale_t * (m_t * tau)); ``needs_masks(params)`` says whether it reads the saved TALL
+    masks; ``alpha_max(params)`` is the top of its coefficient grid.
+    """
 
     name: str
     fn: Callable[..., Vector]
     coefficient: str
     description: str
     defaults: dict = field(default_factory=dict)
+    task_models: Callable[..., Any] | None = None
+    needs_masks: Callable[[Mapping[str, Any]], bool] = _never
+    alpha_max: Callable[[Mapping[str, Any]], float] = _one
 
     def __call__(self, cs: CheckpointSet, **params) -> Vector:
         return self.fn(cs, **params)
+
+    @property
+    def hyperparameters(self) -> dict:
+        """Config hyperparameters and their defaults (what a grid may range over)."""
+        return {k: v for k, v in self.defaults.items() if k not in PROVIDED_PARAMS}
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, coefficient: str, description: str) -> Callable:
+def register(
+    name: str,
+    coefficient: str,
+    description: str,
+    *,
+    task_models: Callable[..., Any] | None = None,
+    needs_masks: Callable[[Mapping[str, Any]], bool] = _never,
+    alpha_max: float | Callable[[Mapping[str, Any]], float] = 1.0,
+) -> Callable:
     """Register ``fn(cs, **hyperparameters) -> merged vector`` under ``name``."""
 
     def wrap(fn: Callable[..., Vector]) -> Callable[..., Vector]:
@@ -56,7 +90,8 @@ def register(name: str, coefficient: str, description: str) -> Callable:
             for p in list(signature.parameters.values())[1:]
             if p.default is not inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY
         }
-        METHODS[name] = Method(name, fn, coefficient, description, defaults)
+        top = alpha_max if callable(alpha_max) else (lambda params, value=float(alpha_max): value)
+        METHODS[name] = Method(name, fn, coefficient, description, defaults, task_models, needs_masks, top)
         return fn
 
     return wrap
@@ -83,16 +118,21 @@ def merge(cs: CheckpointSet, method: str, **params) -> Vector:
     return spec.fn(cs, **kwargs)
 
 
-def alpha_grid(n_eval_points: int = 21) -> list[float]:
-    """Scaling coefficients tried on validation: linspace(0, 1, n_eval_points // 2 + 1)[1:]."""
+def alpha_grid(n_eval_points: int = 21, top: float = 1.0) -> list[float]:
+    """Scaling coefficients tried on validation: linspace(0, top, top * (n_eval_points // 2) + 1)[1:]
+    (0.1 ... 1.0 by default; top = 3 gives 0.1 ... 3.0, the grid of TSV-M and Iso-C/CTS)."""
     if int(n_eval_points) < 2:
         raise ConfigError(f"n_eval_points must be at least 2, got {n_eval_points!r}")
-    return [float(a) for a in np.linspace(0.0, 1.0, int(n_eval_points) // 2 + 1)[1:]]
+    steps = int(round(float(top) * (int(n_eval_points) // 2)))
+    return [float(a) for a in np.linspace(0.0, float(top), steps + 1)[1:]]
 
 
-def alpha_candidates(method: str, n_eval_points: int = 21, num_tasks: int = 1, specify_lambda=None) -> list[float]:
+def alpha_candidates(
+    method: str, n_eval_points: int = 21, num_tasks: int = 1, specify_lambda=None, params: Mapping[str, Any] | None = None
+) -> list[float]:
     """The coefficients a method is evaluated at on validation (one value where nothing is chosen)."""
-    kind = get_method(method).coefficient
+    spec = get_method(method)
+    kind = spec.coefficient
     if kind == COEF_ZERO:
         return [0.0]
     if kind == COEF_AVERAGE:
@@ -104,7 +144,46 @@ def alpha_candidates(method: str, n_eval_points: int = 21, num_tasks: int = 1, s
             return [float(specify_lambda)]
         except ValueError:
             raise ConfigError(f"specify_lambda must be a number or None, got {specify_lambda!r}") from None
-    return alpha_grid(n_eval_points)
+    return alpha_grid(n_eval_points, spec.alpha_max({**spec.defaults, **(params or {})}))
+
+
+def grid_combinations(method: str, grid: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Every combination of a method's ``grid`` (hyperparameter -> candidate values), in the order given;
+    ``[{}]`` for an empty grid. Names and value types are checked against the method's signature."""
+    if grid is None:
+        return [{}]
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"method.grid must map hyperparameter names to lists of values, got {grid!r}")
+    spec = get_method(method)
+    accepted = spec.hyperparameters
+    names, candidates = [], []
+    for name, values in grid.items():
+        if name not in accepted:
+            raise ConfigError(
+                f"method.grid.{name}: {method!r} has no hyperparameter {name!r} (it takes {', '.join(sorted(accepted)) or 'none'})"
+            )
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ConfigError(f"method.grid.{name} must be a non-empty list of candidate values, got {values!r}")
+        checked = [_grid_value(method, name, accepted[name], value) for value in values]
+        if len(set(map(repr, checked))) != len(checked):
+            raise ConfigError(f"method.grid.{name} lists a value twice: {list(values)!r}")
+        names.append(str(name))
+        candidates.append(checked)
+    return [dict(zip(names, combo)) for combo in itertools.product(*candidates)]
+
+
+def _grid_value(method: str, name: str, default: Any, value: Any) -> Any:
+    """A grid candidate of the same type as the hyperparameter's default (ints accepted for floats)."""
+    ok = (
+        default is None
+        or (isinstance(default, bool) and isinstance(value, bool))
+        or (isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(default, str) and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"method.grid.{name}: {value!r} is not a {type(default).__name__} like the default of {method!r} ({default!r})")
+    return float(value) if isinstance(default, float) else value
 
 
 # ---------------------------------------------------------------------------------------------
