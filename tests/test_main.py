@@ -292,3 +292,39 @@ def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, mo
                           ("{ties_agg:[1]}", "is not a str"), ("{k:[20,20]}", "lists a value twice")]:
         with pytest.raises(ConfigError, match=message):
             run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.grid={grid}"]))
+
+
+@pytest.mark.parametrize("method,extra", [("lines", ["method.base_method=ties"]), ("tsv", []), ("iso_c", []),
+                                          ("iso_cts", []), ("dare", ["method.p=0.5"])])
+def test_new_methods_run_on_the_demo_model(demo_setup, method, extra):
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import alpha_candidates
+
+    tasks = demo_setup["tasks"]
+    overrides = [*demo_setup["overrides"], f"method={method}", *extra, "n_eval_points=2", "results_dir=" + str(demo_setup["root"] / "new")]
+    res = run_experiment(compose(overrides))
+    params = {k: v for k, v in res["method"].items() if k not in ("name", "full_name", "grid")}
+    alphas = alpha_candidates(method, 2, params=params)
+    assert res["selection"]["alpha"] in alphas and set(res["val"]) == {f"{a:.6g}" for a in alphas}
+    assert res["evaluations"]["evaluated"] == len(alphas) * len(tasks) + len(tasks)
+    assert all(0 <= res["per_task"][t]["top1"] <= 1 for t in tasks)
+    assert Path(res["results_path"]).is_file() and f"_{method}" in Path(res["results_path"]).name
+    if method == "lines":
+        assert res["merge_info"]["base_method"] == "ties" and res["merge_info"]["num_blocks"] >= 1
+
+
+def test_main_emr_per_task_models(demo_setup):
+    """EMR-merging through main.py: per-task masks and rescalers on the TALL evaluation path, nothing chosen."""
+    from tallmasks.merging import CheckpointSet, merge
+    from tallmasks.merging.emr import emr_masks
+    from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
+
+    from tallmasks.eval.runner import run_experiment
+
+    root, tasks, loc = demo_setup["root"], demo_setup["tasks"], demo_setup["loc"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=emr", "results_dir=" + str(root / "emr")]))
+    assert res == {**only_result(root / "emr"), "results_path": res["results_path"], "rank": 0}
+    assert set(res["val"]) == {"emr"} and res["evaluations"]["evaluated"] == 2 * len(tasks)
+    cs = CheckpointSet(zeroshot_path(loc, DEMO_MODEL), [finetuned_path(loc, DEMO_MODEL, t) for t in tasks], names=tasks)
+    scales = emr_masks(cs, merge(cs, "emr")).info["scales"]
+    assert res["selection"]["scales"] == pytest.approx(scales) and all(s > 0 for s in scales.values())

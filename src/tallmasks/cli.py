@@ -50,14 +50,56 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
     return values[0] if len(values) == 1 else list(values)
 
 
+def parse_params(method, items: Sequence[str] | None) -> dict:
+    """``NAME=VALUE`` hyperparameters of a method, each value read as the type of its default."""
+    params: dict = {}
+    accepted = method.hyperparameters
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+        if name not in accepted:
+            raise ConfigError(
+                f"--param {name}: method {method.name!r} has no hyperparameter {name!r} (it takes {', '.join(sorted(accepted)) or 'none'})"
+            )
+        params[name] = _typed(name, text.strip(), accepted[name])
+    return params
+
+
+def _typed(name: str, text: str, default):
+    lowered = text.lower()
+    if lowered in ("none", "null") and default is None:
+        return None
+    try:
+        if isinstance(default, bool):
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if default is None:
+            for kind in (int, float):
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+        return text
+    except ValueError:
+        raise ConfigError(f"--param {name}={text}: expected a {type(default).__name__} like its default ({default!r})") from None
+
+
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
-    from tallmasks.masks import tall_masks
+    from tallmasks.coefficients import ScaledVector
+    from tallmasks.masks import check_prun_thre_k, tall_masks
     from tallmasks.merging import base_vector, get_method, merge
-    from tallmasks.task_vectors import CheckpointSet, apply_vector
-
-    from tallmasks.masks import check_prun_thre_k
     from tallmasks.selection import check_k
+    from tallmasks.task_vectors import CheckpointSet, apply_vector
 
     out = _check_out_file(args.out)
     method = get_method(args.method)
@@ -75,18 +117,23 @@ def cmd_merge(args) -> int:
         if args.ties_agg is not None:
             params["ties_agg"] = args.ties_agg
     if args.prun_thre_k is not None:
-        if args.method != "consensus":
-            raise ConfigError("--prun-thre-k applies to method 'consensus' only")
+        if "prun_thre_k" not in method.defaults:
+            raise ConfigError(f"--prun-thre-k does not apply to method {args.method!r}")
         params["prun_thre_k"] = check_prun_thre_k(args.prun_thre_k)
+    params.update(parse_params(method, args.param))
+    needs_masks = method.needs_masks(params)
+    if args.tall_mask_lambda and not needs_masks:
+        raise ConfigError("--tall-mask-lambda applies to methods that read TALL masks (consensus, lines with base_method=consensus) and to compress")
+    if args.alpha is None and method.needs_alpha:
+        raise ConfigError(f"method {args.method!r} scales each layer with its own coefficient: pass --alpha to write the merged model")
     cs = CheckpointSet(args.pretrained, args.finetuned, _names(args, len(args.finetuned)))
     cs.progress = not args.quiet
-    if args.method == "consensus":
+    if needs_masks:
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
         base = base_vector(cs, **base_params)
         params["masks"] = tall_masks(cs, base, lambdas, device=params["device"])
-        params["base"] = base
-    elif args.tall_mask_lambda:
-        raise ConfigError("--tall-mask-lambda applies to method 'consensus' (and to compress)")
+        if "base" in method.defaults:
+            params["base"] = base
     vector = merge(cs, args.method, **params)
     if args.alpha is None:
         result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
@@ -94,6 +141,8 @@ def cmd_merge(args) -> int:
     else:
         result = apply_vector(cs.pretrained, vector, alpha=args.alpha)
         what = f"merged model (alpha={args.alpha})"
+    if isinstance(vector, ScaledVector):
+        what += " (" + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in vector.info.items()) + ")"
     save_state_dict(result, out)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
@@ -104,8 +153,10 @@ def cmd_compress(args) -> int:
 
     from tallmasks.selection import check_k
 
-    if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda):
+    if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda):
         raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
+    if args.masks != "magnitude" and args.k is not None:
+        raise ConfigError("--k applies to --masks magnitude only")
     if args.k is not None:
         check_k(args.k)
     compress(
@@ -195,6 +246,9 @@ def cmd_inspect(args) -> int:
     if "total_bytes" in report:
         print(f"  size {report['total_bytes'] / 1e6:.2f} MB = {report['bytes_per_param']:.3f} bytes/parameter")
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
+    scales = (report.get("masks") or {}).get("scales")
+    if scales:
+        print("  scale per task: " + ", ".join(f"{n} {float(v):.4g}" for n, v in scales.items()))
     for line in _profile_lines(agreement):
         print("  " + line)
     return 0
@@ -274,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--ties-agg", choices=["mean", "sum"], help="TIES aggregation (ties: mean, else sum)")
     merge.add_argument("--prun-thre-k", type=int, help="consensus: minimum number of tasks per weight (2)")
     merge.add_argument("--tall-mask-lambda", type=float, nargs="+", help="consensus: lambda, one or one per task (0.4)")
-    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau")
+    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau (lines: its beta)")
+    merge.add_argument("--param", action="append", metavar="NAME=VALUE",
+                       help="any hyperparameter of the method, e.g. --param p=0.5 --param base_method=ties (repeatable)")
     merge.set_defaults(func=cmd_merge)
 
     comp = sub.add_parser("compress", help="merged vector + one bit mask per task")
@@ -282,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, help="output folder")
     comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
     comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
-    comp.add_argument("--masks", choices=["tall", "magnitude"], default="tall")
+    comp.add_argument("--masks", choices=["tall", "magnitude", "emr"], default="tall",
+                      help="TALL masks, magnitude masks, or EMR-merging's masks and rescalers")
     comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
     comp.set_defaults(func=cmd_compress)
 

@@ -4,10 +4,10 @@ A compressed collection is a folder:
 
 - ``merged.safetensors``: the multi-task vector tau_MTL (floating-point keys, the inputs' dtype);
 - ``masks.safetensors``: one bit-packed mask per task (``MaskSet``);
-- ``meta.json``: task names, how the masks were built, and the pre-trained checkpoint it refers to
-  (path and SHA-256): theta_0 is referenced, not copied.
+- ``meta.json``: task names, how the masks were built (with the per-task scales of EMR-merging), and
+  the pre-trained checkpoint it refers to (path and SHA-256): theta_0 is referenced, not copied.
 
-Task t is rebuilt as theta_0 + m_t * tau_MTL.
+Task t is rebuilt as theta_0 + scale_t * (m_t * tau_MTL), scale_t = 1 for TALL and magnitude masks.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 
 from tallmasks.checkpoints import load_state_dict, save_state_dict, sha256_file
 from tallmasks.errors import CheckpointError, ConfigError
-from tallmasks.masks import MaskSet, magnitude_masks, tall_masks
-from tallmasks.merging import base_vector
+from tallmasks.masks import MaskSet
+from tallmasks.merging import get_method, merge
+from tallmasks.merging.per_task import mask_scales, task_models
 from tallmasks.task_vectors import CheckpointSet, apply_vector
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ MERGED_FILE = "merged.safetensors"
 MASKS_FILE = "masks.safetensors"
 META_FILE = "meta.json"
 DEFAULT_LAMBDA = 0.4
+
+#: --masks kinds and the per-task methods that build them
+MASK_METHODS = {"tall": "tall_mask", "magnitude": "mag_masking", "emr": "emr"}
 
 
 def _is_collection(path: Path) -> bool:
@@ -69,18 +73,26 @@ def compress(
     """Write a compressed collection to ``out_dir`` atomically; returns its metadata."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    if masks not in ("tall", "magnitude"):
-        raise ConfigError(f"masks must be 'tall' or 'magnitude', got {masks!r}")
+    if masks not in MASK_METHODS:
+        raise ConfigError(f"masks must be one of {', '.join(MASK_METHODS)}, got {masks!r}")
     cs = CheckpointSet(pretrained, list(finetuned), names)
     cs.progress = progress
+    method = get_method(MASK_METHODS[masks])
+    params = {"tall": {"use_ties": use_ties}, "magnitude": {"k": k}, "emr": {}}[masks]
     if masks == "tall":
-        vector = base_vector(cs, use_ties=use_ties, device=device)
-        mask_set = tall_masks(cs, vector, lambdas, device=device, info={"use_ties": use_ties})
-        mask_info = {"kind": "tall", "use_ties": use_ties, "lambdas": mask_set.info["lambdas"]}
+        settings = [lambdas] * cs.num_tasks if isinstance(lambdas, (int, float)) else list(lambdas)
     else:
-        vector = base_vector(cs, device=device)
-        mask_set = magnitude_masks(cs, k=k, device=device)
-        mask_info = {"kind": "magnitude", "k": float(k)}
+        settings = [None] * cs.num_tasks
+    vector = merge(cs, method.name, device=device, **params)
+    mask_set = task_models(method, cs, vector, {**params, "device": device}).masks(settings)
+    mask_info: dict = {"kind": masks, **params}
+    if masks == "tall":
+        mask_info["lambdas"] = mask_set.info["lambdas"]
+        mask_set.info["use_ties"] = use_ties
+    elif masks == "magnitude":
+        mask_info["k"] = float(k)
+    else:
+        mask_info["scales"] = mask_scales(mask_set)
     stored = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
     meta = {
         "format": FORMAT,
@@ -140,7 +152,7 @@ def task_name(meta: dict, task: str | int) -> str:
 def decompress(
     collection: str | Path, task: str | int, out: str | Path | None = None, pretrained: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
-    """Rebuild theta_0 + m_t * tau_MTL for one task; saved atomically to ``out`` when given."""
+    """Rebuild theta_0 + scale_t * (m_t * tau_MTL) for one task; saved atomically to ``out`` when given."""
     collection = Path(collection)
     meta = read_meta(collection)
     name = task_name(meta, task)
@@ -152,7 +164,8 @@ def decompress(
     theta0 = load_state_dict(theta0_path)
     merged = load_state_dict(collection / MERGED_FILE)
     mask = MaskSet.load(collection / MASKS_FILE).get(name)
-    model = apply_vector(theta0, merged, alpha=1.0, mask=mask)
+    scale = float((meta["masks"].get("scales") or {}).get(name, 1.0))
+    model = apply_vector(theta0, merged, alpha=scale, mask=mask)
     if out is not None:
         save_state_dict(model, out)
     return model

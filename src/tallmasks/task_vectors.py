@@ -17,6 +17,7 @@ from typing import Union
 import torch
 
 from tallmasks.checkpoints import LazyStateDict, load_state_dict
+from tallmasks.coefficients import key_coefficient
 from tallmasks.errors import CheckpointError
 
 StateDictLike = Union[str, Path, Mapping[str, torch.Tensor]]
@@ -197,6 +198,14 @@ class CheckpointSet:
             raise CheckpointError(f"{label}: tensor {key!r} contains NaN or Inf")
         return tensor
 
+    def tensor(self, key: str, task: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One whole floating-point tensor in float32 and its own shape: theta_0[key], or theta_task[key]."""
+        if task is None:
+            state, label = self.pretrained, self.pretrained_label
+        else:
+            state, label = self.finetuned[task], self.finetuned_labels[task]
+        return self._read(state, label, key, 0, 1, True, device).reshape(self.shapes[key])
+
     def passthrough(self) -> dict[str, torch.Tensor]:
         """The non-floating-point entries of theta_0 (integer buffers), untouched."""
         return {k: self.pretrained[k] for k in self.keys if k not in set(self.float_keys)}
@@ -296,7 +305,8 @@ def apply_vector(
     alpha: float = 1.0,
     mask: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """theta_0 + alpha * (mask * tau), in float32, cast back to theta_0's dtypes; other keys untouched."""
+    """theta_0 + alpha * (mask * tau), in float32, cast back to theta_0's dtypes; other keys untouched
+    (a ScaledVector applies each key with its own coefficient at alpha)."""
     out: dict[str, torch.Tensor] = {}
     for key in pretrained.keys():
         theta0 = pretrained[key]
@@ -310,7 +320,7 @@ def apply_vector(
             raise CheckpointError(f"shape mismatch for {key!r}: {list(tau.shape)} vs {list(theta0.shape)}")
         if mask is not None:
             tau = tau * mask[key].to(torch.bool)
-        out[key] = (theta0.to(torch.float32) + alpha * tau).to(theta0.dtype)
+        out[key] = (theta0.to(torch.float32) + key_coefficient(vector, key, alpha) * tau).to(theta0.dtype)
     extra = [k for k in vector if k not in pretrained]
     if extra:
         raise CheckpointError(f"task vector has key {extra[0]!r} that the pre-trained model lacks")

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from tallmasks.coefficients import key_coefficient
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.cache import SplitData
 from tallmasks.eval.distributed import DistInfo
@@ -83,6 +84,7 @@ class Evaluator:
                 if target.dtype.is_floating_point:
                     self.theta0[key] = target.data.clone()
         self.vector: dict[str, torch.Tensor] = {}
+        self.coefficients: Mapping[str, torch.Tensor] = {}
         self.setting: tuple | None = None
         mean = getattr(encoder, "mean", (0.0, 0.0, 0.0))
         std = getattr(encoder, "std", (1.0, 1.0, 1.0))
@@ -99,6 +101,7 @@ class Evaluator:
         if unknown:
             raise CheckpointError(f"merged vector has key {unknown[0]!r} that the encoder lacks")
         self.vector = {k: v.to(self.device, torch.float32) for k, v in vector.items()}
+        self.coefficients = vector  # keeps a ScaledVector's per-key coefficients
         self.setting = None
 
     @torch.no_grad()
@@ -124,11 +127,12 @@ class Evaluator:
             target = self.targets[key]
             target.copy_(base)
             tau = self.vector.get(key)
-            if tau is None or alpha == 0:
+            coefficient = key_coefficient(self.coefficients, key, alpha)
+            if tau is None or coefficient == 0:
                 continue
             if mask is not None:
                 tau = tau * mask[key].to(self.device, torch.bool)
-            target.add_(tau.to(target.dtype) * float(alpha))  # product rounded, then added (as theta_0 + alpha * tau)
+            target.add_(tau.to(target.dtype) * coefficient)  # product rounded, then added (as theta_0 + alpha * tau)
         self.setting = setting if tag is not None else None
 
     # -- evaluation -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Call it from Python with a composed Hydra config::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -153,7 +152,7 @@ class Experiment:
         self.full_name = str(method.get("full_name") or f"{self.method_name}_k={method.get('k')}")
         self.load_mask = bool(method.get("load_mask", False))
         self.use_ties = bool(method.get("use_ties", False))
-        self.ties_agg = str(method.get("ties_agg", "sum"))
+        self.ties_agg = str(method.get("ties_agg") or "sum")
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -461,16 +460,14 @@ def _select_alpha(ctx: _Context, combination: dict[str, Any], vector: Any, param
 def _select_per_task(ctx: _Context, combination: dict[str, Any], vector: Any, params: dict) -> _Trial:
     """Per-task models theta_0 + scale_t * (m_t * tau): each task's setting (TALL's lambda) chosen on its
     own validation split; the chosen masks are built once more for every task and evaluated on test."""
-    from tallmasks.merging.per_task import TaskModels
+    from tallmasks.merging.per_task import TaskModels, task_models
 
     exp, cs, evaluator, accuracy, dist = ctx.exp, ctx.cs, ctx.evaluator, ctx.accuracy, ctx.dist
     if exp.load_mask:
         lambdas = dict((ctx.saved_masks.info or {}).get("lambdas", {}))
         models = TaskModels.fixed(ctx.saved_masks, "loaded_mask", lambda chosen: {"lambdas": {d: lambdas.get(d) for d in exp.datasets}})
     else:
-        hook = exp.method_spec.task_models
-        accepted = inspect.signature(hook).parameters
-        models = hook(cs, vector, **{k: v for k, v in params.items() if k in accepted})
+        models = task_models(exp.method_spec, cs, vector, params)
     prefix = _grid_key(combination, "")
     device = str(evaluator.device)
     val_top1: dict[str, dict[str, float]] = {}

@@ -1,6 +1,6 @@
 """Merging methods, registered by name (``METHODS``); ``merge(cs, name, **hyperparameters)``."""
 
-from tallmasks.merging import magnitude, tall, task_arithmetic, ties  # noqa: F401  (registration)
+from tallmasks.merging import dare, emr, iso, lines, magnitude, tall, task_arithmetic, ties, tsv  # noqa: F401  (registration)
 from tallmasks.merging.base import (
     METHODS,
     TALL_LAMBDAS,

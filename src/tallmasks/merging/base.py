@@ -59,6 +59,7 @@ class Method:
     task_models: Callable[..., Any] | None = None
     needs_masks: Callable[[Mapping[str, Any]], bool] = _never
     alpha_max: Callable[[Mapping[str, Any]], float] = _one
+    needs_alpha: bool = False  # its vector is only meaningful at a coefficient (per-key scales)
 
     def __call__(self, cs: CheckpointSet, **params) -> Vector:
         return self.fn(cs, **params)
@@ -80,6 +81,7 @@ def register(
     task_models: Callable[..., Any] | None = None,
     needs_masks: Callable[[Mapping[str, Any]], bool] = _never,
     alpha_max: float | Callable[[Mapping[str, Any]], float] = 1.0,
+    needs_alpha: bool = False,
 ) -> Callable:
     """Register ``fn(cs, **hyperparameters) -> merged vector`` under ``name``."""
 
@@ -91,7 +93,7 @@ def register(
             if p.default is not inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY
         }
         top = alpha_max if callable(alpha_max) else (lambda params, value=float(alpha_max): value)
-        METHODS[name] = Method(name, fn, coefficient, description, defaults, task_models, needs_masks, top)
+        METHODS[name] = Method(name, fn, coefficient, description, defaults, task_models, needs_masks, top, needs_alpha)
         return fn
 
     return wrap
@@ -196,6 +198,14 @@ def _empty(cs: CheckpointSet) -> Vector:
 
 def _shaped(cs: CheckpointSet, flat: Vector) -> Vector:
     return {k: v.reshape(cs.shapes[k]) for k, v in flat.items()}
+
+
+def blockwise(cs: CheckpointSet, combine: Callable[[list[torch.Tensor]], torch.Tensor], device="cpu") -> Vector:
+    """A merged vector computed block by block: ``combine(task vectors of the block)``, float32 by key."""
+    out = _empty(cs)
+    for block in cs.blocks(device=device):
+        out[block.key][block.start : block.stop] = combine(block.task_vectors()).cpu()
+    return _shaped(cs, out)
 
 
 def ordered_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -8,6 +8,7 @@ chosen settings (bit-packed, what ``compress`` stores), and the per-task scales.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,3 +57,10 @@ def mask_scales(masks: MaskSet) -> dict[str, float]:
     """{task: scale} of a MaskSet (1 for every task unless its info records scales)."""
     scales = (masks.info or {}).get(SCALES_INFO) or {}
     return {name: float(scales.get(name, 1.0)) for name in masks.names}
+
+
+def task_models(method: Any, cs: Any, vector: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> TaskModels:
+    """A per-task method's TaskModels for ``vector``, given the method's hyperparameters (those its hook takes)."""
+    hook = method.task_models
+    accepted = inspect.signature(hook).parameters
+    return hook(cs, vector, **{key: value for key, value in params.items() if key in accepted})
