@@ -8,6 +8,11 @@ count). The naive baseline loads every checkpoint fully, flattens each into one 
 
     python benchmarks/merge_bench.py --model ViT-B-32 --tasks 8
     python benchmarks/merge_bench.py --model ViT-L-14 --tasks 20 --methods ties compress consensus --no-naive
+    python benchmarks/merge_bench.py --model ViT-B-32 --tasks 8 --methods lines emr dare tsv iso_c iso_cts \
+        --naive-methods lines emr dare tsv iso_c iso_cts
+
+The naive baselines of lines, emr and dare stack the (tasks x parameters) matrix; those of tsv, iso_c
+and iso_cts hold every task vector as a state dict and work layer by layer, as their references do.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress"]
+ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress", "lines", "tsv", "iso_c", "iso_cts", "emr", "dare"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +116,45 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str) -> None:
     elif job == "mag_masking":
         merged = taus.sum(0)
         masks = topk(taus, 10) != 0
+    elif job == "lines":  # LiNeS over TIES, as its reference: stacked vectors, per-key scales at beta = 0.5
+        merged = ties(taus, "mean")
+        alpha = float(taus.sum(0).abs().sum() / merged.abs().sum()) / len(fts)
+        offset, scaled = 0, []
+        for key in keys:
+            n = theta0[key].numel()
+            depth = next((i for i in range(99) if f".{i}." in key), None)
+            scaled.append(merged[offset : offset + n] * (alpha + 0.5 * (depth / 11 if depth is not None else 0.0)))
+            offset += n
+        merged = torch.cat(scaled)
+    elif job == "emr":
+        sign = torch.sign(taus.sum(0))
+        unified = sign * (taus.abs() * (taus * sign > 0)).max(dim=0).values
+        masks = taus * unified > 0
+        scales = taus.abs().sum(1) / (unified.abs() * masks).sum(1)
+    elif job == "dare":
+        generator = torch.Generator().manual_seed(0)
+        merged = (taus * (torch.rand(taus.shape, generator=generator) >= 0.9).to(device) / 0.1).sum(0)
+    elif job in ("tsv", "iso_c", "iso_cts"):
+        # the references' layout: every task vector held as a state dict, then layer by layer
+        vectors = [{key: ft[key].float().to(device) - theta0[key].float().to(device) for key in keys} for ft in finetuned]
+        del flat0, flat_ft, taus
+        for key in keys:
+            stack = [v[key] for v in vectors]
+            if stack[0].dim() != 2 or "text_projection" in key:
+                continue
+            if job == "tsv":
+                rank, kept = min(stack[0].shape), int(min(stack[0].shape) / len(stack))
+                parts = [torch.linalg.svd(m, full_matrices=False) for m in stack]
+                u = torch.cat([p[0][:, :kept] for p in parts] + [torch.zeros(stack[0].shape[0], rank - kept * len(stack), device=device)], 1)
+                v = torch.cat([p[2][:kept] for p in parts] + [torch.zeros(rank - kept * len(stack), stack[0].shape[1], device=device)], 0)
+                torch.linalg.svd(u, full_matrices=False), torch.linalg.svd(v, full_matrices=False)
+            else:
+                total = sum(stack)
+                u, s_, vh = torch.linalg.svd(total, full_matrices=False)
+                if job == "iso_cts":
+                    common = u[:, : int(0.8 * len(s_))]
+                    for m in stack:
+                        torch.linalg.svd(m - common @ (common.T @ m), full_matrices=False)
     else:
         raise SystemExit(f"unknown job {job}")
     if device == "cuda":
@@ -122,6 +166,7 @@ def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path) -> None:
     from tallmasks.masks import magnitude_masks, tall_masks
     from tallmasks.merging import merge
     from tallmasks.checkpoints import save_state_dict
+    from tallmasks.merging.emr import emr_masks
     from tallmasks.task_vectors import CheckpointSet
 
     if job == "compress":
@@ -138,6 +183,12 @@ def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path) -> None:
     elif job == "mag_masking":
         vector = merge(cs, "mag_masking", device=device)
         magnitude_masks(cs, 10, device=device)
+    elif job == "lines":
+        scaled = merge(cs, "lines", base_method="ties", device=device)
+        vector = {key: value * scaled.coefficient(key, 0.5) for key, value in scaled.items()}
+    elif job == "emr":
+        vector = merge(cs, "emr", device=device)
+        emr_masks(cs, vector, device=device)
     else:
         vector = merge(cs, job, device=device)
     save_state_dict(vector, out / f"{job}.safetensors")

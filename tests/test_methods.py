@@ -15,6 +15,7 @@ from tallmasks.merging import METHODS, alpha_candidates, merge
 from tallmasks.merging.emr import emr_masks
 from tallmasks.merging.lines import block_depth, infer_num_blocks
 from tallmasks.task_vectors import CheckpointSet, apply_vector
+from test_merging import ref_ties, ref_topk, seq_sum
 
 # ------------------------------------------------------------------------------------------------
 # a tiny model: three residual blocks, matrices of both orientations, a conv kernel, text_projection,
@@ -63,30 +64,6 @@ def setup(request):
 
 def flat(vector, keys):
     return torch.cat([vector[key].reshape(-1) for key in keys])
-
-
-def seq_sum(rows):
-    total = torch.zeros_like(rows[0])
-    for row in rows:
-        total += row
-    return total
-
-
-def ref_topk(matrix, k):
-    if k == 100:
-        return matrix.clone()
-    d = matrix.shape[1]
-    kth = d - int(d * (k / 100))
-    return matrix * (matrix.abs() >= matrix.abs().kthvalue(kth, dim=1, keepdim=True).values)
-
-
-def ref_ties(matrix, k, agg):
-    trimmed = ref_topk(matrix, k)
-    sign = torch.sign(seq_sum(trimmed))
-    sign[sign == 0] = torch.sign(sign.sum())
-    selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = seq_sum(selected)
-    return total / torch.clamp((selected != 0).sum(0).float(), min=1) if agg == "mean" else total
 
 
 def stacked(taus, keys):
@@ -193,24 +170,22 @@ def test_lines_evaluator_applies_per_layer_coefficients(setup):
 # TSV-M, Iso-C, Iso-CTS (per-key whole-tensor formulas, the references' steps)
 
 
-def ref_tsv(taus):
-    out = {}
-    for key, value in taus.items():
-        num_tasks = value.shape[0]
-        if not is_matrix(key, value):
-            out[key] = mean_of(value)
-            continue
-        rows, cols = value.shape[1:]
-        rank = min(rows, cols)
-        kept = int(rank * (1 / num_tasks))
-        sum_u, sum_s, sum_v = torch.zeros(rows, rank), torch.zeros(rank), torch.zeros(rank, cols)
-        for t in range(num_tasks):
-            u, s, vh = torch.linalg.svd(value[t], full_matrices=False)
-            sum_u[:, t * kept : (t + 1) * kept] = u[:, :kept]
-            sum_s[t * kept : (t + 1) * kept] = s[:kept]
-            sum_v[t * kept : (t + 1) * kept] = vh[:kept]
-        out[key] = polar(sum_u) @ torch.diag(sum_s) @ polar(sum_v)
-    return out
+def per_layer(taus, matrix_formula):
+    """The formula on every layer matrix, the running mean of the task vectors elsewhere."""
+    return {key: matrix_formula(value) if is_matrix(key, value) else mean_of(value) for key, value in taus.items()}
+
+
+def ref_tsv_layer(value):
+    num_tasks, rows, cols = value.shape
+    rank = min(rows, cols)
+    kept = int(rank * (1 / num_tasks))
+    sum_u, sum_s, sum_v = torch.zeros(rows, rank), torch.zeros(rank), torch.zeros(rank, cols)
+    for t in range(num_tasks):
+        u, s, vh = torch.linalg.svd(value[t], full_matrices=False)
+        sum_u[:, t * kept : (t + 1) * kept] = u[:, :kept]
+        sum_s[t * kept : (t + 1) * kept] = s[:kept]
+        sum_v[t * kept : (t + 1) * kept] = vh[:kept]
+    return polar(sum_u) @ torch.diag(sum_s) @ polar(sum_v)
 
 
 def ref_iso_c(taus):
@@ -225,35 +200,32 @@ def ref_iso_c(taus):
     return out
 
 
-def ref_iso_cts(taus, fraction):
-    out = {}
-    for key, value in taus.items():
-        num_tasks = value.shape[0]
-        if not is_matrix(key, value):
-            out[key] = mean_of(value)
-            continue
-        rank = min(value.shape[1:])
-        common = int(rank * fraction)
-        common = rank - round((rank - common) / num_tasks) * num_tasks
-        per_task = (rank - common) // num_tasks
-        u, s, vh = torch.linalg.svd(seq_sum(value), full_matrices=False)
-        projector = u[:, :common] @ u[:, :common].T  # the reference's (U U^T) w
-        us, ss, vs = [], [], []
-        for t in range(num_tasks):
-            ut, st, vht = torch.linalg.svd(value[t] - projector @ value[t], full_matrices=False)
-            us.append(ut[:, :per_task]), ss.append(st[:per_task]), vs.append(vht[:per_task])
-        basis_u = torch.cat([*us, u[:, :common]], dim=1)
-        values = torch.cat([*ss, s[:common]])
-        basis_v = torch.cat([*vs, vh[:common]], dim=0)
-        out[key] = polar(basis_u) @ torch.diag(torch.full_like(values, float(values.mean()))) @ polar(basis_v)
-    return out
+def ref_iso_cts_layer(value, fraction):
+    num_tasks = value.shape[0]
+    rank = min(value.shape[1:])
+    common = int(rank * fraction)
+    common = rank - round((rank - common) / num_tasks) * num_tasks
+    per_task = (rank - common) // num_tasks
+    u, s, vh = torch.linalg.svd(seq_sum(value), full_matrices=False)
+    projector = u[:, :common] @ u[:, :common].T  # the reference's (U U^T) w
+    us, ss, vs = [], [], []
+    for t in range(num_tasks):
+        ut, st, vht = torch.linalg.svd(value[t] - projector @ value[t], full_matrices=False)
+        us.append(ut[:, :per_task]), ss.append(st[:per_task]), vs.append(vht[:per_task])
+    basis_u = torch.cat([*us, u[:, :common]], dim=1)
+    values = torch.cat([*ss, s[:common]])
+    basis_v = torch.cat([*vs, vh[:common]], dim=0)
+    return polar(basis_u) @ torch.diag(torch.full_like(values, float(values.mean()))) @ polar(basis_v)
 
 
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
 def test_spectral_methods_match_reference(setup, method):
     cs, _, _, taus = setup
     got = merge(cs, method)
-    expected = {"tsv": ref_tsv, "iso_c": ref_iso_c, "iso_cts": lambda t: ref_iso_cts(t, 0.8)}[method](taus)
+    if method == "iso_c":
+        expected = ref_iso_c(taus)
+    else:
+        expected = per_layer(taus, ref_tsv_layer if method == "tsv" else lambda value: ref_iso_cts_layer(value, 0.8))
     assert set(got) == set(cs.float_keys)
     for key in cs.float_keys:
         assert got[key].shape == taus[key].shape[1:] and got[key].dtype == torch.float32

@@ -13,7 +13,7 @@ import torch
 
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register, task_arithmetic
-from tallmasks.merging.layers import all_zero, is_matrix, layer_keys, orthogonalize, running_mean, task_tensors
+from tallmasks.merging.layers import is_matrix, layer_keys, merge_layers, orthogonalize, task_tensors
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -92,13 +92,5 @@ def iso_cts_method(cs: CheckpointSet, *, common_space_fraction: float = 0.8, dev
         fraction = float("nan")
     if isinstance(common_space_fraction, bool) or not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"common_space_fraction must be a number in [0, 1], got {common_space_fraction!r}")
-    out = task_arithmetic(cs, k=100, device=device)
-    for key in layer_keys(cs, "Iso-CTS layers"):
-        shape = cs.shapes[key]
-        if not is_matrix(key, shape):
-            out[key] = running_mean(cs, key, device).cpu()
-        elif all_zero(cs, key, device):  # no task changed it: the merge is exactly zero
-            out[key] = torch.zeros(shape)
-        else:
-            out[key] = iso_cts_layer(cs, key, out[key], fraction, device).cpu()
-    return out
+    total = task_arithmetic(cs, k=100, device=device)
+    return merge_layers(cs, lambda key: iso_cts_layer(cs, key, total.pop(key), fraction, device), "Iso-CTS layers", device)

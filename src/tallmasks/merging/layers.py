@@ -3,7 +3,7 @@ at a time, so memory grows with the largest tensor, not with the model or the nu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -49,3 +49,18 @@ def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
 def layer_keys(cs: CheckpointSet, desc: str) -> Iterator[str]:
     """The floating-point keys in order, with a progress bar when ``cs.progress`` is on."""
     yield from tqdm(cs.float_keys, desc=desc, unit="tensor", leave=False, disable=not cs.progress)
+
+
+def merge_layers(cs: CheckpointSet, layer: Callable[[str], torch.Tensor], desc: str, device="cpu") -> dict[str, torch.Tensor]:
+    """A merged vector built layer by layer: ``layer(key)`` for layer matrices that some task changes,
+    zero for those no task changes, the running mean of the task vectors for every other key."""
+    out: dict[str, torch.Tensor] = {}
+    for key in layer_keys(cs, desc):
+        shape = cs.shapes[key]
+        if not is_matrix(key, shape):
+            out[key] = running_mean(cs, key, device).cpu()
+        elif all_zero(cs, key, device):  # exactly zero, no SVD needed
+            out[key] = torch.zeros(shape)
+        else:
+            out[key] = layer(key).cpu()
+    return out

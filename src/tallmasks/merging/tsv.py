@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tallmasks.merging.base import COEF_GRID, Vector, register
-from tallmasks.merging.layers import all_zero, is_matrix, layer_keys, running_mean, task_tensors
+from tallmasks.merging.layers import merge_layers, task_tensors
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -36,13 +36,4 @@ def tsv_layer(cs: CheckpointSet, key: str, device="cpu") -> torch.Tensor:
 @register("tsv", COEF_GRID, "TSV-M: per-layer low-rank task singular vectors, decorrelated; alpha in 0.1..3.0", alpha_max=3.0)
 def tsv_method(cs: CheckpointSet, *, device: str = "cpu") -> Vector:
     """TSV-M merged vector, layer by layer."""
-    out: Vector = {}
-    for key in layer_keys(cs, "TSV-M layers"):
-        shape = cs.shapes[key]
-        if not is_matrix(key, shape):
-            out[key] = running_mean(cs, key, device).cpu()
-        elif all_zero(cs, key, device):  # no task changed it: the merge is exactly zero, no SVD needed
-            out[key] = torch.zeros(shape)
-        else:
-            out[key] = tsv_layer(cs, key, device).cpu()
-    return out
+    return merge_layers(cs, lambda key: tsv_layer(cs, key, device), "TSV-M layers", device)
