@@ -119,11 +119,12 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str) -> None:
     elif job == "lines":  # LiNeS over TIES, as its reference: stacked vectors, per-key scales at beta = 0.5
         merged = ties(taus, "mean")
         alpha = float(taus.sum(0).abs().sum() / merged.abs().sum()) / len(fts)
+        blocks = 1 + max(i for key in keys for i in range(99) if f".{i}." in key)
         offset, scaled = 0, []
         for key in keys:
             n = theta0[key].numel()
-            depth = next((i for i in range(99) if f".{i}." in key), None)
-            scaled.append(merged[offset : offset + n] * (alpha + 0.5 * (depth / 11 if depth is not None else 0.0)))
+            depth = next((i for i in range(blocks) if f".{i}." in key), None)
+            scaled.append(merged[offset : offset + n] * (alpha + 0.5 * (depth / (blocks - 1) if depth is not None else 0.0)))
             offset += n
         merged = torch.cat(scaled)
     elif job == "emr":

@@ -17,7 +17,7 @@ from typing import Union
 import torch
 
 from tallmasks.checkpoints import LazyStateDict, load_state_dict
-from tallmasks.coefficients import key_coefficient
+from tallmasks.coefficients import key_coefficient, scaling_of
 from tallmasks.errors import CheckpointError
 
 StateDictLike = Union[str, Path, Mapping[str, torch.Tensor]]
@@ -308,6 +308,7 @@ def apply_vector(
     """theta_0 + alpha * (mask * tau), in float32, cast back to theta_0's dtypes; other keys untouched
     (a ScaledVector applies each key with its own coefficient at alpha)."""
     out: dict[str, torch.Tensor] = {}
+    scaling = scaling_of(vector)
     for key in pretrained.keys():
         theta0 = pretrained[key]
         if key not in vector:
@@ -320,7 +321,7 @@ def apply_vector(
             raise CheckpointError(f"shape mismatch for {key!r}: {list(tau.shape)} vs {list(theta0.shape)}")
         if mask is not None:
             tau = tau * mask[key].to(torch.bool)
-        out[key] = (theta0.to(torch.float32) + key_coefficient(vector, key, alpha) * tau).to(theta0.dtype)
+        out[key] = (theta0.to(torch.float32) + key_coefficient(scaling, key, alpha) * tau).to(theta0.dtype)
     extra = [k for k in vector if k not in pretrained]
     if extra:
         raise CheckpointError(f"task vector has key {extra[0]!r} that the pre-trained model lacks")

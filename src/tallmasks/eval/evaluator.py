@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from tallmasks.coefficients import key_coefficient
+from tallmasks.coefficients import KeyScaling, key_coefficient, scaling_of
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.cache import SplitData
 from tallmasks.eval.distributed import DistInfo
@@ -84,7 +84,7 @@ class Evaluator:
                 if target.dtype.is_floating_point:
                     self.theta0[key] = target.data.clone()
         self.vector: dict[str, torch.Tensor] = {}
-        self.coefficients: Mapping[str, torch.Tensor] = {}
+        self.scaling: KeyScaling | None = None
         self.setting: tuple | None = None
         mean = getattr(encoder, "mean", (0.0, 0.0, 0.0))
         std = getattr(encoder, "std", (1.0, 1.0, 1.0))
@@ -101,7 +101,7 @@ class Evaluator:
         if unknown:
             raise CheckpointError(f"merged vector has key {unknown[0]!r} that the encoder lacks")
         self.vector = {k: v.to(self.device, torch.float32) for k, v in vector.items()}
-        self.coefficients = vector  # keeps a ScaledVector's per-key coefficients
+        self.scaling = scaling_of(vector)  # a ScaledVector's per-key coefficients
         self.setting = None
 
     @torch.no_grad()
@@ -119,7 +119,8 @@ class Evaluator:
 
     @torch.no_grad()
     def set_weights(self, alpha: float, mask: Mapping[str, torch.Tensor] | None = None, tag: object = None) -> None:
-        """Encoder weights := theta_0 + alpha * (mask * tau), in place (``tag`` skips a repeat of the same setting)."""
+        """Encoder weights := theta_0 + alpha * (mask * tau), in place (``tag`` skips a repeat of the same setting);
+        a ScaledVector's keys take their own coefficient at alpha."""
         setting = (float(alpha), tag if mask is not None else None)
         if tag is not None and setting == self.setting:
             return
@@ -127,7 +128,7 @@ class Evaluator:
             target = self.targets[key]
             target.copy_(base)
             tau = self.vector.get(key)
-            coefficient = key_coefficient(self.coefficients, key, alpha)
+            coefficient = key_coefficient(self.scaling, key, alpha)
             if tau is None or coefficient == 0:
                 continue
             if mask is not None:

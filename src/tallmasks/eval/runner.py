@@ -469,7 +469,6 @@ def _select_per_task(ctx: _Context, combination: dict[str, Any], vector: Any, pa
     else:
         models = task_models(exp.method_spec, cs, vector, params)
     prefix = _grid_key(combination, "")
-    device = str(evaluator.device)
     val_top1: dict[str, dict[str, float]] = {}
     steps = [(label, t, d) for label in models.choices for t, d in enumerate(exp.datasets)]
     for label, t, d in tqdm(steps, desc="per-task models on validation", disable=not dist.is_main, leave=not combination):

@@ -33,11 +33,12 @@ def emr_masks(cs: CheckpointSet, vector: Vector, device="cpu") -> MaskSet:
     kept = [0.0] * cs.num_tasks  # sum |m_t * tau_uni|
     for block in cs.blocks(device=device):
         unified = vector[block.key].reshape(-1)[block.start : block.stop].to(device=device, dtype=torch.float32)
+        magnitude = unified.abs()
         for t, tau in enumerate(block.task_vectors()):
             mask = tau * unified > 0
             packers[t].add(mask)
-            own[t] += float(tau.double().abs().sum())
-            kept[t] += float((unified.double().abs() * mask).sum())
+            own[t] += float(tau.abs().sum(dtype=torch.float64))
+            kept[t] += float((magnitude * mask).sum(dtype=torch.float64))
     # a task whose mask is empty rebuilds theta_0 whatever its rescaler: 1 then
     scales = {name: (own[t] / kept[t] if kept[t] > 0 else 1.0) for t, name in enumerate(cs.names)}
     return MaskSet(cs.names, layout, [p.finish() for p in packers], {"kind": "emr", SCALES_INFO: scales})

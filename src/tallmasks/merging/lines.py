@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tallmasks.coefficients import ScaledVector
+from tallmasks.coefficients import KeyScaling, ScaledVector
 from tallmasks.errors import ConfigError
 from tallmasks.masks import MaskSet
 from tallmasks.merging.base import COEF_GRID, merge, ordered_sum, register, trim, trim_thresholds
@@ -108,4 +108,4 @@ def lines_method(
     alpha = (summed / merged) * 1 / cs.num_tasks if merged > 0 else 1 / cs.num_tasks
     slopes = depth_slopes(cs.float_keys, num_blocks)
     info = {"base_method": base_method, "lines_alpha": alpha, "num_blocks": num_blocks}
-    return ScaledVector(vector, {key: alpha for key in cs.float_keys}, slopes, info)
+    return ScaledVector(vector, KeyScaling({key: alpha for key in cs.float_keys}, slopes), info)
