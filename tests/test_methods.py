@@ -385,7 +385,8 @@ def test_cli_merge_takes_any_hyperparameter(tmp_path, tiny_checkpoints, capsys):
     got = load_state_dict(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     for bad, message in [(["--param", "q=1"], "has no hyperparameter 'q'"), (["--param", "p"], "expected NAME=VALUE"),
-                         (["--param", "p=abc"], "expected a float"), (["--param", "p=2"], "drop rate")]:
+                         (["--param", "p=abc"], "--param p must be a finite number"), (["--param", "p=2"], "--param p must be >= 0 and <= 1"),
+                         (["--param", "base_method=consensus"], "must be one of sum, ties")]:
         code = main(["-q", "merge", "--method", "dare", "--pretrained", str(pt), "--finetuned", *map(str, fts), *bad,
                      "--out", str(tmp_path / "bad.pt")])
         err = capsys.readouterr().err.strip().splitlines()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.guard import check_output, file_size, require_file
 
 log = logging.getLogger("tallmasks")
 
@@ -19,17 +20,45 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """The --device value checked (auto, cpu, cuda, cuda:N available here), auto resolved."""
+    from tallmasks.eval.distributed import check_device, resolve_device
+
+    return str(resolve_device(check_device(name, "--device")))
 
 
-def _check_out_file(path: str) -> Path:
-    out = Path(path)
+def _check_out_file(path: str, option: str = "--out") -> Path:
+    out = Path(path).expanduser()
     if out.suffix not in CHECKPOINT_SUFFIXES:
-        raise ConfigError(f"--out {path}: use a .safetensors or .pt file name")
+        raise ConfigError(f"{option} {path}: use a .safetensors or .pt file name")
     if out.is_dir():
-        raise ConfigError(f"--out {path}: is a folder, expected a file name")
+        raise ConfigError(f"{option} {path}: is a folder, expected a file name")
+    return out
+
+
+def _inputs(*paths: str) -> list[Path]:
+    """The input checkpoints, each a regular file (never a pipe or a device)."""
+    return [require_file(p, "checkpoint") for p in paths]
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _method_params(method: str, given: dict[str, Any], num_tasks: int, option: str = "") -> dict[str, Any]:
+    """Hyperparameters given as flags (or ``--param NAME=VALUE`` with ``option``), checked against the
+    method's signature like main.py's method fields."""
+    from tallmasks.merging import get_method
+    from tallmasks.schema import coerce, parameters
+
+    accepted = parameters(get_method(method).fn, ("device",))
+    out = {}
+    for key, value in given.items():
+        where = f"{option}{key}" if option else _flag(key)
+        if key not in accepted:
+            if option:
+                raise ConfigError(f"{where}: method {method!r} has no hyperparameter {key!r} (it takes {', '.join(accepted) or 'none'})")
+            raise ConfigError(f"{where} does not apply to method {method!r}")
+        out[key] = coerce(value, accepted[key].annotation, where, {"num_tasks": num_tasks})
     return out
 
 
@@ -50,83 +79,43 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
     return values[0] if len(values) == 1 else list(values)
 
 
-def parse_params(method, items: Sequence[str] | None) -> dict:
-    """``NAME=VALUE`` hyperparameters of a method, each value read as the type of its default."""
-    params: dict = {}
-    accepted = method.hyperparameters
+def _param_items(items: Sequence[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` pairs (values still text; the method's signature types them)."""
+    out = {}
     for item in items or []:
         name, sep, text = item.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not name:
             raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
-        if name not in accepted:
-            raise ConfigError(
-                f"--param {name}: method {method.name!r} has no hyperparameter {name!r} (it takes {', '.join(sorted(accepted)) or 'none'})"
-            )
-        params[name] = _typed(name, text.strip(), accepted[name])
-    return params
-
-
-def _typed(name: str, text: str, default):
-    lowered = text.lower()
-    if lowered in ("none", "null") and default is None:
-        return None
-    try:
-        if isinstance(default, bool):
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-        if default is None:
-            for kind in (int, float):
-                try:
-                    return kind(text)
-                except ValueError:
-                    pass
-        return text
-    except ValueError:
-        raise ConfigError(f"--param {name}={text}: expected a {type(default).__name__} like its default ({default!r})") from None
+        out[name] = text.strip()
+    return out
 
 
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
     from tallmasks.coefficients import ScaledVector
-    from tallmasks.masks import check_prun_thre_k, tall_masks
+    from tallmasks.masks import tall_masks
     from tallmasks.merging import base_vector, get_method, merge
-    from tallmasks.selection import check_k
+    from tallmasks.schema import coerce
     from tallmasks.task_vectors import CheckpointSet, apply_vector
 
-    out = _check_out_file(args.out)
+    inputs = _inputs(args.pretrained, *args.finetuned)
     method = get_method(args.method)
-    params: dict = {"device": _device(args.device)}
+    out = _check_out_file(args.out)
+    given = {"k": args.k, "use_ties": args.use_ties or None, "ties_agg": args.ties_agg, "prun_thre_k": args.prun_thre_k}
+    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, len(args.finetuned))
+    params.update(_method_params(args.method, _param_items(args.param), len(args.finetuned), option="--param "))
+    params["device"] = _device(args.device)
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
-    if args.k is not None:
-        if "k" not in method.defaults:
-            raise ConfigError(f"--k does not apply to method {args.method!r}")
-        params["k"] = check_k(args.k)
-    if args.use_ties or args.ties_agg is not None:
-        if "use_ties" not in method.defaults and args.use_ties:
-            raise ConfigError(f"--use-ties does not apply to method {args.method!r}")
-        if args.use_ties:
-            params["use_ties"] = True
-        if args.ties_agg is not None:
-            params["ties_agg"] = args.ties_agg
-    if args.prun_thre_k is not None:
-        if "prun_thre_k" not in method.defaults:
-            raise ConfigError(f"--prun-thre-k does not apply to method {args.method!r}")
-        params["prun_thre_k"] = check_prun_thre_k(args.prun_thre_k)
-    params.update(parse_params(method, args.param))
     needs_masks = method.needs_masks(params)
     if args.tall_mask_lambda and not needs_masks:
         raise ConfigError("--tall-mask-lambda applies to methods that read TALL masks (consensus, lines with base_method=consensus) and to compress")
-    if args.alpha is None and method.needs_alpha:
+    alpha = None if args.alpha is None else coerce(args.alpha, float, "--alpha")
+    if alpha is None and method.needs_alpha:
         raise ConfigError(f"method {args.method!r} scales each layer with its own coefficient: pass --alpha to write the merged model")
-    cs = CheckpointSet(args.pretrained, args.finetuned, _names(args, len(args.finetuned)))
+    names = _names(args, len(args.finetuned))
+    check_output(out, inputs, expected_bytes=file_size(args.pretrained), label="--out")
+    cs = CheckpointSet(args.pretrained, args.finetuned, names)
     cs.progress = not args.quiet
     if needs_masks:
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
@@ -135,30 +124,29 @@ def cmd_merge(args) -> int:
         if "base" in method.defaults:
             params["base"] = base
     vector = merge(cs, args.method, **params)
-    if args.alpha is None:
+    if alpha is None:
         result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
         what = "merged task vector"
     else:
-        result = apply_vector(cs.pretrained, vector, alpha=args.alpha)
-        what = f"merged model (alpha={args.alpha})"
+        result = apply_vector(cs.pretrained, vector, alpha=alpha)
+        what = f"merged model (alpha={alpha:g})"
     if isinstance(vector, ScaledVector):
         what += " (" + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in vector.info.items()) + ")"
-    save_state_dict(result, out)
+    save_state_dict(result, out, finite=True)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
 
 
 def cmd_compress(args) -> int:
     from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
-
-    from tallmasks.selection import check_k
+    from tallmasks.schema import Percent, coerce
 
     if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda):
         raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
     if args.masks != "magnitude" and args.k is not None:
         raise ConfigError("--k applies to --masks magnitude only")
     if args.k is not None:
-        check_k(args.k)
+        coerce(args.k, Percent, "--k")
     compress(
         args.pretrained,
         args.finetuned,
@@ -187,9 +175,11 @@ def cmd_compress(args) -> int:
 def cmd_decompress(args) -> int:
     from tallmasks.compression import decompress
 
+    from tallmasks.compression import read_meta, task_name
+
     out = _check_out_file(args.out)
     decompress(args.collection, args.task, out, pretrained=args.pretrained)
-    log.info("wrote task %s to %s", args.task, out)
+    log.info("wrote task %s to %s", task_name(read_meta(args.collection), args.task), out)
     return 0
 
 
@@ -207,15 +197,25 @@ def cmd_inspect(args) -> int:
     from tallmasks.compression import _is_collection, collection_report
     from tallmasks.masks import MaskSet
 
-    path = Path(args.path)
-    if path.is_dir() and _is_collection(path):
+    path = Path(args.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if not _is_collection(path):
+            raise ConfigError(f"{path}: not a compressed collection (no valid meta.json)")
+    else:
+        require_file(path, "checkpoint or mask")
+    is_maskset = not path.is_dir() and path.suffix == ".safetensors" and _is_maskset(path)
+    if args.plot:
+        if not (path.is_dir() or is_maskset):
+            raise ConfigError(f"--plot draws the agreement of a collection or mask file; {path} is a checkpoint")
+        check_output(args.plot, [path], label="--plot")
+    if path.is_dir():
         report = collection_report(path)
         agreement = report["agreement"]
         names = report["tasks"]
         densities = report["densities"]
-    elif path.is_dir():
-        raise ConfigError(f"{path}: not a compressed collection")
-    elif path.suffix == ".safetensors" and _is_maskset(path):
+    elif is_maskset:
         masks = MaskSet.load(path)
         names, agreement = masks.names, masks.agreement()
         densities = {n: masks.density(n) for n in names}
@@ -284,9 +284,9 @@ def _is_released_head(path: str) -> bool:
 def cmd_convert(args) -> int:
     from tallmasks.checkpoints import convert_checkpoint
 
-    out = _check_out_file(args.dst)
-    if Path(args.src).resolve() == out.resolve():
-        raise ConfigError("convert: source and destination are the same file")
+    src = require_file(args.src, "checkpoint")
+    out = _check_out_file(args.dst, "convert: destination")
+    check_output(out, [src], expected_bytes=file_size(src), label="convert: destination")
     if _is_released_head(args.src):
         from tallmasks.released import load_released_head
 
@@ -376,13 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (inspect --json | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -4,27 +4,30 @@ A compressed collection is a folder:
 
 - ``merged.safetensors``: the multi-task vector tau_MTL (floating-point keys, the inputs' dtype);
 - ``masks.safetensors``: one bit-packed mask per task (``MaskSet``);
-- ``meta.json``: task names, how the masks were built (with the per-task scales of EMR-merging), and
-  the pre-trained checkpoint it refers to (path and SHA-256): theta_0 is referenced, not copied.
+- ``meta.json``: task names, how the masks were built (with the per-task scales of EMR-merging), the
+  pre-trained checkpoint it refers to (path and SHA-256: theta_0 is referenced, not copied), and the
+  collection's id, which both parts also record, so a part copied from another collection (or left by an
+  interrupted rewrite) is refused.
 
 Task t is rebuilt as theta_0 + scale_t * (m_t * tau_MTL), scale_t = 1 for TALL and magnitude masks.
+Writing a collection replaces only a previous collection's own files (meta.json last); a non-empty folder
+that is not a collection is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from tallmasks.checkpoints import load_state_dict, save_state_dict, sha256_file
+from tallmasks.checkpoints import LazyStateDict, atomic_path, load_state_dict, save_state_dict, sha256_file
 from tallmasks.errors import CheckpointError, ConfigError
-from tallmasks.masks import MaskSet
+from tallmasks.guard import check_output, file_size, require_file
+from tallmasks.masks import Layout, MaskSet
 from tallmasks.merging import get_method, merge
 from tallmasks.merging.per_task import mask_scales, task_models
 from tallmasks.task_vectors import CheckpointSet, apply_vector
@@ -35,27 +38,31 @@ FORMAT = "tallmasks-compressed-v1"
 MERGED_FILE = "merged.safetensors"
 MASKS_FILE = "masks.safetensors"
 META_FILE = "meta.json"
+PARTS = (MERGED_FILE, MASKS_FILE, META_FILE)
 DEFAULT_LAMBDA = 0.4
 
 #: --masks kinds and the per-task methods that build them
 MASK_METHODS = {"tall": "tall_mask", "magnitude": "mag_masking", "emr": "emr"}
 
 
+def _load_meta(path: Path) -> object:
+    return json.loads(require_file(path, "collection metadata").read_text())
+
+
 def _is_collection(path: Path) -> bool:
-    meta = path / META_FILE
-    if not meta.is_file():
-        return False
     try:
-        return json.loads(meta.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        meta = _load_meta(Path(path) / META_FILE)
+    except (OSError, ValueError, CheckpointError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a folder")
+def _check_out_dir(out_dir: Path, inputs: Sequence[str | Path], expected_bytes: int) -> None:
+    check_output(out_dir, inputs, expected_bytes=expected_bytes, folder=True, label="--out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_collection(out_dir):
         raise CheckpointError(f"{out_dir}: folder is not empty and is not a compressed collection; choose another --out")
+    for part in PARTS:
+        check_output(out_dir / part, inputs, label="--out")
 
 
 def compress(
@@ -70,11 +77,13 @@ def compress(
     device: str = "cpu",
     progress: bool = False,
 ) -> dict:
-    """Write a compressed collection to ``out_dir`` atomically; returns its metadata."""
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    """Write a compressed collection to ``out_dir`` (each part atomically, meta.json last); returns its metadata."""
+    out_dir = Path(out_dir).expanduser()
     if masks not in MASK_METHODS:
         raise ConfigError(f"masks must be one of {', '.join(MASK_METHODS)}, got {masks!r}")
+    inputs = [require_file(p) for p in (pretrained, *finetuned)]
+    size = file_size(pretrained)
+    _check_out_dir(out_dir, inputs, size + len(inputs) * (size // 32 + 1) + 65536)
     cs = CheckpointSet(pretrained, list(finetuned), names)
     cs.progress = progress
     method = get_method(MASK_METHODS[masks])
@@ -94,45 +103,90 @@ def compress(
     else:
         mask_info["scales"] = mask_scales(mask_set)
     stored = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
+    collection_id = uuid.uuid4().hex
     meta = {
         "format": FORMAT,
+        "collection": collection_id,
         "tasks": cs.names,
         "masks": mask_info,
         "num_params": cs.num_float_params,
         "pretrained": {"path": str(Path(pretrained).resolve()), "sha256": sha256_file(pretrained)},
         "finetuned": [str(Path(p).resolve()) for p in finetuned],
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_state_dict(stored, tmp / MERGED_FILE)
-        mask_set.save(tmp / MASKS_FILE)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    mask_set.info["collection"] = collection_id
+    # a previous collection's meta.json stays until the new parts are in place: an interrupted rewrite is
+    # still recognised as a collection (and replaced next time) but its parts' ids no longer match
+    save_state_dict(stored, out_dir / MERGED_FILE, metadata={"collection": collection_id}, finite=True)
+    mask_set.save(out_dir / MASKS_FILE)
+    with atomic_path(out_dir / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def read_meta(collection: str | Path) -> dict:
-    collection = Path(collection)
-    if not collection.is_dir():
+    """meta.json of a collection, checked: a one-line error when it is missing, not JSON, or lacks a field."""
+    collection = Path(collection).expanduser()
+    if not collection.exists():
         raise CheckpointError(f"{collection}: no such compressed collection (expected a folder)")
-    if not _is_collection(collection):
-        raise CheckpointError(f"{collection}: not a compressed collection (no valid {META_FILE})")
-    return json.loads((collection / META_FILE).read_text())
+    if not collection.is_dir():
+        raise CheckpointError(f"{collection}: not a folder, expected a compressed collection")
+    path = collection / META_FILE
+    if not path.exists():
+        raise CheckpointError(f"{collection}: not a compressed collection (no {META_FILE})")
+    try:
+        meta = _load_meta(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    _check_meta(meta, path)
+    return meta  # type: ignore[return-value]
+
+
+def _check_meta(meta: object, path: Path) -> None:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a compressed collection (format {meta.get('format')!r}, expected {FORMAT!r})")
+    fields = {"tasks": list, "masks": dict, "num_params": int, "pretrained": dict}
+    for key, kind in fields.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    tasks = meta["tasks"]
+    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        raise CheckpointError(f"{path}: field 'tasks' must list distinct task names")
+    for key in ("path", "sha256"):
+        if not isinstance(meta["pretrained"].get(key), str):
+            raise CheckpointError(f"{path}: field 'pretrained.{key}' missing or not a string")
+    if "collection" in meta and not isinstance(meta["collection"], str):
+        raise CheckpointError(f"{path}: field 'collection' must be a string")
+
+
+def open_collection(collection: str | Path) -> tuple[dict, LazyStateDict, MaskSet]:
+    """(meta, merged vector, masks) of a collection whose parts belong together: the same collection id,
+    the tasks of meta.json, and masks covering exactly the merged vector's keys and shapes."""
+    collection = Path(collection).expanduser()
+    meta = read_meta(collection)
+    merged = load_state_dict(collection / MERGED_FILE)
+    masks = MaskSet.load(collection / MASKS_FILE)
+    expected = meta.get("collection")
+    if expected is not None:
+        for part, found in ((MERGED_FILE, _merged_id(merged)), (MASKS_FILE, masks.info.get("collection"))):
+            if found != expected:
+                raise CheckpointError(
+                    f"{collection / part}: belongs to another collection than {collection / META_FILE} "
+                    "(copied in, or left by an interrupted compress); compress again"
+                )
+    if masks.names != meta["tasks"]:
+        raise CheckpointError(f"{collection / MASKS_FILE}: masks for {masks.names}, {META_FILE} lists {meta['tasks']}")
+    keys = sorted(k for k in merged if merged.dtype(k).is_floating_point)
+    masks.check_layout(Layout(tuple(keys), tuple(merged.shape(k) for k in keys)), collection / MASKS_FILE)
+    if masks.layout.numel != meta["num_params"]:
+        raise CheckpointError(f"{collection / META_FILE}: num_params {meta['num_params']}, the parts have {masks.layout.numel}")
+    return meta, merged, masks
+
+
+def _merged_id(merged: LazyStateDict) -> str | None:
+    handle = getattr(merged, "_handle", None)
+    return (handle.metadata() or {}).get("collection") if handle is not None else None
 
 
 def task_name(meta: dict, task: str | int) -> str:
@@ -152,31 +206,31 @@ def task_name(meta: dict, task: str | int) -> str:
 def decompress(
     collection: str | Path, task: str | int, out: str | Path | None = None, pretrained: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
-    """Rebuild theta_0 + scale_t * (m_t * tau_MTL) for one task; saved atomically to ``out`` when given."""
-    collection = Path(collection)
-    meta = read_meta(collection)
+    """Rebuild theta_0 + scale_t * (m_t * tau_MTL) for one task; saved atomically to ``out`` when given (an
+    output that is theta_0 or lies inside the collection is refused before any work)."""
+    collection = Path(collection).expanduser()
+    meta, merged, masks = open_collection(collection)
     name = task_name(meta, task)
-    theta0_path = Path(pretrained) if pretrained is not None else Path(meta["pretrained"]["path"])
-    if not theta0_path.is_file():
+    theta0_path = Path(pretrained).expanduser() if pretrained is not None else Path(meta["pretrained"]["path"])
+    if not theta0_path.exists():
         raise CheckpointError(f"{theta0_path}: pre-trained checkpoint not found (pass --pretrained)")
+    require_file(theta0_path)
+    if out is not None:
+        check_output(out, [collection, theta0_path], expected_bytes=file_size(theta0_path), label="--out")
     if sha256_file(theta0_path) != meta["pretrained"]["sha256"]:
         raise CheckpointError(f"{theta0_path}: differs from the pre-trained checkpoint the collection was made from (SHA-256 mismatch)")
-    theta0 = load_state_dict(theta0_path)
-    merged = load_state_dict(collection / MERGED_FILE)
-    mask = MaskSet.load(collection / MASKS_FILE).get(name)
     scale = float((meta["masks"].get("scales") or {}).get(name, 1.0))
-    model = apply_vector(theta0, merged, alpha=scale, mask=mask)
+    model = apply_vector(load_state_dict(theta0_path), merged, alpha=scale, mask=masks.get(name))
     if out is not None:
-        save_state_dict(model, out)
+        save_state_dict(model, out, finite=True)
     return model
 
 
 def collection_report(collection: str | Path) -> dict:
     """Sizes, mask densities and the agreement profile of a compressed collection."""
-    collection = Path(collection)
-    meta = read_meta(collection)
-    masks = MaskSet.load(collection / MASKS_FILE)
-    sizes = {p.name: p.stat().st_size for p in sorted(collection.iterdir()) if p.is_file()}
+    collection = Path(collection).expanduser()
+    meta, _, masks = open_collection(collection)
+    sizes = {part: (collection / part).stat().st_size for part in PARTS}
     n = meta["num_params"]
     total = sum(sizes.values())
     return {

@@ -431,6 +431,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     unknown = [m for m in cfg.methods if m not in SUMMARY_METHODS]
     if unknown:
         raise ConfigError(f"unknown demo method {unknown[0]!r}; choose from {', '.join(SUMMARY_METHODS)}")
+    from tallmasks.guard import check_output
+
+    check_output(cfg.output_dir, folder=True, label="--output-dir")  # both writable before any work
+    check_output(cfg.cache_dir, folder=True, label="--cache-dir")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
     try:
@@ -441,7 +445,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from tallmasks.eval import atomic_write_json
-    from tallmasks.eval.runner import tall_mask_path
     from tallmasks.masks import MaskSet
     from tallmasks.models import DEMO_MODEL
 
@@ -469,8 +472,8 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
     output = Path(cfg.output_dir)
-    mask_file = tall_mask_path(cfg.model_location, DEMO_MODEL, len(tasks), use_ties=False)
-    if mask_file.is_file():  # written by the tall_mask run
+    mask_file = Path(runs["tall_mask"]["mask_path"]) if "mask_path" in runs.get("tall_mask", {}) else None
+    if mask_file is not None and mask_file.is_file():  # written by the tall_mask run
         profile = agreement_profile(MaskSet.load(mask_file))
         plot_agreement(profile, output / "mask_agreement.png", f"TALL-mask agreement, {len(tasks)} digit tasks (image tower)")
         summary["mask_agreement"] = {"tasks_per_weight": list(range(len(profile))), "weights": profile}

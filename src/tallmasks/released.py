@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tallmasks.errors import CheckpointError
+from tallmasks.guard import require_file
 from tallmasks.models.heads import ClassificationHead
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,7 @@ def _forbidden_global(exc: BaseException) -> str | None:
 
 def load_released_head(path: str | Path) -> ClassificationHead:
     """Read a released ``head_<Dataset>Val.pt`` (pickled module) into our ClassificationHead, safely."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such head file")
+    path = require_file(path, "head")
     try:
         with torch.serialization.safe_globals([(_ReleasedHead, RELEASED_HEAD_CLASS)]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -141,9 +140,7 @@ class _MaskUnpickler(pickle.Unpickler):
 
 def load_released_masks(path: str | Path) -> dict[str, np.ndarray]:
     """Read a released ``TALL_mask_{N}task.npy`` -> {dataset: packed uint8 array}, without running pickle code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such mask file")
+    path = require_file(path, "mask")
     from numpy.lib import format as npy_format
 
     try:

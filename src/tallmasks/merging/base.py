@@ -30,10 +30,6 @@ COEF_ONE = "one"  # alpha = 1 with per-task masks
 #: Hydra config fields that describe a run rather than the merge itself
 CONFIG_ONLY_FIELDS = frozenset({"name", "full_name", "load_mask", "grid"})
 
-#: hyperparameters that the caller provides rather than the config (never in a grid)
-PROVIDED_PARAMS = frozenset({"device", "masks", "base"})
-
-
 def _never(params: Mapping[str, Any]) -> bool:
     return False
 
@@ -60,14 +56,10 @@ class Method:
     needs_masks: Callable[[Mapping[str, Any]], bool] = _never
     alpha_max: Callable[[Mapping[str, Any]], float] = _one
     needs_alpha: bool = False  # its vector is only meaningful at a coefficient (per-key scales)
+    saves_masks: bool = False  # its chosen per-task masks are the TALL masks that consensus and load_mask read
 
     def __call__(self, cs: CheckpointSet, **params) -> Vector:
         return self.fn(cs, **params)
-
-    @property
-    def hyperparameters(self) -> dict:
-        """Config hyperparameters and their defaults (what a grid may range over)."""
-        return {k: v for k, v in self.defaults.items() if k not in PROVIDED_PARAMS}
 
 
 METHODS: dict[str, Method] = {}
@@ -82,6 +74,7 @@ def register(
     needs_masks: Callable[[Mapping[str, Any]], bool] = _never,
     alpha_max: float | Callable[[Mapping[str, Any]], float] = 1.0,
     needs_alpha: bool = False,
+    saves_masks: bool = False,
 ) -> Callable:
     """Register ``fn(cs, **hyperparameters) -> merged vector`` under ``name``."""
 
@@ -93,7 +86,7 @@ def register(
             if p.default is not inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY
         }
         top = alpha_max if callable(alpha_max) else (lambda params, value=float(alpha_max): value)
-        METHODS[name] = Method(name, fn, coefficient, description, defaults, task_models, needs_masks, top, needs_alpha)
+        METHODS[name] = Method(name, fn, coefficient, description, defaults, task_models, needs_masks, top, needs_alpha, saves_masks)
         return fn
 
     return wrap
@@ -149,43 +142,16 @@ def alpha_candidates(
     return alpha_grid(n_eval_points, spec.alpha_max({**spec.defaults, **(params or {})}))
 
 
-def grid_combinations(method: str, grid: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """Every combination of a method's ``grid`` (hyperparameter -> candidate values), in the order given;
-    ``[{}]`` for an empty grid. Names and value types are checked against the method's signature."""
-    if grid is None:
+def grid_combinations(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
+    """Every combination of a grid (hyperparameter -> candidate values, checked by the config schema), in
+    the order given; ``[{}]`` for an empty grid."""
+    if not grid:
         return [{}]
-    if not isinstance(grid, Mapping):
-        raise ConfigError(f"method.grid must map hyperparameter names to lists of values, got {grid!r}")
-    spec = get_method(method)
-    accepted = spec.hyperparameters
-    names, candidates = [], []
     for name, values in grid.items():
-        if name not in accepted:
-            raise ConfigError(
-                f"method.grid.{name}: {method!r} has no hyperparameter {name!r} (it takes {', '.join(sorted(accepted)) or 'none'})"
-            )
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-            raise ConfigError(f"method.grid.{name} must be a non-empty list of candidate values, got {values!r}")
-        checked = [_grid_value(method, name, accepted[name], value) for value in values]
-        if len(set(map(repr, checked))) != len(checked):
+        if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"method.grid.{name} lists a value twice: {list(values)!r}")
-        names.append(str(name))
-        candidates.append(checked)
-    return [dict(zip(names, combo)) for combo in itertools.product(*candidates)]
-
-
-def _grid_value(method: str, name: str, default: Any, value: Any) -> Any:
-    """A grid candidate of the same type as the hyperparameter's default (ints accepted for floats)."""
-    ok = (
-        default is None
-        or (isinstance(default, bool) and isinstance(value, bool))
-        or (isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, int) and not isinstance(value, bool))
-        or (isinstance(default, str) and isinstance(value, str))
-    )
-    if not ok:
-        raise ConfigError(f"method.grid.{name}: {value!r} is not a {type(default).__name__} like the default of {method!r} ({default!r})")
-    return float(value) if isinstance(default, float) else value
+    names = [str(name) for name in grid]
+    return [dict(zip(names, combo)) for combo in itertools.product(*(list(v) for v in grid.values()))]
 
 
 # ---------------------------------------------------------------------------------------------

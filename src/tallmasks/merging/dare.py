@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register, task_arithmetic, ties_merge
+from tallmasks.merging.ties import TiesAgg
+from tallmasks.schema import Fraction, Percent
 from tallmasks.task_vectors import Block, CheckpointSet
 
 BASE_METHODS = ("sum", "ties")
@@ -70,10 +73,10 @@ class DroppedCheckpointSet:
 def dare_method(
     cs: CheckpointSet,
     *,
-    p: float = 0.9,
-    base_method: str = "sum",
-    k: float | None = None,
-    ties_agg: str = "mean",
+    p: Fraction = 0.9,
+    base_method: Literal["sum", "ties"] = "sum",
+    k: Percent | None = None,
+    ties_agg: TiesAgg = "mean",
     rescale: bool = True,
     seed: int = 0,
     device: str = "cpu",

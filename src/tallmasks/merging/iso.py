@@ -14,6 +14,7 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register, task_arithmetic
 from tallmasks.merging.layers import is_matrix, layer_keys, merge_layers, orthogonalize, task_tensors
+from tallmasks.schema import Fraction
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -84,7 +85,7 @@ def iso_cts_layer(cs: CheckpointSet, key: str, total: torch.Tensor, common_space
     "Iso-CTS: common and task-specific subspaces with a flat spectrum per layer; alpha in 0.1..3.0",
     alpha_max=3.0,
 )
-def iso_cts_method(cs: CheckpointSet, *, common_space_fraction: float = 0.8, device: str = "cpu") -> Vector:
+def iso_cts_method(cs: CheckpointSet, *, common_space_fraction: Fraction = 0.8, device: str = "cpu") -> Vector:
     """Iso-CTS merged vector, layer by layer."""
     try:
         fraction = float(common_space_fraction)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -16,6 +17,8 @@ from tallmasks.coefficients import KeyScaling, ScaledVector
 from tallmasks.errors import ConfigError
 from tallmasks.masks import MaskSet
 from tallmasks.merging.base import COEF_GRID, merge, ordered_sum, register, trim, trim_thresholds
+from tallmasks.merging.ties import TiesAgg
+from tallmasks.schema import Percent, PositiveInt, TaskCount
 from tallmasks.task_vectors import CheckpointSet
 
 BASE_METHODS = ("sum", "ties", "consensus")
@@ -84,12 +87,12 @@ def _alpha_max(params: Mapping) -> float:
 def lines_method(
     cs: CheckpointSet,
     *,
-    base_method: str = "sum",
-    k: float | None = None,
-    ties_agg: str | None = None,
+    base_method: Literal["sum", "ties", "consensus"] = "sum",
+    k: Percent | None = None,
+    ties_agg: TiesAgg | None = None,
     use_ties: bool = False,
-    prun_thre_k: int = 2,
-    num_blocks: int | None = None,
+    prun_thre_k: TaskCount = 2,
+    num_blocks: PositiveInt | None = None,
     masks: MaskSet | None = None,
     device: str = "cpu",
 ) -> ScaledVector:

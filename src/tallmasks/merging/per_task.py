@@ -34,7 +34,6 @@ class TaskModels:
     masks: Callable[[Sequence[Any]], MaskSet]  # one setting per task -> every task's mask, bit-packed
     scales: Sequence[float] | None = None  # per task; None means 1
     describe: Callable[[Mapping[str, str]], dict] = field(default=_nothing)  # chosen labels by task -> selection record
-    shared: bool = False  # the chosen masks are the TALL masks that consensus and load_mask read
 
     def scale(self, task: int) -> float:
         return 1.0 if self.scales is None else float(self.scales[task])

@@ -10,6 +10,8 @@ from tallmasks.errors import ConfigError
 from tallmasks.masks import MaskSet, check_prun_thre_k, consensus_mask, tall_mask, tall_masks
 from tallmasks.merging.base import COEF_GRID, COEF_ONE, TALL_LAMBDAS, Vector, base_vector, register
 from tallmasks.merging.per_task import TaskModels
+from tallmasks.merging.ties import TiesAgg
+from tallmasks.schema import Percent, TaskCount
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -25,7 +27,6 @@ def tall_task_models(cs: CheckpointSet, vector: Vector, *, device: str = "cpu") 
         mask=lambda task, lam: tall_mask(cs, task, vector, lam, device=device),
         masks=lambda lambdas: tall_masks(cs, vector, list(lambdas), device=device),
         describe=describe,
-        shared=True,
     )
 
 
@@ -34,10 +35,14 @@ def uses_saved_masks(params: Mapping) -> bool:
 
 
 @register(
-    "tall_mask", COEF_ONE, "TALL masks: per-task masks over the shared multi-task vector (TA or TIES)", task_models=tall_task_models
+    "tall_mask",
+    COEF_ONE,
+    "TALL masks: per-task masks over the shared multi-task vector (TA or TIES)",
+    task_models=tall_task_models,
+    saves_masks=True,
 )
 def tall_mask_method(
-    cs: CheckpointSet, *, k: float = 100, use_ties: bool = False, ties_agg: str = "sum", device: str = "cpu"
+    cs: CheckpointSet, *, k: Percent = 100, use_ties: bool = False, ties_agg: TiesAgg = "sum", device: str = "cpu"
 ) -> Vector:
     """The shared multi-task vector; the per-task masks come from masks.tall_mask / tall_masks."""
     return base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
@@ -50,15 +55,15 @@ def consensus_method(
     cs: CheckpointSet,
     *,
     masks: MaskSet | None = None,
-    prun_thre_k: int = 2,
-    k: float = 100,
+    prun_thre_k: TaskCount = 2,
+    k: Percent = 100,
     use_ties: bool = False,
-    ties_agg: str = "sum",
+    ties_agg: TiesAgg = "sum",
     base: Vector | None = None,
     device: str = "cpu",
 ) -> Vector:
     """m * tau_MTL with m the consensus of the TALL masks; ``base`` reuses an already merged tau_MTL."""
-    prun_thre_k = check_prun_thre_k(prun_thre_k)
+    prun_thre_k = check_prun_thre_k(prun_thre_k, cs.num_tasks)
     if masks is None:
         raise ConfigError("consensus needs the per-task TALL masks (build them with method tall_mask first)")
     masks = masks.subset(cs.names)

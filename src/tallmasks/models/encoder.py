@@ -54,12 +54,14 @@ def _check_pretrained(model_name: str, pretrained: str | None) -> None:
 
 
 def _fetch_error(model_name: str, pretrained: str, cache_dir: str | None, exc: BaseException) -> TallmasksError:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
+    from tallmasks.errors import one_line
+
     where = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub"
     return TallmasksError(
-        f"could not fetch the {pretrained!r} weights of {model_name} ({reason[:200]}); download them once with network "
-        f"access into the open_clip cache ({where}), or pass pretrained=<path of a local weights file>"
+        f"could not fetch the {pretrained!r} weights of {model_name} ({one_line(exc, 160)}); they build the pre-trained "
+        f"encoder (MNISTVal/nonlinear_zeroshot.pt) and the zero-shot heads that are missing. Fetch them once with network "
+        f"access (open_clip cache: {where}), or give a local open_clip weights file (main.py: pretrained_weights=PATH), "
+        f"or place the released nonlinear_zeroshot.pt and head_<Dataset>Val files under model_location"
     )
 
 
