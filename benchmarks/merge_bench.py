@@ -36,18 +36,23 @@ ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress", 
 # synthetic checkpoints
 
 
-def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path, list[Path]]:
-    """theta_0 from a randomly initialised open_clip image tower; theta_t = theta_0 + small noise."""
+def synthesize(model: str, tasks: int, root: Path, seed: int = 0, largest: int | None = None) -> tuple[Path, list[Path]]:
+    """theta_0 from a randomly initialised open_clip image tower (only its ``largest`` biggest tensors when
+    given); theta_t = theta_0 + small noise."""
     import open_clip
     import torch
 
     done = root / "done.json"
-    if done.exists() and json.loads(done.read_text()) == {"model": model, "tasks": tasks}:
+    identity = {"model": model, "tasks": tasks, **({"largest": largest} if largest else {})}
+    if done.exists() and json.loads(done.read_text()) == identity:
         return root / "MNISTVal" / "nonlinear_zeroshot.pt", [root / f"Task{t}Val" / "nonlinear_finetuned.pt" for t in range(tasks)]
     torch.manual_seed(seed)
     clip = open_clip.create_model(model, pretrained=None)
     del clip.transformer
     theta0 = {f"model.{k}": v.detach().clone() for k, v in clip.state_dict().items()}
+    if largest:
+        keep = sorted(theta0, key=lambda k: theta0[k].numel(), reverse=True)[:largest]
+        theta0 = {k: theta0[k] for k in sorted(keep)}
     del clip
     (root / "MNISTVal").mkdir(parents=True, exist_ok=True)
     pt = root / "MNISTVal" / "nonlinear_zeroshot.pt"
@@ -69,7 +74,7 @@ def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path,
         torch.save(ft, folder / "nonlinear_finetuned.pt")
         paths.append(folder / "nonlinear_finetuned.pt")
         del ft
-    done.write_text(json.dumps({"model": model, "tasks": tasks}))
+    done.write_text(json.dumps(identity))
     return pt, paths
 
 
@@ -265,6 +270,7 @@ def main() -> None:
     parser.add_argument("--naive-methods", nargs="+", default=["sum"], help="jobs to run the baseline for")
     parser.add_argument("--naive-limit-gb", type=float, default=20.0, help="skip the baseline when its estimate exceeds this")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--largest", type=int, help="only the N largest tensors of the model (per-layer workspace at real shapes)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -283,7 +289,8 @@ def main() -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tallmasks-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pt, fts = synthesize(args.model, args.tasks, workdir / f"{args.model}-{args.tasks}")
+    folder = f"{args.model}-{args.tasks}" + (f"-largest{args.largest}" if args.largest else "")
+    pt, fts = synthesize(args.model, args.tasks, workdir / folder, largest=args.largest)
     n_params = sum(v.numel() for k, v in torch.load(pt, mmap=True, weights_only=True).items() if v.dtype.is_floating_point)
     print(f"{args.model}, {args.tasks} tasks, {n_params / 1e6:.1f}M parameters per checkpoint, device {device}, "
           f"{torch.get_num_threads()} threads (checkpoints ready in {time.perf_counter() - t0:.0f} s)")
