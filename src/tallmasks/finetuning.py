@@ -29,6 +29,7 @@ from tallmasks.checkpoints import atomic_path, save_state_dict
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.distributed import check_world_size, resolve_device, spawn_ranks, under_launcher
 from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, val_name, zeroshot_path
+from tallmasks.precision import PRECISIONS, check_precision, set_backend
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ EPOCHS: dict[str, int] = {
 }
 """The paper's number of fine-tuning epochs per dataset."""
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 STATE_NAME = "finetune_state.pt"
 
 
@@ -80,7 +80,7 @@ class FinetuneConfig:
     num_workers: int = 4
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | tf32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | paper | tf32 | bf16 (tallmasks.precision)
     max_steps: int | None = None  # cap on optimizer steps (short runs, tests)
     wandb_mode: str = "disabled"  # disabled | online | offline
     wandb_project: str = "tallmasks"
@@ -116,8 +116,7 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ConfigError("weight_decay, warmup_steps, clip_grad and checkpoint_every must be >= 0")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {cfg.max_steps!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    check_precision(cfg.precision)
     if cfg.wandb_mode not in ("disabled", "online", "offline"):
         raise ConfigError(f"wandb_mode must be disabled, online or offline, got {cfg.wandb_mode!r}")
 
@@ -188,8 +187,9 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    dtype = check_precision(precision).autocast
+    if dtype is not None:
+        return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -288,9 +288,7 @@ def _run(
     rank, world_size, _ = _dist_info()
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    if cfg.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_backend(cfg.precision)
 
     encoder, head = _prepare_model(cfg, encoder, head, clip_model, device)
     if train_dataset is None:

@@ -18,7 +18,7 @@ import torch
 
 from tallmasks.checkpoints import atomic_path
 from tallmasks.errors import CheckpointError, ConfigError
-from tallmasks.selection import check_k, kth_rank, kth_smallest_magnitudes
+from tallmasks.selection import KthMagnitudes, check_k, kth_rank
 from tallmasks.task_vectors import CheckpointSet
 
 MASKSET_FORMAT = "tallmasks-maskset-v1"
@@ -265,13 +265,13 @@ def tall_masks(
 def topk_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float]:
     """Per task, the magnitude threshold keeping its top-k% entries over the whole model."""
     k = check_k(k)
-    rank = kth_rank(cs.num_float_params, k)
-
-    def chunks():
-        for block in cs.blocks(device=device):
-            yield block.task_vectors()
-
-    return kth_smallest_magnitudes(chunks, [rank] * cs.num_tasks)
+    selector = KthMagnitudes([kth_rank(cs.num_float_params, k)] * cs.num_tasks)
+    for block in cs.blocks(device=device):
+        block.verify(selector.add_high(block.taus()))
+    selector.choose_bins()
+    for block in cs.blocks(device=device):
+        selector.add_low(block.taus())
+    return selector.values()
 
 
 def magnitude_masks(cs: CheckpointSet, k: float = 10, device="cpu") -> MaskSet:
@@ -284,7 +284,7 @@ def magnitude_masks(cs: CheckpointSet, k: float = 10, device="cpu") -> MaskSet:
     else:
         thresholds = topk_thresholds(cs, k, device)
     for block in cs.blocks(device=device):
-        for t, tau in enumerate(block.task_vectors()):
+        for t, tau in enumerate(block.taus()):
             packers[t].add(tau.abs() >= thresholds[t])
     return MaskSet(cs.names, layout, [p.finish() for p in packers], {"kind": "magnitude", "k": k})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -18,6 +18,7 @@ import torch
 
 from tallmasks.checkpoints import LazyStateDict, load_state_dict
 from tallmasks.errors import CheckpointError
+from tallmasks.reduction import stacked_sum, stacked_tail
 
 StateDictLike = Union[str, Path, Mapping[str, torch.Tensor]]
 
@@ -68,16 +69,63 @@ def _read_rows(state: Mapping[str, torch.Tensor], key: str, start: int, stop: in
 
 @dataclass
 class Block:
-    """One row block of one tensor: theta_0 and every theta_t, flattened, in float32."""
+    """One row block of one tensor: theta_0 and every theta_t, flattened, in float32.
+
+    ``offset`` is the block's position in the whole flat vector (floating-point keys in sorted
+    order, the paper's ``state_dict_to_vector``); ``tail`` is how many of its trailing entries fall
+    in the whole vector's last ``stacked_tail(d)`` entries, which the stacked sum adds differently.
+    """
 
     key: str
     start: int  # first element (flat index) of the block inside the tensor
     stop: int
     pretrained: torch.Tensor  # 1-D float32
     finetuned: list[torch.Tensor]  # one 1-D float32 per task
+    offset: int = 0
+    tail: int = 0
+    labels: Sequence[str] = ()  # pretrained label, then one per task (for error messages)
+    unchecked: bool = False  # inputs not yet known to be free of NaN/Inf
+    workspace: torch.Tensor | None = field(default=None, repr=False)
 
     def task_vectors(self) -> list[torch.Tensor]:
+        """tau_t = theta_t - theta_0 for every task, as new tensors."""
         return [theta_t - self.pretrained for theta_t in self.finetuned]
+
+    def taus(self) -> torch.Tensor:
+        """(tasks x n) task vectors in a buffer that the next block of the same walk overwrites."""
+        n = self.pretrained.numel()
+        size = len(self.finetuned) * n
+        if self.workspace is None or self.workspace.numel() < size:
+            self.workspace = torch.empty(size, dtype=torch.float32, device=self.pretrained.device)
+        taus = self.workspace[:size].view(len(self.finetuned), n)
+        for t, theta_t in enumerate(self.finetuned):
+            torch.sub(theta_t, self.pretrained, out=taus[t])
+        return taus
+
+    def sum(self, parts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over tasks of per-task block values, bit for bit as the paper's stacked ``.sum(0)``."""
+        return stacked_sum(parts, self.tail, out)
+
+    def verify(self, evidence: torch.Tensor | bool) -> None:
+        """Check the inputs for NaN/Inf through ``evidence``: values computed from every input entry
+        in which a non-finite input shows up as non-finite (a sum of task vectors), or a bool saying
+        whether they are all finite. Only when it is not are the inputs checked one by one."""
+        if not self.unchecked:
+            return
+        if isinstance(evidence, torch.Tensor) and evidence.dtype.is_floating_point:
+            finite = bool(torch.isfinite(evidence).all())
+        else:
+            finite = bool(evidence)
+        if not finite:
+            self.check_inputs()
+        self.unchecked = False
+
+    def check_inputs(self) -> None:
+        """Raise naming the first input whose block holds NaN or Inf."""
+        for label, tensor in zip(self.labels, [self.pretrained, *self.finetuned]):
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{label}: tensor {self.key!r} contains NaN or Inf")
+        self.unchecked = False
 
 
 class CheckpointSet:
@@ -113,6 +161,7 @@ class CheckpointSet:
         self.shapes = {k: _shape(self.pretrained, k) for k in self.keys}
         self.dtypes = {k: _dtype(self.pretrained, k) for k in self.keys}
         self._checked: set[str] = set()
+        self._offsets: dict[str, int] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -152,50 +201,69 @@ class CheckpointSet:
         tasks: Sequence[int] | None = None,
         device: torch.device | str = "cpu",
         block_elems: int | None = None,
+        keys: Sequence[str] | None = None,
     ) -> Iterator[Block]:
-        """Walk the floating-point tensors in sorted key order, in row blocks of about ``block_elems``."""
+        """Walk the floating-point tensors (or ``keys``) in sorted key order, in row blocks of about
+        ``block_elems``. Inputs are checked for NaN/Inf once per tensor: through ``Block.verify``
+        where the caller computes something that shows them, else after the block is used."""
         tasks = list(range(self.num_tasks)) if tasks is None else list(tasks)
         block_elems = self.block_elems if block_elems is None else int(block_elems)
+        walk_keys = self.float_keys if keys is None else [k for k in self.float_keys if k in set(keys)]
         self.passes += 1
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.num_float_params, unit="param", unit_scale=True, leave=False,
+            bar = tqdm(total=sum(self.numel(k) for k in walk_keys), unit="param", unit_scale=True, leave=False,
                        desc=f"pass {self.passes} over {self.num_tasks} checkpoints")
         try:
-            yield from self._walk(tasks, device, block_elems, bar)
+            yield from self._walk(tasks, device, block_elems, walk_keys, bar)
         finally:
             if bar is not None:
                 bar.close()
 
-    def _walk(self, tasks, device, block_elems, bar) -> Iterator[Block]:
-        for key in self.float_keys:
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Position of every floating-point key in the whole flat vector (sorted key order)."""
+        if self._offsets is None:
+            self._offsets, position = {}, 0
+            for key in self.float_keys:
+                self._offsets[key] = position
+                position += self.numel(key)
+        return self._offsets
+
+    def _walk(self, tasks, device, block_elems, walk_keys, bar) -> Iterator[Block]:
+        total = self.num_float_params
+        tail_start = total - stacked_tail(total)
+        labels = [self.pretrained_label, *(self.finetuned_labels[t] for t in tasks)]
+        workspace = None
+        for key in walk_keys:
             shape = self.shapes[key]
             numel = self.numel(key)
             whole = len(shape) == 0 or numel == 0
             rows = 1 if whole else shape[0]
             row_elems = 1 if whole else numel // max(rows, 1)
             rows_per_block = max(1, block_elems // max(row_elems, 1))
+            unchecked = key not in self._checked
             for row in range(0, rows, rows_per_block):
                 row_stop = min(rows, row + rows_per_block)
-                theta0 = self._read(self.pretrained, self.pretrained_label, key, row, row_stop, whole, device)
-                thetas = [
-                    self._read(self.finetuned[t], self.finetuned_labels[t], key, row, row_stop, whole, device)
-                    for t in tasks
-                ]
+                theta0 = self._read(self.pretrained, key, row, row_stop, whole, device)
+                thetas = [self._read(self.finetuned[t], key, row, row_stop, whole, device) for t in tasks]
                 start = row * row_elems
+                offset = self.offsets[key] + start
+                tail = max(0, offset + theta0.numel() - max(offset, tail_start))
                 if bar is not None:
                     bar.update(theta0.numel())
-                yield Block(key, start, start + theta0.numel(), theta0, thetas)
-            if len(tasks) == self.num_tasks:
+                block = Block(key, start, start + theta0.numel(), theta0, thetas, offset, tail, labels, unchecked, workspace)
+                yield block
+                if block.unchecked:  # the caller computed nothing that shows NaN/Inf: look at the inputs
+                    block.check_inputs()
+                workspace = block.workspace
+            if unchecked and len(tasks) == self.num_tasks:
                 self._checked.add(key)
 
-    def _read(self, state, label, key, row, row_stop, whole, device) -> torch.Tensor:
-        tensor = _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
-        if key not in self._checked and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{label}: tensor {key!r} contains NaN or Inf")
-        return tensor
+    def _read(self, state, key, row, row_stop, whole, device) -> torch.Tensor:
+        return _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
 
     def passthrough(self) -> dict[str, torch.Tensor]:
         """The non-floating-point entries of theta_0 (integer buffers), untouched."""

@@ -12,7 +12,8 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.masks import topk_thresholds
 from tallmasks.selection import check_k
-from tallmasks.task_vectors import CheckpointSet
+from tallmasks.reduction import stacked_sum
+from tallmasks.task_vectors import Block, CheckpointSet
 
 Vector = dict[str, torch.Tensor]
 
@@ -119,18 +120,21 @@ def _shaped(cs: CheckpointSet, flat: Vector) -> Vector:
     return {k: v.reshape(cs.shapes[k]) for k, v in flat.items()}
 
 
-def ordered_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over tasks in task order, starting from zero (deterministic, independent of blocking)."""
-    total = torch.zeros_like(parts[0])
-    for part in parts:
-        total += part
-    return total
+def ordered_sum(parts: Sequence[torch.Tensor], tail: int = 0) -> torch.Tensor:
+    """Sum over tasks, bit for bit as the paper's stacked ``.sum(0)`` (see ``tallmasks.reduction``);
+    inside a walk, pass ``tail=block.tail`` (or call ``block.sum``)."""
+    return stacked_sum(parts, tail)
 
 
-def trim(taus: Sequence[torch.Tensor], thresholds: Sequence[float] | None) -> list[torch.Tensor]:
-    """Keep entries with |tau_t| >= threshold_t (ties kept); None keeps everything."""
+def trim(taus: torch.Tensor | Sequence[torch.Tensor], thresholds: Sequence[float] | None):
+    """Keep entries with |tau_t| >= threshold_t (ties kept); None keeps everything.
+
+    A (tasks x n) tensor gives a (tasks x n) tensor, a sequence of tensors a list."""
     if thresholds is None:
-        return list(taus)
+        return taus if isinstance(taus, torch.Tensor) else list(taus)
+    if isinstance(taus, torch.Tensor):
+        column = torch.tensor(thresholds, dtype=taus.dtype, device=taus.device).view(-1, *([1] * (taus.dim() - 1)))
+        return taus * (taus.abs() >= column)
     return [tau * (tau.abs() >= th) for tau, th in zip(taus, thresholds)]
 
 
@@ -140,38 +144,65 @@ def trim_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float] | 
     return None if k >= 100 else topk_thresholds(cs, k, device)
 
 
+def _destination(out: Vector, block: Block) -> torch.Tensor:
+    return out[block.key][block.start : block.stop]
+
+
+def _store(out: Vector, block: Block, values: torch.Tensor) -> None:
+    destination = _destination(out, block)
+    if values.data_ptr() != destination.data_ptr():
+        destination.copy_(values)
+
+
 def task_arithmetic(cs: CheckpointSet, k: float = 100, device="cpu") -> Vector:
     """sum_t topk_k(tau_t)."""
     thresholds = trim_thresholds(cs, k, device)
     out = _empty(cs)
+    on_cpu = torch.device(device).type == "cpu"
     for block in cs.blocks(device=device):
-        out[block.key][block.start : block.stop] = ordered_sum(trim(block.task_vectors(), thresholds)).cpu()
+        total = block.sum(trim(block.taus(), thresholds), out=_destination(out, block) if on_cpu else None)
+        block.verify(total)
+        _store(out, block, total)
     return _shaped(cs, out)
 
 
+def _ties_block(block: Block, thresholds: list[float] | None, agg: str, zero_sign: float):
+    """One block of TIES: merged values, the summed sign (zero signs unresolved), and where anything was kept."""
+    trimmed = trim(block.taus(), thresholds)
+    total = block.sum(trimmed)
+    block.verify(total)
+    sign = torch.sign(total)
+    elected = torch.where(sign == 0, torch.full_like(sign, zero_sign), sign)
+    selected = trimmed * torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    merged = block.sum(selected)
+    if agg == "mean":
+        count = torch.count_nonzero(selected, dim=0).to(merged.dtype)
+        return merged / torch.clamp(count, min=1), sign, count > 0
+    return merged, sign, merged != 0  # a sum of same-signed values is zero only if they all are
+
+
 def ties_merge(cs: CheckpointSet, k: float = 20, agg: str = "mean", device="cpu") -> Vector:
-    """TIES: trim, elect the sign of the summed trimmed vectors, keep agreeing entries, then mean or sum."""
+    """TIES: trim, elect the sign of the summed trimmed vectors, keep agreeing entries, then mean or sum.
+
+    Entries whose summed sign is zero take the sign of the total sign vector, known only after a
+    whole pass: they are merged as if it were positive, and the few tensors where that mattered
+    (some trimmed entry non-zero) are merged again when it is not."""
     if agg not in ("mean", "sum"):
         raise ConfigError(f"ties_agg must be 'mean' or 'sum', got {agg!r}")
     thresholds = trim_thresholds(cs, k, device)
-    # pass 1: the sign of the total sign vector resolves entries whose summed sign is zero
-    sign_total = 0
-    for block in cs.blocks(device=device):
-        sign = torch.sign(ordered_sum(trim(block.task_vectors(), thresholds)))
-        sign_total += int((sign > 0).sum()) - int((sign < 0).sum())
-    majority = float(np.sign(sign_total))
-    # pass 2: disjoint merge
     out = _empty(cs)
+    sign_total = 0
+    undecided: set[str] = set()
     for block in cs.blocks(device=device):
-        trimmed = trim(block.task_vectors(), thresholds)
-        sign = torch.sign(ordered_sum(trimmed))
-        sign[sign == 0] = majority
-        selected = [t * torch.where(sign > 0, t > 0, t < 0) for t in trimmed]
-        total = ordered_sum(selected)
-        if agg == "mean":
-            count = ordered_sum([(s != 0).to(torch.float32) for s in selected])
-            total = total / torch.clamp(count, min=1)
-        out[block.key][block.start : block.stop] = total.cpu()
+        merged, sign, kept = _ties_block(block, thresholds, agg, 1.0)
+        sign_total += int((sign > 0).sum()) - int((sign < 0).sum())
+        if bool(((sign == 0) & kept).any()):  # a zero sum with non-zero entries: the fill mattered
+            undecided.add(block.key)
+        _store(out, block, merged)
+    majority = float(np.sign(sign_total))
+    if majority <= 0 and undecided:  # sign 0 (a tie) keeps negative entries, as the paper's torch.where does
+        for block in cs.blocks(device=device, keys=sorted(undecided)):
+            _store(out, block, _ties_block(block, thresholds, agg, majority)[0])
     return _shaped(cs, out)
 
 
