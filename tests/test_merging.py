@@ -396,6 +396,36 @@ def test_bad_inputs_are_named():
         merge(cs, "ties", ties_agg="max")
 
 
+@pytest.mark.parametrize("block_elems", [1 << 22, 4])
+def test_nan_and_inf_are_named_whichever_pass_meets_them(block_elems):
+    pt, fts = make_states(3)
+    cases = [("sum", {}, 1, "d.weight"), ("ties", {"k": 20}, 2, "a.bias"), ("ties", {"k": 100}, 0, "b.scale")]
+    for method, params, culprit, key in cases:
+        states = [{k: v.clone() for k, v in ft.items()} for ft in fts]
+        base = {k: v.clone() for k, v in pt.items()}
+        target = base if culprit == 0 else states[culprit - 1]
+        target[key].view(-1)[-1] = float("inf") if culprit % 2 else float("nan")
+        labels = ["theta0", "ft1", "ft2", "ft3"]
+        cs = CheckpointSet(base, states, block_elems=block_elems)
+        cs.pretrained_label, cs.finetuned_labels = labels[0], labels[1:]
+        with pytest.raises(CheckpointError, match=f"^{labels[culprit]}: tensor '{key}' contains NaN or Inf$"):
+            merge(cs, method, **params)
+    # a pass that computes nothing showing NaN/Inf (TALL masks from a given vector) checks the inputs itself
+    states = [{k: v.clone() for k, v in ft.items()} for ft in fts]
+    states[2]["a.weight"][0, 0] = float("nan")
+    cs = CheckpointSet(pt, states, block_elems=block_elems)
+    vector = {k: torch.zeros(cs.shapes[k]) for k in cs.float_keys}
+    with pytest.raises(CheckpointError, match="'a.weight' contains NaN or Inf"):
+        tall_masks(cs, vector, 0.4)
+
+
+def test_overflow_from_finite_inputs_is_not_an_input_error():
+    pt = {"w": torch.tensor([-3e38, 1.0])}
+    fts = [{"w": torch.tensor([3e38, 2.0])}]
+    got = merge(CheckpointSet(pt, fts), "sum")["w"]
+    assert torch.isinf(got[0]) and got[1] == 1.0
+
+
 def test_registry_lists_every_paper_method():
     assert {"zeroshot", "average", "sum", "ties", "tall_mask", "consensus", "mag_masking"} <= set(METHODS)
     assert METHODS["ties"].defaults["k"] == 20
