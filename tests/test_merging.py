@@ -419,6 +419,29 @@ def test_nan_and_inf_are_named_whichever_pass_meets_them(block_elems):
         tall_masks(cs, vector, 0.4)
 
 
+def test_merges_from_files_equal_merges_in_memory(tmp_path):
+    # .pt inputs are memory-mapped, their pages mapped ahead and released after each tensor, every pass
+    from safetensors.torch import save_file
+
+    pt, fts = make_states(3)
+    torch.save(pt, tmp_path / "pt.pt")
+    paths = []
+    for i, ft in enumerate(fts):
+        path = tmp_path / (f"ft{i}.safetensors" if i == 2 else f"ft{i}.pt")
+        if i == 2:
+            save_file({k: v.contiguous() for k, v in ft.items()}, str(path))
+        else:
+            torch.save(ft, path)
+        paths.append(path)
+    on_disk = CheckpointSet(tmp_path / "pt.pt", paths, block_elems=5)
+    in_memory = CheckpointSet(pt, fts, block_elems=5)
+    for _ in range(2):
+        for method, params in [("ties", {"k": 20}), ("sum", {"k": 30}), ("sum", {})]:
+            got = as_flat(merge(on_disk, method, **params), on_disk.float_keys)
+            assert torch.equal(bits(got), bits(as_flat(merge(in_memory, method, **params), in_memory.float_keys)))
+    assert torch.equal(on_disk.pretrained["a.weight"], pt["a.weight"])  # released pages read back intact
+
+
 def test_overflow_from_finite_inputs_is_not_an_input_error():
     pt = {"w": torch.tensor([-3e38, 1.0])}
     fts = [{"w": torch.tensor([3e38, 2.0])}]

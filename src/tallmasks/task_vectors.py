@@ -245,6 +245,10 @@ class CheckpointSet:
             row_elems = 1 if whole else numel // max(rows, 1)
             rows_per_block = max(1, block_elems // max(row_elems, 1))
             unchecked = key not in self._checked
+            states = [self.pretrained, *(self.finetuned[t] for t in tasks)]
+            for state in states:
+                if isinstance(state, LazyStateDict):
+                    state.prefetch(key)
             for row in range(0, rows, rows_per_block):
                 row_stop = min(rows, row + rows_per_block)
                 theta0 = self._read(self.pretrained, key, row, row_stop, whole, device)
@@ -259,6 +263,9 @@ class CheckpointSet:
                 if block.unchecked:  # the caller computed nothing that shows NaN/Inf: look at the inputs
                     block.check_inputs()
                 workspace = block.workspace
+            for state in states:
+                if isinstance(state, LazyStateDict):
+                    state.release(key)
             if unchecked and len(tasks) == self.num_tasks:
                 self._checked.add(key)
 

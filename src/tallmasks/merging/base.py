@@ -133,15 +133,29 @@ def trim(taus: torch.Tensor | Sequence[torch.Tensor], thresholds: Sequence[float
     if thresholds is None:
         return taus if isinstance(taus, torch.Tensor) else list(taus)
     if isinstance(taus, torch.Tensor):
-        column = torch.tensor(thresholds, dtype=taus.dtype, device=taus.device).view(-1, *([1] * (taus.dim() - 1)))
-        return taus * (taus.abs() >= column)
+        return _trim_(taus.clone(), _column(thresholds, taus))
     return [tau * (tau.abs() >= th) for tau, th in zip(taus, thresholds)]
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _trim_(taus: torch.Tensor, column: torch.Tensor | None) -> torch.Tensor:
+    """trim() in place on a (tasks x n) tensor, thresholds given as a (tasks x 1) column (None: none)."""
+    return taus if column is None else taus.mul_(taus.abs() >= column)
 
 
 def trim_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float] | None:
     """Global per-task top-k thresholds; None when k = 100 (no trimming)."""
     k = check_k(k)
     return None if k >= 100 else topk_thresholds(cs, k, device)
+
+
+def _trimmed_taus(block: Block, thresholds: list[float] | None) -> torch.Tensor:
+    """The block's task vectors, trimmed, in the walk's reused buffer."""
+    taus = block.taus()
+    return _trim_(taus, None if thresholds is None else _column(thresholds, taus))
 
 
 def _destination(out: Vector, block: Block) -> torch.Tensor:
@@ -160,23 +174,27 @@ def task_arithmetic(cs: CheckpointSet, k: float = 100, device="cpu") -> Vector:
     out = _empty(cs)
     on_cpu = torch.device(device).type == "cpu"
     for block in cs.blocks(device=device):
-        total = block.sum(trim(block.taus(), thresholds), out=_destination(out, block) if on_cpu else None)
+        total = block.sum(_trimmed_taus(block, thresholds), out=_destination(out, block) if on_cpu else None)
         block.verify(total)
         _store(out, block, total)
     return _shaped(cs, out)
 
 
 def _ties_block(block: Block, thresholds: list[float] | None, agg: str, zero_sign: float):
-    """One block of TIES: merged values, the summed sign (zero signs unresolved), and where anything was kept."""
-    trimmed = trim(block.taus(), thresholds)
+    """One block of TIES: merged values, the summed sign (zero signs unresolved), and where anything was kept.
+
+    Entries agreeing with the elected sign e (+1 or -1) are those with t * e > 0; the paper's tie
+    sign 0 keeps negative entries (its torch.where), as -1 does."""
+    trimmed = _trimmed_taus(block, thresholds)
     total = block.sum(trimmed)
     block.verify(total)
     sign = torch.sign(total)
-    elected = torch.where(sign == 0, torch.full_like(sign, zero_sign), sign)
-    selected = trimmed * torch.where(elected > 0, trimmed > 0, trimmed < 0)
-    merged = block.sum(selected)
-    if agg == "mean":
-        count = torch.count_nonzero(selected, dim=0).to(merged.dtype)
+    elected = torch.where(sign == 0, 1.0 if zero_sign > 0 else -1.0, sign)
+    agreeing = trimmed.mul_(elected).clamp_(min=0)  # |t| where t agrees, else 0 (exact: e is +-1)
+    count = torch.count_nonzero(agreeing, dim=0) if agg == "mean" else None
+    merged = block.sum(agreeing.mul_(elected))  # the kept entries with their signs back
+    if count is not None:
+        count = count.to(merged.dtype)
         return merged / torch.clamp(count, min=1), sign, count > 0
     return merged, sign, merged != 0  # a sum of same-signed values is zero only if they all are
 
@@ -195,12 +213,12 @@ def ties_merge(cs: CheckpointSet, k: float = 20, agg: str = "mean", device="cpu"
     undecided: set[str] = set()
     for block in cs.blocks(device=device):
         merged, sign, kept = _ties_block(block, thresholds, agg, 1.0)
-        sign_total += int((sign > 0).sum()) - int((sign < 0).sum())
+        sign_total += int(sign.sum(dtype=torch.float64))  # exact: signs are -1, 0, 1
         if bool(((sign == 0) & kept).any()):  # a zero sum with non-zero entries: the fill mattered
             undecided.add(block.key)
         _store(out, block, merged)
     majority = float(np.sign(sign_total))
-    if majority <= 0 and undecided:  # sign 0 (a tie) keeps negative entries, as the paper's torch.where does
+    if majority <= 0 and undecided:
         for block in cs.blocks(device=device, keys=sorted(undecided)):
             _store(out, block, _ties_block(block, thresholds, agg, majority)[0])
     return _shaped(cs, out)
