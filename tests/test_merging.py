@@ -442,6 +442,26 @@ def test_merges_from_files_equal_merges_in_memory(tmp_path):
     assert torch.equal(on_disk.pretrained["a.weight"], pt["a.weight"])  # released pages read back intact
 
 
+def test_one_thread_and_several_give_the_same_bits():
+    # several torch threads: blocks go to worker threads; one thread: the blocks are walked in turn
+    pt, fts = many_task_states(18, seed=2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            cs = CheckpointSet(pt, fts, block_elems=16)
+            vectors = [merge(cs, "ties", k=20), merge(cs, "sum", k=50), merge(cs, "mag_masking")]
+            masks = tall_masks(cs, vectors[1], 0.3)
+            results.append(([bits(as_flat(v, cs.float_keys)) for v in vectors], [masks.packed[n] for n in cs.names]))
+            assert torch.get_num_threads() == count  # restored after the walks
+    finally:
+        torch.set_num_threads(threads)
+    (one, one_masks), (many, many_masks) = results
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert all(np.array_equal(a, b) for a, b in zip(one_masks, many_masks))
+
+
 def test_overflow_from_finite_inputs_is_not_an_input_error():
     pt = {"w": torch.tensor([-3e38, 1.0])}
     fts = [{"w": torch.tensor([3e38, 2.0])}]

@@ -10,6 +10,7 @@ The result equals ``torch.kthvalue`` on the concatenated vector bit for bit.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -55,6 +56,24 @@ def _offsets(count: int, bins: int, device) -> torch.Tensor:
     return (torch.arange(count, dtype=torch.int32, device=device) * bins).view(-1, 1)
 
 
+class _Counter:
+    """One thread's bin indices awaiting a count, and its counts so far."""
+
+    def __init__(self, owner: list):
+        self.owner = owner  # the pass it belongs to
+        self.pending: list[torch.Tensor] = []
+        self.size = 0
+        self.hist: torch.Tensor | None = None
+
+    def flush(self, length: int) -> None:
+        if not self.pending:
+            return
+        keys = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending, self.size = [], 0
+        counts = torch.bincount(keys, minlength=length)
+        self.hist = counts if self.hist is None else self.hist.add_(counts)
+
+
 class KthMagnitudes:
     """Exact kth smallest |x| of several streams, fed block by block in two passes.
 
@@ -62,33 +81,44 @@ class KthMagnitudes:
     magnitudes; pass 2 (``add_low`` for the same blocks) counts the low half-words inside each
     stream's chosen bin; ``values()`` then gives one float per stream. A block is a (streams x n)
     tensor or a sequence with one tensor per stream. ``ranks[i]`` is 1-based; ranks <= 0 give 0.0.
-    Bin indices of small blocks are gathered and counted together.
+    Blocks may be fed from several threads; bin indices are gathered and counted in batches.
     """
 
     def __init__(self, ranks: Sequence[int], batch: int = _BATCH_KEYS):
         self.ranks = [int(r) for r in ranks]
         self.batch = int(batch)
-        self._hist: torch.Tensor | None = None  # counts of the current pass, (streams x bins)
         self._high: torch.Tensor | None = None
         self._bins: torch.Tensor | None = None
         self._inner: list[int] = []
-        self._pending: list[torch.Tensor] = []
-        self._pending_size = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._counters: list[_Counter] = []  # one per thread that fed the current pass
+
+    def _counter(self) -> _Counter:
+        counter = getattr(self._local, "counter", None)
+        if counter is None or counter.owner is not self._counters:
+            counter = self._local.counter = _Counter(self._counters)
+            with self._lock:
+                self._counters.append(counter)
+        return counter
 
     def _add_keys(self, keys: torch.Tensor, bins: int) -> None:
-        """Count bin indices (already offset by stream * bins), in batches."""
-        self._pending.append(keys.reshape(-1))
-        self._pending_size += keys.numel()
-        if self._pending_size >= self.batch:
-            self._flush(bins)
+        """Count bin indices (already offset by stream * bins), in batches, per thread."""
+        counter = self._counter()
+        counter.pending.append(keys.reshape(-1))
+        counter.size += keys.numel()
+        if counter.size >= self.batch:
+            counter.flush(len(self.ranks) * bins)
 
-    def _flush(self, bins: int) -> None:
-        if not self._pending:
-            return
-        keys = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
-        self._pending, self._pending_size = [], 0
-        counts = torch.bincount(keys, minlength=len(self.ranks) * bins).view(len(self.ranks), bins)
-        self._hist = counts if self._hist is None else self._hist.add_(counts)
+    def _end_pass(self, bins: int) -> torch.Tensor | None:
+        """The (streams x bins) counts of the pass that ends, summed over threads."""
+        total = None
+        for counter in self._counters:
+            counter.flush(len(self.ranks) * bins)
+            if counter.hist is not None:
+                total = counter.hist if total is None else total.add_(counter.hist.to(total.device))
+        self._counters = []
+        return None if total is None else total.view(len(self.ranks), bins)
 
     def _bit_rows(self, parts: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """int32 bit patterns of |parts|: one (streams x n) tensor, or one 1-D tensor per stream."""
@@ -118,8 +148,7 @@ class KthMagnitudes:
 
     def choose_bins(self) -> None:
         """End pass 1: find, per stream, the high half-word bin holding its ranked element."""
-        self._flush(_HIGH_BINS)
-        self._high, self._hist = self._hist, None
+        self._high = self._end_pass(_HIGH_BINS)
         high = self._high.cpu() if self._high is not None else torch.zeros(len(self.ranks), _HIGH_BINS, dtype=torch.int64)
         bins, self._inner = [], []
         for i, rank in enumerate(self.ranks):
@@ -155,8 +184,8 @@ class KthMagnitudes:
         """The kth smallest magnitude of every stream (0.0 where its rank is <= 0)."""
         if self._bins is None:
             raise RuntimeError("values before choose_bins")
-        self._flush(_LOW_BINS)
-        low = self._hist.cpu() if self._hist is not None else None
+        low = self._end_pass(_LOW_BINS)
+        low = low.cpu() if low is not None else None
         out = []
         for i, rank in enumerate(self.ranks):
             if rank <= 0:

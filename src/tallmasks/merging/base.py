@@ -173,10 +173,14 @@ def task_arithmetic(cs: CheckpointSet, k: float = 100, device="cpu") -> Vector:
     thresholds = trim_thresholds(cs, k, device)
     out = _empty(cs)
     on_cpu = torch.device(device).type == "cpu"
-    for block in cs.blocks(device=device):
+
+    def work(block: Block) -> None:
         total = block.sum(_trimmed_taus(block, thresholds), out=_destination(out, block) if on_cpu else None)
         block.verify(total)
         _store(out, block, total)
+
+    for _ in cs.map_blocks(work, device=device):
+        pass
     return _shaped(cs, out)
 
 
@@ -191,10 +195,9 @@ def _ties_block(block: Block, thresholds: list[float] | None, agg: str, zero_sig
     sign = torch.sign(total)
     elected = torch.where(sign == 0, 1.0 if zero_sign > 0 else -1.0, sign)
     agreeing = trimmed.mul_(elected).clamp_(min=0)  # |t| where t agrees, else 0 (exact: e is +-1)
-    count = torch.count_nonzero(agreeing, dim=0) if agg == "mean" else None
+    count = torch.sign(agreeing).sum(0) if agg == "mean" else None  # kept entries per column, exactly
     merged = block.sum(agreeing.mul_(elected))  # the kept entries with their signs back
     if count is not None:
-        count = count.to(merged.dtype)
         return merged / torch.clamp(count, min=1), sign, count > 0
     return merged, sign, merged != 0  # a sum of same-signed values is zero only if they all are
 
@@ -209,18 +212,23 @@ def ties_merge(cs: CheckpointSet, k: float = 20, agg: str = "mean", device="cpu"
         raise ConfigError(f"ties_agg must be 'mean' or 'sum', got {agg!r}")
     thresholds = trim_thresholds(cs, k, device)
     out = _empty(cs)
+
+    def work(block: Block, zero_sign: float = 1.0) -> tuple[int, bool]:
+        merged, sign, kept = _ties_block(block, thresholds, agg, zero_sign)
+        _store(out, block, merged)
+        # the sign total is exact (signs are -1, 0, 1); a zero sum with non-zero entries: the fill mattered
+        return int(sign.sum(dtype=torch.float64)), bool(((sign == 0) & kept).any())
+
     sign_total = 0
     undecided: set[str] = set()
-    for block in cs.blocks(device=device):
-        merged, sign, kept = _ties_block(block, thresholds, agg, 1.0)
-        sign_total += int(sign.sum(dtype=torch.float64))  # exact: signs are -1, 0, 1
-        if bool(((sign == 0) & kept).any()):  # a zero sum with non-zero entries: the fill mattered
+    for block, (signs, fill_mattered) in cs.map_blocks(work, device=device):
+        sign_total += signs
+        if fill_mattered:
             undecided.add(block.key)
-        _store(out, block, merged)
     majority = float(np.sign(sign_total))
     if majority <= 0 and undecided:
-        for block in cs.blocks(device=device, keys=sorted(undecided)):
-            _store(out, block, _ties_block(block, thresholds, agg, majority)[0])
+        for _ in cs.map_blocks(lambda block: work(block, majority), device=device, keys=sorted(undecided)):
+            pass
     return _shaped(cs, out)
 
 
