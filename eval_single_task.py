@@ -21,7 +21,7 @@ except ImportError:  # running from a clone without `pip install -e .`
 def parse_args(argv=None) -> argparse.Namespace:
     from tallmasks.precision import PRECISIONS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--finetuning-mode", choices=["none", "standard"], default="standard",
                    help="none: the zero-shot model; standard: each dataset's fine-tuned model")

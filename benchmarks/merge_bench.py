@@ -43,14 +43,11 @@ ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress"]
 # synthetic checkpoints
 
 
-def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path, list[Path]]:
-    """theta_0 from a randomly initialised open_clip image tower; theta_t = theta_0 + small noise."""
+def write_theta0(model: str, root: Path, seed: int = 0) -> tuple[dict, Path]:
+    """theta_0 of a randomly initialised open_clip image tower, saved in the released layout."""
     import open_clip
     import torch
 
-    done = root / "done.json"
-    if done.exists() and json.loads(done.read_text()) == {"model": model, "tasks": tasks}:
-        return root / "MNISTVal" / "nonlinear_zeroshot.pt", [root / f"Task{t}Val" / "nonlinear_finetuned.pt" for t in range(tasks)]
     torch.manual_seed(seed)
     clip = open_clip.create_model(model, pretrained=None)
     del clip.transformer
@@ -59,6 +56,17 @@ def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path,
     (root / "MNISTVal").mkdir(parents=True, exist_ok=True)
     pt = root / "MNISTVal" / "nonlinear_zeroshot.pt"
     torch.save(theta0, pt)
+    return theta0, pt
+
+
+def synthesize(model: str, tasks: int, root: Path, seed: int = 0) -> tuple[Path, list[Path]]:
+    """theta_0 from a randomly initialised open_clip image tower; theta_t = theta_0 + small noise."""
+    import torch
+
+    done = root / "done.json"
+    if done.exists() and json.loads(done.read_text()) == {"model": model, "tasks": tasks}:
+        return root / "MNISTVal" / "nonlinear_zeroshot.pt", [root / f"Task{t}Val" / "nonlinear_finetuned.pt" for t in range(tasks)]
+    theta0, pt = write_theta0(model, root, seed)
     paths = []
     gen = torch.Generator().manual_seed(seed + 1)
     for t in range(tasks):

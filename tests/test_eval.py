@@ -128,12 +128,15 @@ def _val_preprocess(size: int):
                       T.Normalize((0.48, 0.45, 0.40), (0.27, 0.26, 0.28))])
 
 
-def test_cache_built_once_and_matches_val_preprocess(tmp_path):
+def test_cache_built_once_and_matches_val_preprocess(tmp_path, monkeypatch):
+    import tallmasks.eval.cache as cache
+
     calls = []
     base = CountingImages()
+    build = cache.build_split
+    monkeypatch.setattr(cache, "build_split", lambda *a, **k: (calls.append(1), build(*a, **k))[1])
 
     def load_base():
-        calls.append(1)
         return base
 
     pre = _val_preprocess(16)

@@ -1,4 +1,4 @@
-"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the digits tasks."""
+"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the demo tasks."""
 
 from __future__ import annotations
 
@@ -13,16 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "config"
 
-digits = pytest.importorskip("tallmasks.datasets.digits", reason="the offline demo tasks (tallmasks.datasets.digits) are not available")
+scenes = pytest.importorskip("tallmasks.datasets.scenes", reason="the offline demo tasks (tallmasks.datasets.scenes) are not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +106,16 @@ def test_main_sum_end_to_end_and_one_line_errors(demo_setup):
     proc = run_main([*demo_setup["overrides"], "method=consensus", "method.use_ties=true"], cwd=root)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: TALL masks not found") and "Traceback" not in proc.stderr
+    proc = run_main([*demo_setup["overrides"], "method=sum", "batch_size=abc"], cwd=root)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: batch_size must be an integer, got 'abc'"]
 
 
 def test_missing_checkpoint_is_a_one_line_error(demo_setup):
     from tallmasks.errors import CheckpointError
     from tallmasks.eval.runner import run_experiment
 
-    with pytest.raises(CheckpointError, match="DigitsRotatedVal/nonlinear_finetuned.pt"):
+    with pytest.raises(CheckpointError, match="ShapesVal/nonlinear_finetuned.pt"):
         run_experiment(compose([*demo_setup["overrides"], "method=sum", "model_location=" + str(demo_setup["root"] / "nowhere")]))
 
 
@@ -132,8 +129,9 @@ def test_tall_mask_saves_masks_that_consensus_and_load_mask_read(demo_setup):
     lambdas = res["selection"]["lambdas"]
     assert set(lambdas) == set(tasks) and all(v in (0.2, 0.3, 0.4, 0.5, 0.6) for v in lambdas.values())
     assert res["evaluations"]["evaluated"] == 5 * len(tasks) + len(tasks)
-    path = tall_mask_path(demo_setup["loc"], DEMO_MODEL, len(tasks), use_ties=False)
+    path = Path(res["mask_path"])
     assert path.parent == demo_setup["root"] / "tall_masks" / DEMO_MODEL and path.is_file()
+    assert path.name.startswith(tall_mask_path(demo_setup["loc"], DEMO_MODEL, len(tasks), use_ties=False).stem + "_")
     assert MaskSet.load(path).names == tasks
     # per task, the chosen lambda is the best on that task's validation split
     for task, lam in lambdas.items():
@@ -180,6 +178,13 @@ def test_resume_does_not_redo_finished_evaluations(demo_setup, monkeypatch):
     os.utime(ft, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     changed = run_experiment(compose(overrides))
     assert changed["evaluations"] == {"evaluated": 6, "reused": 0}
+    # so does a zero-shot head replaced in place
+    from tallmasks.models import head_path
+
+    head = head_path(demo_setup["loc"], DEMO_MODEL, demo_setup["tasks"][1])
+    stat = head.stat()
+    os.utime(head, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert run_experiment(compose(overrides))["evaluations"] == {"evaluated": 6, "reused": 0}
 
 
 def test_eval_single_task_merges_table(demo_setup, tmp_path):
@@ -231,15 +236,28 @@ def test_world_size_spawns_ranks_that_equal_one_process(demo_setup):
 
 
 def test_launch_settings_are_checked():
+    import os
+    import socket
+
     from tallmasks.errors import ConfigError
     from tallmasks.eval.runner import _launch_settings
 
-    assert _launch_settings({"world_size": 2, "port": "None", "device": "cpu"}) == (2, None)
-    assert _launch_settings({"world_size": 1, "port": 12355}) == (1, 12355)
+    assert _launch_settings(compose(["world_size=2", "port=None", "device=cpu"])) == (2, None)
+    assert _launch_settings(compose(["world_size=1", "port=12355"])) == (1, 12355)
     with pytest.raises(ConfigError, match="world_size must be >= 1"):
-        _launch_settings({"world_size": 0, "device": "cpu"})
-    with pytest.raises(ConfigError, match="must be integers"):
-        _launch_settings({"world_size": "two"})
+        _launch_settings(compose(["world_size=0", "device=cpu"]))
+    with pytest.raises(ConfigError, match="world_size must be an integer"):
+        _launch_settings(compose(["world_size=two"]))
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError, match=f"world_size={cores + 1} is more than the {cores} CPU cores"):
+        _launch_settings(compose([f"world_size={cores + 1}", "device=cpu"]))
+    assert _launch_settings(compose([f"world_size={cores + 1}", "device=cpu", "force_world_size=true"]))[0] == cores + 1
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port={port} cannot be used"):
+            _launch_settings(compose(["world_size=2", f"port={port}", "device=cpu"]))
 
 
 def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
@@ -256,5 +274,5 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     proc = run_main(args, tmp_path, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert "could not fetch" in line and "ViT-B-32" in line
+    assert "could not fetch" in line and "ViT-B-32" in line and "pretrained_weights=PATH" in line
     assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()

@@ -2,19 +2,18 @@
 
 Loading never executes pickle code: ``.pt`` files go through ``torch.load(weights_only=True)``
 (memory-mapped when the file is in the zip format) and ``.safetensors`` files are read tensor by
-tensor. Saving writes to a temporary file in the target folder and renames it into place, so an
-interrupted or failed save leaves nothing half-written.
+tensor. Only regular files are opened (tallmasks.guard). Saving writes to a temporary named after the
+output in the target folder and renames it into place, so an interrupted or failed save leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import mmap
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 
 from tallmasks.errors import CheckpointError
+from tallmasks.guard import atomic_output as atomic_path  # noqa: F401  (the one atomic writer, under its old name)
+from tallmasks.guard import require_file
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _torch_load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """torch.load a state dict with weights_only=True, memory-mapped when possible (the bool says whether)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    require_file(path, "checkpoint")
     obj: Any = None
     mapped = False
     try:
@@ -215,12 +215,7 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict(path: str | Path) -> LazyStateDict:
     """Open a ``.pt`` or ``.safetensors`` state dict without executing pickle code."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file")
-    return LazyStateDict(path)
+    return LazyStateDict(require_file(path, "checkpoint"))
 
 
 def materialize(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,27 +223,15 @@ def materialize(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: state[key] for key in state}
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomically save a state dict; the format follows the suffix (.safetensors, else torch.save)."""
+def save_state_dict(
+    state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None, finite: bool = False
+) -> None:
+    """Atomically save a state dict; the format follows the suffix (.safetensors, else torch.save).
+    ``finite``: refuse, before writing, a floating-point tensor holding NaN or Inf (e.g. an fp16 overflow)."""
     path = Path(path)
     tensors = {key: value.detach().contiguous() for key, value in state.items()}
+    if finite:
+        check_finite(tensors, path)
     with atomic_path(path) as tmp:
         if path.suffix == SAFETENSORS_SUFFIX:
             from safetensors.torch import save_file
@@ -256,6 +239,17 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadat
             save_file(_unshare(tensors), str(tmp), metadata=metadata)
         else:
             torch.save(tensors, str(tmp))
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A one-line CheckpointError naming the first floating-point tensor that holds NaN or Inf."""
+    for key, value in tensors.items():
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            dtype = str(value.dtype).replace("torch.", "")
+            limit = torch.finfo(value.dtype).max
+            raise CheckpointError(
+                f"{path}: tensor {key!r} would hold NaN or Inf in {dtype} (values beyond +-{limit:.4g} overflow); nothing written"
+            )
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -274,7 +268,7 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(require_file(path, "checkpoint"), "rb") as handle:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.guard import check_output, file_size, require_file
 
 log = logging.getLogger("tallmasks")
 
@@ -19,17 +20,41 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """The --device value checked (auto, cpu, cuda, cuda:N available here), auto resolved."""
+    from tallmasks.eval.distributed import check_device, resolve_device
+
+    return str(resolve_device(check_device(name, "--device")))
 
 
-def _check_out_file(path: str) -> Path:
-    out = Path(path)
+def _check_out_file(path: str, option: str = "--out") -> Path:
+    out = Path(path).expanduser()
     if out.suffix not in CHECKPOINT_SUFFIXES:
-        raise ConfigError(f"--out {path}: use a .safetensors or .pt file name")
+        raise ConfigError(f"{option} {path}: use a .safetensors or .pt file name")
     if out.is_dir():
-        raise ConfigError(f"--out {path}: is a folder, expected a file name")
+        raise ConfigError(f"{option} {path}: is a folder, expected a file name")
+    return out
+
+
+def _inputs(*paths: str) -> list[Path]:
+    """The input checkpoints, each a regular file (never a pipe or a device)."""
+    return [require_file(p, "checkpoint") for p in paths]
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _method_params(method: str, given: dict[str, Any], num_tasks: int) -> dict[str, Any]:
+    """Hyperparameters given as flags, checked against the method's signature like main.py's method fields."""
+    from tallmasks.merging import get_method
+    from tallmasks.schema import coerce, parameters
+
+    accepted = parameters(get_method(method).fn, ("device",))
+    out = {}
+    for key, value in given.items():
+        if key not in accepted:
+            raise ConfigError(f"{_flag(key)} does not apply to method {method!r}")
+        out[key] = coerce(value, accepted[key].annotation, _flag(key), {"num_tasks": num_tasks})
     return out
 
 
@@ -53,32 +78,20 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
     from tallmasks.masks import tall_masks
-    from tallmasks.merging import base_vector, get_method, merge
+    from tallmasks.merging import base_vector, merge
+    from tallmasks.schema import coerce
     from tallmasks.task_vectors import CheckpointSet, apply_vector
 
-    from tallmasks.masks import check_prun_thre_k
-    from tallmasks.selection import check_k
-
+    inputs = _inputs(args.pretrained, *args.finetuned)
     out = _check_out_file(args.out)
-    method = get_method(args.method)
-    params: dict = {"device": _device(args.device)}
+    given = {"k": args.k, "use_ties": args.use_ties or None, "ties_agg": args.ties_agg, "prun_thre_k": args.prun_thre_k}
+    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, len(args.finetuned))
+    params["device"] = _device(args.device)
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
-    if args.k is not None:
-        if "k" not in method.defaults:
-            raise ConfigError(f"--k does not apply to method {args.method!r}")
-        params["k"] = check_k(args.k)
-    if args.use_ties or args.ties_agg is not None:
-        if "use_ties" not in method.defaults and args.use_ties:
-            raise ConfigError(f"--use-ties does not apply to method {args.method!r}")
-        if args.use_ties:
-            params["use_ties"] = True
-        if args.ties_agg is not None:
-            params["ties_agg"] = args.ties_agg
-    if args.prun_thre_k is not None:
-        if args.method != "consensus":
-            raise ConfigError("--prun-thre-k applies to method 'consensus' only")
-        params["prun_thre_k"] = check_prun_thre_k(args.prun_thre_k)
-    cs = CheckpointSet(args.pretrained, args.finetuned, _names(args, len(args.finetuned)))
+    alpha = None if args.alpha is None else coerce(args.alpha, float, "--alpha")
+    names = _names(args, len(args.finetuned))
+    check_output(out, inputs, expected_bytes=file_size(args.pretrained), label="--out")
+    cs = CheckpointSet(args.pretrained, args.finetuned, names)
     cs.progress = not args.quiet
     if args.method == "consensus":
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
@@ -88,47 +101,84 @@ def cmd_merge(args) -> int:
     elif args.tall_mask_lambda:
         raise ConfigError("--tall-mask-lambda applies to method 'consensus' (and to compress)")
     vector = merge(cs, args.method, **params)
-    if args.alpha is None:
+    if alpha is None:
         result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
         what = "merged task vector"
     else:
-        result = apply_vector(cs.pretrained, vector, alpha=args.alpha)
-        what = f"merged model (alpha={args.alpha})"
-    save_state_dict(result, out)
+        result = apply_vector(cs.pretrained, vector, alpha=alpha)
+        what = f"merged model (alpha={alpha:g})"
+    save_state_dict(result, out, finite=True)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
 
 
+def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
+    """theta_0, fine-tuned checkpoints, task names and mask file of --model in the released layout."""
+    from tallmasks.datasets import resolve_datasets
+    from tallmasks.eval.runner import released_mask_paths, tall_mask_path
+    from tallmasks.models.paths import finetuned_path, zeroshot_path
+
+    if args.pretrained or args.finetuned:
+        raise ConfigError("--model reads the released layout: give it without --pretrained/--finetuned")
+    datasets = resolve_datasets(args.num_tasks, args.names)
+    location = Path(args.model_location).expanduser()
+    finetuned = [str(finetuned_path(location, args.model, d)) for d in datasets]
+    masks = args.masks_file
+    if masks is None:
+        ours = tall_mask_path(location, args.model, len(datasets), args.use_ties)
+        candidates = [ours, *released_mask_paths(location, args.model, len(datasets), args.use_ties)]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise ConfigError(f"no TALL masks at {candidates[0]} or {candidates[1]} (download_checkpoints.py --kind tall_masks)")
+        masks = str(found[0])
+    return str(zeroshot_path(location, args.model)), finetuned, datasets, masks
+
+
 def cmd_compress(args) -> int:
     from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
+    from tallmasks.schema import Percent, coerce
 
-    from tallmasks.selection import check_k
-
-    if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda):
-        raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
+    if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
+        raise ConfigError("--use-ties, --tall-mask-lambda and --masks-file apply to --masks tall only")
+    if args.masks_file and args.tall_mask_lambda:
+        raise ConfigError("--tall-mask-lambda builds masks; it does not apply with --masks-file")
     if args.k is not None:
-        check_k(args.k)
+        coerce(args.k, Percent, "--k")
+    if args.model:
+        pretrained, finetuned, names, masks_file = _released_inputs(args)
+    else:
+        if not args.pretrained or not args.finetuned:
+            raise ConfigError("give --pretrained and --finetuned, or --model to read the released layout")
+        pretrained, finetuned, masks_file = args.pretrained, args.finetuned, args.masks_file
+        names = _names(args, len(args.finetuned))
     compress(
-        args.pretrained,
-        args.finetuned,
+        pretrained,
+        finetuned,
         args.out,
-        names=_names(args, len(args.finetuned)),
+        names=names,
         use_ties=args.use_ties,
         lambdas=_lambdas(args.tall_mask_lambda, DEFAULT_LAMBDA),  # validated before any work
         masks=args.masks,
         k=args.k if args.k is not None else 10,
         device=_device(args.device),
         progress=not args.quiet,
+        storage=args.storage,
+        masks_file=masks_file,
+        model=args.model,
     )
     report = collection_report(args.out)
     log.info(
-        "wrote %s: %d tasks, %.1f MB (%.3f bytes/parameter; %d full checkpoints would take %.1f MB)",
+        "wrote %s (%s): %d tasks, %.2f MB beyond theta_0 (%.3f bytes/parameter, %.3f of the paper's scheme; masks %.3f bits "
+        "per weight per task); %d full checkpoints would take %.1f MB",
         args.out,
+        report["storage"],
         len(report["tasks"]),
         report["total_bytes"] / 1e6,
         report["bytes_per_param"],
+        report["ratio_to_paper"],
+        report["mask_bits_per_weight_per_task"],
         len(report["tasks"]),
-        sum(Path(p).stat().st_size for p in args.finetuned) / 1e6,
+        sum(Path(p).stat().st_size for p in finetuned) / 1e6,
     )
     return 0
 
@@ -136,9 +186,11 @@ def cmd_compress(args) -> int:
 def cmd_decompress(args) -> int:
     from tallmasks.compression import decompress
 
+    from tallmasks.compression import read_meta, task_name
+
     out = _check_out_file(args.out)
     decompress(args.collection, args.task, out, pretrained=args.pretrained)
-    log.info("wrote task %s to %s", args.task, out)
+    log.info("wrote task %s to %s", task_name(read_meta(args.collection), args.task), out)
     return 0
 
 
@@ -156,15 +208,25 @@ def cmd_inspect(args) -> int:
     from tallmasks.compression import _is_collection, collection_report
     from tallmasks.masks import MaskSet
 
-    path = Path(args.path)
-    if path.is_dir() and _is_collection(path):
+    path = Path(args.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if not _is_collection(path):
+            raise ConfigError(f"{path}: not a compressed collection (no valid meta.json)")
+    else:
+        require_file(path, "checkpoint or mask")
+    is_maskset = not path.is_dir() and path.suffix == ".safetensors" and _is_maskset(path)
+    if args.plot:
+        if not (path.is_dir() or is_maskset):
+            raise ConfigError(f"--plot draws the agreement of a collection or mask file; {path} is a checkpoint")
+        check_output(args.plot, [path], label="--plot")
+    if path.is_dir():
         report = collection_report(path)
         agreement = report["agreement"]
         names = report["tasks"]
         densities = report["densities"]
-    elif path.is_dir():
-        raise ConfigError(f"{path}: not a compressed collection")
-    elif path.suffix == ".safetensors" and _is_maskset(path):
+    elif is_maskset:
         masks = MaskSet.load(path)
         names, agreement = masks.names, masks.agreement()
         densities = {n: masks.density(n) for n in names}
@@ -193,7 +255,11 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"{path}: {len(names)} tasks, {report['num_params']:,} parameters")
     if "total_bytes" in report:
-        print(f"  size {report['total_bytes'] / 1e6:.2f} MB = {report['bytes_per_param']:.3f} bytes/parameter")
+        print(f"  storage {report['storage']}: {report['total_bytes'] / 1e6:.2f} MB beyond theta_0 = "
+              f"{report['bytes_per_param']:.3f} bytes/parameter")
+        print(f"  paper's scheme (float32 merged vector + 1 bit per weight per task): {report['paper_bytes'] / 1e6:.2f} MB; "
+              f"ratio {report['ratio_to_paper']:.3f}")
+        print(f"  masks: {report['mask_bits_per_weight_per_task']:.3f} bits per weight per task")
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
     for line in _profile_lines(agreement):
         print("  " + line)
@@ -230,9 +296,9 @@ def _is_released_head(path: str) -> bool:
 def cmd_convert(args) -> int:
     from tallmasks.checkpoints import convert_checkpoint
 
-    out = _check_out_file(args.dst)
-    if Path(args.src).resolve() == out.resolve():
-        raise ConfigError("convert: source and destination are the same file")
+    src = require_file(args.src, "checkpoint")
+    out = _check_out_file(args.dst, "convert: destination")
+    check_output(out, [src], expected_bytes=file_size(src), label="convert: destination")
     if _is_released_head(args.src):
         from tallmasks.released import load_released_head
 
@@ -242,6 +308,17 @@ def cmd_convert(args) -> int:
     else:
         convert_checkpoint(args.src, out)
     log.info("wrote %s", out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tallmasks.reporting import write_report
+
+    paths = args.paths or [p for p in ("results/merging", "results/demo") if Path(p).exists()]
+    if not paths:
+        raise ConfigError("no results folder given and none of results/merging, results/demo exists")
+    written = write_report(paths, args.out)
+    log.info("wrote %s, %d CSV files and %d figures to %s", written["markdown"].name, len(written["csv"]), len(written["figures"]), args.out)
     return 0
 
 
@@ -259,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def checkpoints(p):
-        p.add_argument("--pretrained", required=True, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
-        p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t")
+    def checkpoints(p, required=True):
+        p.add_argument("--pretrained", required=required, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
+        p.add_argument("--finetuned", required=required, nargs="+", help="fine-tuned checkpoints theta_t")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
@@ -277,13 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau")
     merge.set_defaults(func=cmd_merge)
 
-    comp = sub.add_parser("compress", help="merged vector + one bit mask per task")
-    checkpoints(comp)
+    comp = sub.add_parser("compress", help="merged vector + one mask per task (entropy-coded by default)")
+    checkpoints(comp, required=False)
     comp.add_argument("--out", required=True, help="output folder")
     comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
     comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
     comp.add_argument("--masks", choices=["tall", "magnitude"], default="tall")
     comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
+    comp.add_argument("--storage", choices=["coded", "packbits"], default="coded",
+                      help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); "
+                      "packbits: the paper's scheme")
+    comp.add_argument("--masks-file", help="existing TALL masks (ours, or a released TALL_mask_<N>task.npy) instead of building them")
+    comp.add_argument("--model", help="read theta_0, the fine-tuned checkpoints and the masks from the released layout")
+    comp.add_argument("--num-tasks", type=int, default=8, help="with --model: the first N of the paper's datasets (8)")
+    comp.add_argument("--model-location", default="models/checkpoints", help="with --model: checkpoints folder")
     comp.set_defaults(func=cmd_compress)
 
     dec = sub.add_parser("decompress", help="rebuild one task's model from a compressed collection")
@@ -306,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
 
+    rep = sub.add_parser("report", help="tables (markdown, CSV) and figures of results beside the paper's, and storage")
+    rep.add_argument("paths", nargs="*", help="results files or folders, compressed collections (default: results/merging results/demo)")
+    rep.add_argument("--out", default="reports", help="output folder (default reports/)")
+    rep.set_defaults(func=cmd_report)
+
     data = sub.add_parser("prepare-data", help="download or arrange evaluation datasets under a data location")
     data.add_argument("names", nargs="+", help="dataset names, e.g. MNIST SVHN (or 'all')")
     data.add_argument("--root", default="~/data", help="data location (default ~/data)")
@@ -319,13 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (inspect --json | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

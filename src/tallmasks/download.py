@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
+from tallmasks.guard import check_output
 from tallmasks.models.paths import mask_dir
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def download(model: str, kind: str, source: str = "hf", model_location: str | Pa
     """Fetch, place and verify the released ``kind`` files of ``model``; raises a one-line error if incomplete."""
     _check_choice(model, kind, source)
     root = kind_root(kind, model, model_location)
+    check_output(root, folder=True, label="--model-location")  # writable before anything is fetched
     expected = expected_files(kind)
     if source == "gdrive" and root.is_dir() and verify(root, expected).complete:
         log.info("%s %s: every expected file is already present and verified under %s", model, kind, root)

@@ -17,3 +17,16 @@ class ConfigError(TallmasksError):
 
 class DatasetMissingError(TallmasksError):
     """A dataset is absent or needs manual preparation."""
+
+
+class OutputError(TallmasksError):
+    """An output cannot be written where asked: it is an input, the location is unwritable or full."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its non-empty lines joined), cut at a word boundary."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
+    return cut + " ..."

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from tallmasks.checkpoints import atomic_path, save_state_dict
 from tallmasks.errors import CheckpointError, ConfigError
-from tallmasks.eval.distributed import check_world_size, resolve_device, spawn_ranks, under_launcher
+from tallmasks.eval.distributed import check_device, check_world_size, resolve_device, spawn_ranks, under_launcher
+from tallmasks.guard import check_output
 from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, val_name, zeroshot_path
 from tallmasks.precision import PRECISIONS, check_precision, set_backend
 
@@ -119,6 +120,7 @@ def _check(cfg: FinetuneConfig) -> None:
     check_precision(cfg.precision)
     if cfg.wandb_mode not in ("disabled", "online", "offline"):
         raise ConfigError(f"wandb_mode must be disabled, online or offline, got {cfg.wandb_mode!r}")
+    check_device(cfg.device, "device")
 
 
 def cosine_lr(base_lr: float, warmup: int, total: int, step: int) -> float:
@@ -290,7 +292,13 @@ def _run(
     torch.manual_seed(cfg.seed)
     set_backend(cfg.precision)
 
+    if main:  # the outputs' location checked before the work: writable, and room for them
+        check_output(out, label="fine-tuned checkpoint")
     encoder, head = _prepare_model(cfg, encoder, head, clip_model, device)
+    if main:
+        model_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
+        copies = 2 + (3 if cfg.checkpoint_every else 0)  # zero-shot, fine-tuned, resume state (weights + Adam moments)
+        check_output(out, expected_bytes=copies * model_bytes, label="fine-tuned checkpoint")
     if train_dataset is None:
         from tallmasks.datasets import load_split
 
@@ -348,7 +356,7 @@ def _run(
         )
     run = _start_wandb(cfg) if main else None
     loss_fn = torch.nn.CrossEntropyLoss()
-    progress = tqdm(total=planned, initial=updates, desc=f"finetune {val_name(cfg.dataset)}", disable=not main)
+    progress = tqdm(total=planned, initial=updates, desc=f"finetune {val_name(cfg.dataset)}", disable=not main, leave=False)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         if updates >= planned:
@@ -429,10 +437,11 @@ def _finetune_private_copy(cfg: FinetuneConfig, kwargs: dict[str, Any]) -> None:
     finetune(cfg, **copy.deepcopy(kwargs))
 
 
-def launch(cfg: FinetuneConfig, world_size: int = 1, **kwargs: Any) -> Path:
+def launch(cfg: FinetuneConfig, world_size: int = 1, force_world_size: bool = False, **kwargs: Any) -> Path:
     """Run :func:`finetune` in-process (world_size 1, or already under torchrun) or in ``world_size``
-    spawned processes on a free local port (gloo on CPU, nccl on GPU). kwargs go to finetune and must pickle."""
-    check_world_size(world_size, cfg.device)
+    spawned processes on a free local port (gloo on CPU, nccl on GPU; more CPU ranks than cores only with
+    ``force_world_size``). kwargs go to finetune and must pickle."""
+    check_world_size(world_size, cfg.device, force=force_world_size)
     out = finetuned_path(cfg.model_location, cfg.model_name, cfg.dataset)
     if world_size == 1 or under_launcher():
         return finetune(cfg, **kwargs)
@@ -445,13 +454,15 @@ def launch(cfg: FinetuneConfig, world_size: int = 1, **kwargs: Any) -> Path:
     return out
 
 
-def finetune_datasets(base: FinetuneConfig, datasets: Sequence[str], world_size: int = 1) -> list[Path]:
+def finetune_datasets(
+    base: FinetuneConfig, datasets: Sequence[str], world_size: int = 1, force_world_size: bool = False
+) -> list[Path]:
     """Fine-tune ``base.model_name`` on each dataset in turn (done ones are skipped)."""
     paths = []
     for name in datasets:
         cfg = dataclasses.replace(base, dataset=name)
         log.info("fine-tuning %s on %s", cfg.model_name, val_name(name))
-        paths.append(launch(cfg, world_size))
+        paths.append(launch(cfg, world_size, force_world_size))
     return paths
 
 
@@ -469,6 +480,7 @@ def build_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--data-location", default="~/data", help="root of the prepared datasets")
     parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or weights file")
     parser.add_argument("--world-size", type=int, default=1, help="processes to spawn (ignored under torchrun)")
+    parser.add_argument("--force-world-size", action="store_true", help="allow more CPU processes than cores")
     parser.add_argument("--epochs", type=int, default=None, help="override the paper's per-dataset epochs")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -520,9 +532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_steps=args.max_steps,
             wandb_mode=args.wandb_mode,
         )
-        for name in datasets:  # check every dataset's settings before the first long run
+        for name in datasets:  # check every dataset's settings and output before the first long run
             dataclasses.replace(base, dataset=name).resolved()
-        paths = finetune_datasets(base, datasets, world_size=args.world_size)
+            if rank == 0:
+                check_output(finetuned_path(base.model_location, base.model_name, name), label="fine-tuned checkpoint")
+        if not under_launcher():
+            check_world_size(args.world_size, base.device, force=args.force_world_size)
+        paths = finetune_datasets(base, datasets, world_size=args.world_size, force_world_size=args.force_world_size)
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import torch
 
 from tallmasks.checkpoints import atomic_path
 from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.guard import require_file
 from tallmasks.selection import KthMagnitudes, check_k, kth_rank
 from tallmasks.task_vectors import CheckpointSet
 
@@ -101,14 +102,18 @@ class BitPacker:
 class MaskSet:
     """Bit-packed binary masks of several tasks over one layout."""
 
-    def __init__(self, names: Sequence[str], layout: Layout, packed: Sequence[np.ndarray], info: dict | None = None):
+    def __init__(
+        self, names: Sequence[str], layout: Layout, packed: Sequence[np.ndarray], info: dict | None = None,
+        origin: str | Path | None = None,
+    ):
         names = [str(n) for n in names]
+        where = f"{origin}: " if origin is not None else ""
         if len(names) != len(packed):
-            raise ValueError("one packed array per task name is required")
+            raise CheckpointError(f"{where}{len(names)} task names for {len(packed)} masks")
         nbytes = (layout.numel + 7) // 8
         for name, array in zip(names, packed):
             if array.dtype != np.uint8 or array.size != nbytes:
-                raise CheckpointError(f"mask for {name!r} has {array.size} bytes, expected {nbytes} for this model")
+                raise CheckpointError(f"{where}mask for {name!r} has {array.size} bytes, expected {nbytes} for this model")
         self.names = names
         self.layout = layout
         self.packed = {n: np.ascontiguousarray(a) for n, a in zip(names, packed)}
@@ -138,6 +143,36 @@ class MaskSet:
     def density(self, name: str) -> float:
         total = int(np.unpackbits(self.packed[name], count=self.layout.numel).sum(dtype=np.int64))
         return total / max(self.layout.numel, 1)
+
+    def check_layout(self, layout: Layout, origin: str | Path) -> None:
+        """A one-line CheckpointError unless these masks cover exactly ``layout`` (the model's float keys and shapes)."""
+        if self.layout == layout:
+            return
+        ours, theirs = dict(zip(self.layout.keys, self.layout.shapes)), dict(zip(layout.keys, layout.shapes))
+        missing = [k for k in theirs if k not in ours]
+        extra = [k for k in ours if k not in theirs]
+        shape = [k for k in theirs if k in ours and ours[k] != theirs[k]]
+        if missing:
+            why = f"no mask for key {missing[0]!r}"
+        elif extra:
+            why = f"a mask for key {extra[0]!r}, which the model lacks"
+        elif shape:
+            why = f"key {shape[0]!r} has shape {list(ours[shape[0]])} in the masks, {list(theirs[shape[0]])} in the model"
+        else:
+            why = "keys in another order"
+        raise CheckpointError(f"{origin}: masks made for another model ({why})")
+
+    def check_settings(self, settings: Mapping[str, object], origin: str | Path) -> None:
+        """A one-line CheckpointError when the masks were built under other ``settings`` than these."""
+        recorded = self.info.get("settings")
+        if not isinstance(recorded, dict):
+            return  # released masks, or masks saved before settings were recorded
+        for key, value in settings.items():
+            if key in recorded and recorded[key] != value:
+                raise CheckpointError(
+                    f"{origin}: masks built with {key}={recorded[key]!r}, this run has {key}={value!r}; "
+                    "rebuild them with method=tall_mask under the same settings"
+                )
 
     def subset(self, names: Sequence[str]) -> MaskSet:
         for n in names:
@@ -183,9 +218,7 @@ class MaskSet:
     def load(cls, path: str | Path) -> MaskSet:
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such mask file")
+        path = require_file(path, "mask")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
@@ -195,16 +228,21 @@ class MaskSet:
                 layout = Layout.from_json(meta["layout"])
                 packed = [handle.get_tensor(f"mask/{i}").numpy() for i in range(len(names))]
                 info = json.loads(meta.get("info", "{}"))
+            if not isinstance(info, dict) or not isinstance(names, list):
+                raise ValueError("malformed metadata")
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointError(f"{path}: unreadable mask file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-        return cls(names, layout, packed, info)
+        return cls(names, layout, packed, info, origin=path)
 
     @classmethod
-    def from_packed(cls, packed: Mapping[str, np.ndarray], layout: Layout, info: dict | None = None) -> MaskSet:
+    def from_packed(
+        cls, packed: Mapping[str, np.ndarray], layout: Layout, info: dict | None = None, origin: str | Path | None = None
+    ) -> MaskSet:
         """Masks given as {task: np.packbits array}, as in the released TALL-mask files."""
-        return cls(list(packed.keys()), layout, [np.asarray(v, dtype=np.uint8).reshape(-1) for v in packed.values()], info)
+        arrays = [np.asarray(v, dtype=np.uint8).reshape(-1) for v in packed.values()]
+        return cls(list(packed.keys()), layout, arrays, info, origin=origin)
 
 
 def check_lambda(value: float) -> float:
@@ -303,11 +341,8 @@ def consensus_mask(masks: MaskSet, k: int) -> dict[str, torch.Tensor]:
     return masks.layout.split(flat)
 
 
-def check_prun_thre_k(k) -> int:
-    try:
-        value = int(k)
-    except (TypeError, ValueError):
-        raise ConfigError(f"prun_thre_k must be a non-negative integer, got {k!r}") from None
-    if value != k or value < 0:
-        raise ConfigError(f"prun_thre_k must be a non-negative integer, got {k!r}")
-    return value
+def check_prun_thre_k(k, num_tasks: int | None = None) -> int:
+    """``k`` as an int in [0, num_tasks]: a larger one would drop every weight."""
+    from tallmasks.schema import TaskCount, coerce
+
+    return coerce(k, TaskCount, "prun_thre_k", {"num_tasks": num_tasks})

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tallmasks.errors import CheckpointError
+from tallmasks.guard import require_file
 from tallmasks.models.heads import ClassificationHead
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def _forbidden_global(exc: BaseException) -> str | None:
 
 def load_released_head(path: str | Path) -> ClassificationHead:
     """Read a released ``head_<Dataset>Val.pt`` (pickled module) into our ClassificationHead, safely."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such head file")
+    path = require_file(path, "head")
     try:
         with torch.serialization.safe_globals([(_ReleasedHead, RELEASED_HEAD_CLASS)]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -146,9 +145,7 @@ _PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle
 
 def load_released_masks(path: str | Path) -> dict[str, np.ndarray]:
     """Read a released ``TALL_mask_{N}task.npy`` -> {dataset: packed uint8 array}, without running pickle code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such mask file")
+    path = require_file(path, "mask")
     with open(path, "rb") as handle:
         magic = handle.read(len(_NPY_MAGIC))
     if magic == _NPY_MAGIC:

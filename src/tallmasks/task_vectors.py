@@ -177,7 +177,7 @@ class CheckpointSet:
         if len(names) != len(finetuned):
             raise CheckpointError(f"{len(names)} task names given for {len(finetuned)} fine-tuned checkpoints")
         if len(set(names)) != len(names):
-            raise CheckpointError(f"task names are not unique: {names}")
+            raise CheckpointError(f"task names are not unique: {names}; give each task its own name (--names)")
         self.names = names
         self.pretrained_label = _label(pretrained, "pretrained state dict")
         self.finetuned_labels = [_label(src, f"fine-tuned state dict {i}") for i, src in enumerate(finetuned)]
@@ -186,6 +186,8 @@ class CheckpointSet:
         self._validate()
         self.keys = list(self.pretrained.keys())
         self.float_keys = sorted(k for k in self.keys if is_float(_dtype(self.pretrained, k)))
+        if not self.float_keys:
+            raise CheckpointError(f"{self.pretrained_label}: no floating-point tensor, nothing to merge")
         self.shapes = {k: _shape(self.pretrained, k) for k in self.keys}
         self.dtypes = {k: _dtype(self.pretrained, k) for k in self.keys}
         self._checked: set[str] = set()

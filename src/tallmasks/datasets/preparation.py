@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from tallmasks.datasets.paper import FER2013_HF_ID, PAPER_DATASETS, how_to_prepare
 from tallmasks.datasets.registry import canonical_name, load_split
-from tallmasks.errors import DatasetMissingError, TallmasksError
+from tallmasks.errors import DatasetMissingError, TallmasksError, one_line
+from tallmasks.guard import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Pa
     if name not in PAPER_DATASETS:
         logger.info("%s needs no preparation (its data is built in)", name)
         return root
+    check_output(root, folder=True, label="--root")
     if source is None and is_prepared(name, root):
         logger.info("%s is already prepared under %s", name, root)
         return root
@@ -103,7 +105,7 @@ def _download_torchvision(name: str, root: Path) -> None:
         except ImportError as exc:
             raise DatasetMissingError(f"{name}: needs the Python package {exc.name!r} (pip install it)") from exc
         except (RuntimeError, OSError) as exc:
-            raise DatasetMissingError(f"{name}: download into {location} failed: {exc}".splitlines()[0]) from exc
+            raise DatasetMissingError(f"{name}: download into {location} failed: {one_line(exc)}") from exc
 
 
 def _download_fer2013(root: Path) -> None:
@@ -116,7 +118,7 @@ def _download_fer2013(root: Path) -> None:
         try:
             rows = hf_datasets.load_dataset(FER2013_HF_ID, split=part)
         except Exception as exc:  # the hub client raises many kinds of errors
-            raise DatasetMissingError(f"FER2013: download of {FER2013_HF_ID} failed: {exc}".splitlines()[0]) from exc
+            raise DatasetMissingError(f"FER2013: download of {FER2013_HF_ID} failed: {one_line(exc)}") from exc
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         rows.save_to_disk(str(tmp))
@@ -130,7 +132,7 @@ def _download_dtd(root: Path) -> Path:
     try:
         torchvision.datasets.DTD(str(root), split="train", partition=1, download=True)
     except (RuntimeError, OSError) as exc:
-        raise DatasetMissingError(f"DTD: download into {root / 'dtd'} failed: {exc}".splitlines()[0]) from exc
+        raise DatasetMissingError(f"DTD: download into {root / 'dtd'} failed: {one_line(exc)}") from exc
     return root / "dtd" / "dtd"
 
 

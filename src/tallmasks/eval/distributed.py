@@ -115,14 +115,72 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], a
     fn(*args)
 
 
-def check_world_size(world_size: int, device: str = "auto") -> None:
-    """A one-line ConfigError unless ``world_size`` local ranks can run on ``device``."""
+def check_device(name: Any, where: str = "device") -> str:
+    """``name`` if it is auto, cpu, cuda or cuda:N (mps where built) and available here; a one-line ConfigError otherwise."""
     from tallmasks.errors import ConfigError
 
-    if world_size < 1:
-        raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    if world_size > 1 and resolve_device(device).type == "cuda" and torch.cuda.device_count() < world_size:
-        raise ConfigError(f"world_size={world_size} but only {torch.cuda.device_count()} GPUs are visible")
+    text = str(name).strip() if name is not None else "auto"
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{where}: unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}={text}: no CUDA GPU is available on this machine; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}={text}: only {torch.cuda.device_count()} CUDA GPUs are visible")
+        return text
+    if dev.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return text
+    raise ConfigError(f"{where}: device {text!r} is not available here; use auto, cpu, cuda or cuda:N")
+
+
+def local_slots(device: str = "auto") -> int:
+    """How many local ranks ``device`` can hold: visible GPUs for cuda, usable CPU cores for gloo on cpu."""
+    if resolve_device(device).type == "cuda":
+        return torch.cuda.device_count()
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_world_size(world_size: int, device: str = "auto", force: bool = False) -> None:
+    """A one-line ConfigError unless ``world_size`` local ranks fit on ``device`` (more ranks than GPUs
+    never run; more than CPU cores only with ``force``)."""
+    from tallmasks.errors import ConfigError
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if world_size == 1:
+        return
+    slots = local_slots(device)
+    if resolve_device(device).type == "cuda":
+        if slots < world_size:
+            raise ConfigError(f"world_size={world_size} but only {slots} GPUs are visible")
+    elif slots < world_size and not force:
+        raise ConfigError(
+            f"world_size={world_size} is more than the {slots} CPU cores here (each rank holds a model); "
+            "lower it, or force it (main.py: force_world_size=true, finetune.py: --force-world-size)"
+        )
+
+
+def check_port(port: int | None) -> None:
+    """A one-line ConfigError when the rendezvous ``port`` is taken on this machine."""
+    from tallmasks.errors import ConfigError
+
+    if port is None:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", int(port)))
+        except OSError as exc:
+            raise ConfigError(f"port={port} cannot be used ({exc.strerror or exc}); choose another, or port=null for a free one") from None
 
 
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, port: int | None = None) -> None:

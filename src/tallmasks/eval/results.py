@@ -10,6 +10,7 @@ from typing import Any
 
 from tallmasks.checkpoints import atomic_path
 from tallmasks.errors import TallmasksError
+from tallmasks.guard import require_file
 
 
 def _jsonable(value: Any) -> Any:
@@ -37,18 +38,37 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     """Parsed JSON of ``path``; a corrupt file raises a one-line TallmasksError."""
-    path = Path(path)
+    path = require_file(path, "JSON", TallmasksError)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise TallmasksError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TallmasksError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def file_signature(path: str | Path) -> list:
+    """[resolved path, size, mtime in ns] of a file: what tells a replaced file from the one recorded."""
+    path = Path(path)
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A journal entry is two integer counts with 0 <= correct <= total and total > 0."""
+    if not isinstance(entry, Mapping):
+        return False
+    correct, total = entry.get("correct"), entry.get("total")
+    counts = all(isinstance(v, int) and not isinstance(v, bool) for v in (correct, total))
+    return counts and 0 <= correct <= total and total > 0
 
 
 class Journal:
     """Finished evaluations of one run: key (setting, dataset, split) -> correct and total counts.
 
     Stored as a small JSON file next to the results; a journal written for another run (different
-    ``run_key``) is ignored. Only the writer (rank 0) saves it.
+    ``run_key``: settings, inputs by size and mtime, the splits' cache identities) is ignored, and so is
+    an entry that is not a valid count. Only the writer (rank 0) saves it.
     """
 
     def __init__(self, path: str | Path, run_key: Mapping[str, Any], writer: bool = True):
@@ -59,10 +79,10 @@ class Journal:
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, OSError):
+            except (ValueError, OSError):
                 data = None
-            if isinstance(data, dict) and data.get("run_key") == self.run_key:
-                self.entries = {str(k): dict(v) for k, v in data.get("entries", {}).items()}
+            if isinstance(data, dict) and data.get("run_key") == self.run_key and isinstance(data.get("entries"), dict):
+                self.entries = {str(k): dict(v) for k, v in data["entries"].items() if _valid_entry(v)}
 
     @staticmethod
     def key(setting: str, dataset: str, split: str) -> str:

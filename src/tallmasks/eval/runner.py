@@ -14,7 +14,6 @@ Call it from Python with a composed Hydra config::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -28,11 +27,13 @@ from tqdm.auto import tqdm
 
 from tallmasks.errors import CheckpointError, ConfigError, TallmasksError
 from tallmasks.eval.cache import SplitData, default_num_workers, load_or_build_split
-from tallmasks.eval.distributed import DistInfo, check_world_size, init_distributed, spawn_ranks, under_launcher
-from tallmasks.eval.evaluator import PRECISIONS, Evaluator
-from tallmasks.eval.results import Journal, atomic_write_json
+from tallmasks.eval.distributed import DistInfo, check_port, init_distributed, spawn_ranks, under_launcher
+from tallmasks.eval.evaluator import Evaluator
+from tallmasks.eval.results import Journal, atomic_write_json, file_signature
 from tallmasks.eval.selection import average_normalized, finetuned_accuracies, select_alpha, select_lambdas
+from tallmasks.guard import check_output
 from tallmasks.models.paths import mask_dir
+from tallmasks.schema import parameters, plain_config, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -40,41 +41,27 @@ MASKED_METHODS = ("tall_mask", "mag_masking")
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration helpers
+# file names
 
 
-def _none(value: Any) -> Any:
-    """Hydra/paper configs write None as the string "None"."""
-    if value is None or (isinstance(value, str) and value.strip() in ("", "None", "null", "none")):
-        return None
-    return value
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return json.loads(json.dumps(dict(cfg), default=str))
-
-
-def _datasets_field(value: Any) -> list[str] | None:
-    value = _none(value)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        names = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
-        return names or None
-    return [str(v) for v in value] or None
-
-
-def tall_mask_path(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> Path:
-    """The one path where method=tall_mask saves its chosen masks and load_mask/consensus read them."""
-    suffix = f"_use_ties_{ties_agg}" if use_ties else ""
-    return mask_dir(model_location) / model / f"TALL_mask_{int(num_tasks)}task{suffix}.safetensors"
+def tall_mask_path(
+    model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum", k: float = 100,
+    precision: str = "fp32", tag: str = "",
+) -> Path:
+    """The one path where method=tall_mask saves its chosen masks and load_mask/consensus read them. Every
+    setting that changes the masks is in the name, defaults left out: the base vector (TIES and its
+    aggregation, or TA's k), the precision lambda was chosen at, and ``tag`` (a non-default task list)."""
+    suffix = f"_use_ties_{ties_agg}" if use_ties else ("" if float(k) == 100 else f"_k={_value_text(float(k))}")
+    suffix += "" if precision == "fp32" else f"_{precision}"
+    return mask_dir(model_location) / model / f"TALL_mask_{int(num_tasks)}task{suffix}{tag}.safetensors"
 
 
 def released_mask_paths(model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum") -> list[Path]:
@@ -85,18 +72,22 @@ def released_mask_paths(model_location: str | Path, model: str, num_tasks: int, 
     return [folder / f"TALL_mask_{num_tasks}task.npy"]
 
 
-def load_tall_masks(cs, path: Path, released: list[Path]):
-    """Our saved MaskSet, else a released .npy converted (and saved at ``path``); else a one-line error."""
+def load_tall_masks(cs, path: Path, released: list[Path], settings: dict | None = None):
+    """Our saved MaskSet (refused when built under other ``settings``), else a released .npy converted (and
+    saved at ``path``); else a one-line error. The masks must cover this model's layout."""
     from tallmasks.masks import Layout, MaskSet
 
     if path.is_file():
-        return MaskSet.load(path).subset(cs.names)
+        masks = MaskSet.load(path)
+        masks.check_layout(Layout.of(cs), path)
+        masks.check_settings(settings or {}, path)
+        return masks.subset(cs.names)
     for candidate in released:
         if candidate.is_file():
             from tallmasks.released import load_released_masks
 
             packed = load_released_masks(candidate)
-            masks = MaskSet.from_packed(packed, Layout.of(cs), {"kind": "tall", "source": str(candidate)})
+            masks = MaskSet.from_packed(packed, Layout.of(cs), {"kind": "tall", "source": str(candidate)}, origin=candidate)
             masks = masks.subset(cs.names)
             masks.save(path)
             log.info("converted released masks %s -> %s", candidate, path)
@@ -109,83 +100,88 @@ def load_tall_masks(cs, path: Path, released: list[Path]):
 
 
 class Experiment:
-    """One run of main.py: settings, checkpoints, evaluator, journal."""
+    """One run of main.py: settings (validated once by tallmasks.schema), file names, run key."""
 
     def __init__(self, cfg: Any):
-        self.raw = _plain(cfg)
-        c = self.raw
-        from tallmasks.datasets import resolve_datasets
-
-        self.model: str = str(c.get("model", "ViT-B-32"))
-        names = _datasets_field(c.get("DATASETS"))
-        num_tasks = _none(c.get("num_tasks"))
-        self.datasets: list[str] = resolve_datasets(None if names else (int(num_tasks) if num_tasks is not None else None), names)
-        self.num_tasks = len(self.datasets)
-        method = dict(c.get("method") or {})
-        if "name" not in method:
-            raise ConfigError("method.name is missing (choose a method: method=sum, ties, tall_mask, consensus, ...)")
-        self.method_name: str = str(method["name"])
-        self.method = method
+        self.settings = validate_config(cfg)
+        self.raw = plain_config(cfg)
+        c, m = self.settings.main, self.settings.method
         from tallmasks.merging import get_method
 
+        self.model: str = c.model
+        self.datasets: list[str] = list(self.settings.datasets)
+        self.num_tasks = len(self.datasets)
+        self.method_name: str = m.name
+        self.method: dict[str, Any] = m.as_dict()
         self.method_spec = get_method(self.method_name)
-        self.n_eval_points = int(c.get("n_eval_points", 21))
-        self.specify_lambda = _none(c.get("specify_lambda"))
-        self.model_location = Path(os.path.expanduser(str(c.get("model_location", "models/checkpoints"))))
-        self.data_location = Path(os.path.expanduser(str(c.get("data_location", "~/data"))))
-        cache = _none(c.get("cache_dir"))
-        self.cache_dir = Path(os.path.expanduser(str(cache))) if cache else self.data_location / ".tallmasks_cache"
-        self.results_dir = Path(os.path.expanduser(str(c.get("results_dir", "results/merging"))))
-        self.single_task_dir = Path(os.path.expanduser(str(c.get("single_task_dir", "results/single_task"))))
-        self.batch_size = int(c.get("batch_size", 512))
-        self.precision = str(c.get("precision", "fp32"))
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        workers = _none(c.get("num_workers"))
-        self.num_workers = default_num_workers() if workers is None else int(workers)
-        budget = _none(c.get("device_cache_gb"))
-        self.device_cache_gb = None if budget is None else float(budget)
-        self.wandb = dict(c.get("wandb") or {})
-        self.device_name = str(c.get("device", "auto"))
-        self.full_name = str(method.get("full_name") or f"{self.method_name}_k={method.get('k')}")
-        self.load_mask = bool(method.get("load_mask", False))
-        self.use_ties = bool(method.get("use_ties", False))
-        self.ties_agg = str(method.get("ties_agg", "sum"))
+        self.n_eval_points = c.n_eval_points
+        self.specify_lambda = c.specify_lambda
+        self.model_location = _expand(c.model_location)
+        self.data_location = _expand(c.data_location)
+        self.cache_dir = _expand(c.cache_dir) if c.cache_dir else self.data_location / ".tallmasks_cache"
+        self.results_dir = _expand(c.results_dir)
+        self.single_task_dir = _expand(c.single_task_dir)
+        self.pretrained_weights = str(_expand(c.pretrained_weights)) if c.pretrained_weights else None
+        self.batch_size = c.batch_size
+        self.precision = c.precision
+        self.num_workers = default_num_workers() if c.num_workers is None else c.num_workers
+        self.device_cache_gb = c.device_cache_gb
+        self.wandb = {"project": c.wandb.project, "mode": c.wandb.mode, "group": c.wandb.group}
+        self.device_name = c.device
+        self.full_name = str(m.run.get("full_name") or f"{self.method_name}_k={_value_text(m.params.get('k'))}")
+        self.load_mask = bool(m.run.get("load_mask", False))
+        self.use_ties = bool(m.params.get("use_ties", False))
+        self.ties_agg = str(m.params.get("ties_agg", "sum"))
 
     # -- names ----------------------------------------------------------------------------------
 
     def merge_params(self, device: torch.device) -> dict:
-        accepted = set(self.method_spec.defaults)
-        params = {k: v for k, v in self.method.items() if k in accepted and k != "device"}
-        if "device" in accepted:
+        params = dict(self.settings.method.params)
+        if "device" in self.method_spec.defaults:
             params["device"] = str(device)
         return params
 
-    def results_path(self) -> Path:
-        if self.method_name == "tall_mask":
-            suffix = "_tall_mask_ties" if self.use_ties else "_tall_mask_ta"
-            suffix += "_loaded" if self.load_mask else ""
-        elif self.method_name == "mag_masking":
-            suffix = "_mag_mask"
-        elif self.method_name == "consensus":
-            suffix = f"_k_{self.method.get('prun_thre_k')}_{'ties' if self.use_ties else 'ta'}"
-        else:
-            suffix = ""
+    def datasets_tag(self) -> str:
+        """"" for the first N of the paper's list, else a short hash of the task list."""
         from tallmasks.datasets import ALL_DATASETS
 
-        tag = ""
-        if self.datasets != ALL_DATASETS[: self.num_tasks]:
-            tag = "_" + hashlib.sha1(",".join(self.datasets).encode()).hexdigest()[:8]
-        extra = "" if self.specify_lambda is None else f"_alpha={self.specify_lambda}"
+        if self.datasets == ALL_DATASETS[: self.num_tasks]:
+            return ""
+        return "_" + hashlib.sha1(",".join(self.datasets).encode()).hexdigest()[:8]
+
+    def results_path(self) -> Path:
+        """<results_dir>/<model>_<N>tasks_<full_name>[_<hyperparameter>=<value> ...].json: every setting that
+        changes the result is in the name (defaults left out)."""
+        defaults = {name: p.default for name, p in parameters(self.method_spec.fn, ("device",)).items()}
+        shown = []
+        for key in sorted(self.settings.method.params):
+            value = self.settings.method.params[key]
+            text = f"{key}={_value_text(value)}"
+            if value != defaults.get(key) and text not in self.full_name:
+                shown.append("_" + text)
+        extra = "_loaded" if self.load_mask else ""
+        extra += "" if self.specify_lambda is None else f"_alpha={_value_text(self.specify_lambda)}"
         extra += "" if self.n_eval_points == 21 else f"_n{self.n_eval_points}"
         extra += "" if self.precision == "fp32" else f"_{self.precision}"
-        name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{suffix}{tag}{extra}.json"
+        name = f"{self.model}_{self.num_tasks}tasks_{self.full_name}{''.join(shown)}{self.datasets_tag()}{extra}.json"
         return self.results_dir / name.replace("/", "-")
 
-    def run_key(self, inputs: list[Path] = ()) -> dict:
-        """What a finished evaluation depends on; ``inputs`` (checkpoints, masks read) by size and mtime."""
+    def mask_settings(self) -> dict[str, Any]:
+        """What TALL masks depend on; recorded in the mask file and checked when it is read."""
+        base = {"use_ties": self.use_ties, "ties_agg": self.ties_agg} if self.use_ties else {"k": float(self.method.get("k", 100))}
+        return {"model": self.model, "datasets": self.datasets, "precision": self.precision, **base}
+
+    def mask_path(self) -> Path:
+        settings = self.mask_settings()
+        return tall_mask_path(self.model_location, self.model, self.num_tasks, self.use_ties, self.ties_agg,
+                              settings.get("k", 100), self.precision, self.datasets_tag())
+
+    def run_key(self, inputs: list[Path] = (), data: dict[str, str] | None = None) -> dict:
+        """What a finished evaluation depends on: ``inputs`` (checkpoints, heads, masks read) by size and
+        mtime, the splits' cache identities ``data``, and every setting."""
         return {
-            "inputs": [_file_signature(path) for path in inputs],
+            "inputs": [file_signature(path) for path in inputs],
+            "data": dict(sorted((data or {}).items())),
             "model": self.model,
             "datasets": self.datasets,
             "method": {k: v for k, v in self.method.items() if k != "full_name"},
@@ -196,15 +192,17 @@ class Experiment:
         }
 
 
-def _file_signature(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+def _expand(path: str) -> Path:
+    return Path(os.path.expanduser(str(path)))
 
 
 def _check_files(paths: list[Path]) -> None:
+    from tallmasks.guard import require_file
+
     for path in paths:
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"{path}: checkpoint not found (download it with download_checkpoints.py or fine-tune with finetune.py)")
+        require_file(path, "checkpoint")
 
 
 def _init_wandb(exp: Experiment, dist: DistInfo):
@@ -243,19 +241,28 @@ def run_experiment(cfg: Any) -> dict:
     _check_files(fts)
     if not zs.is_file() and exp.model in MODELS:  # like the paper's code: theta_0 saved from the openai weights
         log.info("%s missing: saving the pre-trained %s image encoder there", zs, exp.model)
-        dist.main_first(lambda: save_zeroshot_encoder(exp.model, exp.model_location))  # kept once saved
+        weights = exp.pretrained_weights or "openai"
+        dist.main_first(lambda: save_zeroshot_encoder(exp.model, exp.model_location, pretrained=weights))  # kept once saved
     _check_files([zs])
     finetuned_acc, ft_sources = finetuned_accuracies(exp.model, exp.datasets, exp.single_task_dir, exp.model_location)
 
     # masks needed up front (fail before any expensive work)
-    mask_file = tall_mask_path(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
-    released = released_mask_paths(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg)
+    mask_file = exp.mask_path()
+    paper_settings = exp.precision == "fp32" and not exp.datasets_tag() and exp.mask_settings().get("k", 100) == 100
+    released = released_mask_paths(exp.model_location, exp.model, exp.num_tasks, exp.use_ties, exp.ties_agg) if paper_settings else []
     needs_masks = exp.method_name == "consensus" or (exp.method_name == "tall_mask" and exp.load_mask)
     if needs_masks and not (mask_file.is_file() or any(p.is_file() for p in released)):
-        raise ConfigError(f"TALL masks not found at {mask_file}: run method=tall_mask first (with the same model, tasks and use_ties)")
+        raise ConfigError(f"TALL masks not found at {mask_file}: run method=tall_mask first (with the same model, tasks, base vector and precision)")
 
     cs = CheckpointSet(zs, fts, names=exp.datasets)
     cs.progress = dist.is_main
+    results_path = exp.results_path()
+    if dist.is_main:  # outputs checked before the work (a split cache is checked before it is built)
+        read = [zs, *fts, *([mask_file] if needs_masks else []), *map(Path, ft_sources)]
+        check_output(results_path, read, label="results")
+        check_output(results_path.with_suffix(".journal.json"), read, label="journal")
+        if exp.method_name == "tall_mask" and not exp.load_mask:
+            check_output(mask_file, read, expected_bytes=exp.num_tasks * (cs.num_float_params + 7) // 8, label="TALL masks")
     encoder = ImageEncoder(exp.model, pretrained=None)
     evaluator = Evaluator(encoder, cs.pretrained, device, exp.precision, exp.batch_size, dist)
 
@@ -264,7 +271,8 @@ def run_experiment(cfg: Any) -> dict:
 
     def prepare(build: bool) -> None:
         for dataset in tqdm(exp.datasets, desc="heads and data", disable=not build, leave=False):
-            head = get_classification_head(exp.model, dataset, exp.model_location, device="cpu")
+            head = get_classification_head(exp.model, dataset, exp.model_location, device="cpu",
+                                           pretrained=exp.pretrained_weights or "openai")
             evaluator.set_head(dataset, head)
             for split in ("val", "test"):
                 data[(dataset, split)] = load_or_build_split(
@@ -275,11 +283,14 @@ def run_experiment(cfg: Any) -> dict:
     dist.main_first(lambda: prepare(dist.is_main))
     _keep_on_device(data, device, exp.device_cache_gb)
 
-    results_path = exp.results_path()
     # rank 0 first: a released .npy is converted (and saved) once
-    masks = dist.main_first(lambda: load_tall_masks(cs, mask_file, released)) if needs_masks else None
-    inputs = [zs, *fts] + ([mask_file] if needs_masks else [])
-    run_key = dist.broadcast_object(exp.run_key(inputs) if dist.is_main else None)
+    masks = dist.main_first(lambda: load_tall_masks(cs, mask_file, released, exp.mask_settings())) if needs_masks else None
+    from tallmasks.models import head_path
+
+    inputs = [zs, *fts, *(head_path(exp.model_location, exp.model, d) for d in exp.datasets)]
+    inputs += [mask_file] if needs_masks else []
+    identities = {f"{d}/{split}": part.identity for (d, split), part in data.items()}
+    run_key = dist.broadcast_object(exp.run_key(inputs, identities) if dist.is_main else None)
     journal = Journal(results_path.with_suffix(".journal.json"), run_key, writer=dist.is_main)
     dist.barrier()
     if len(journal):
@@ -321,7 +332,7 @@ def run_experiment(cfg: Any) -> dict:
     else:
         alphas = alpha_candidates(exp.method_name, exp.n_eval_points, exp.num_tasks, exp.specify_lambda)
         val: dict[float, dict] = {}
-        for alpha in tqdm(alphas, desc="alpha on validation", disable=not dist.is_main):
+        for alpha in tqdm(alphas, desc="alpha on validation", disable=not dist.is_main, leave=False):
             apply = lambda a=alpha: evaluator.set_weights(a, tag="alpha")  # noqa: E731
             top1 = {d: accuracy(f"alpha={alpha:.6g}", d, "val", apply) for d in exp.datasets}
             val[alpha] = average_normalized(top1, finetuned_acc, suffix="Val")
@@ -366,7 +377,7 @@ def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_f
     else:
         val_top1: dict[float, dict[str, float]] = {}
         steps = [(lam, t, d) for lam in TALL_LAMBDAS for t, d in enumerate(exp.datasets)]
-        for lam, t, d in tqdm(steps, desc="lambda per task on validation", disable=not dist.is_main):
+        for lam, t, d in tqdm(steps, desc="lambda per task on validation", disable=not dist.is_main, leave=False):
 
             def apply(t=t, d=d, lam=lam) -> None:
                 evaluator.set_weights(1.0, tall_mask(cs, t, vector, lam, device=str(evaluator.device)), tag=("tall", d, lam))
@@ -374,7 +385,8 @@ def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_f
             val_top1.setdefault(lam, {})[d] = accuracy(f"lambda={lam:.6g}", d, "val", apply)
         lambdas = select_lambdas(val_top1, exp.datasets)
         masks = tall_masks(cs, vector, [lambdas[d] for d in exp.datasets], device=str(evaluator.device),
-                           info={"use_ties": exp.use_ties, "ties_agg": exp.ties_agg, "model": exp.model})
+                           info={"use_ties": exp.use_ties, "ties_agg": exp.ties_agg, "model": exp.model,
+                                 "settings": exp.mask_settings()})
         if dist.is_main:
             masks.save(mask_file)
             log.info("saved the chosen TALL masks to %s", mask_file)
@@ -388,6 +400,7 @@ def _run_tall(exp, cs, vector, masks, evaluator, accuracy, finetuned_acc, mask_f
         top1[d] = accuracy(setting, d, "test", apply)
     out["selection"] = {"lambdas": {d: lambdas.get(d) for d in exp.datasets}}
     out["test"] = average_normalized(top1, finetuned_acc)
+    out["agreement"] = masks.agreement()  # weights switched on by exactly 0, 1, ..., T task masks
     return out
 
 
@@ -447,17 +460,12 @@ def _spawned_rank(cfg: Any) -> None:
         raise SystemExit(code)
 
 
-def _launch_settings(raw: dict) -> tuple[int, int | None]:
-    """(world_size, port) of a main.py config, checked."""
-    try:
-        world_size = _none(raw.get("world_size"))
-        world_size = 1 if world_size is None else int(world_size)
-        port = _none(raw.get("port"))
-        port = int(port) if port is not None else None
-    except (TypeError, ValueError):
-        raise ConfigError(f"world_size and port must be integers, got {raw.get('world_size')!r}, {raw.get('port')!r}") from None
-    check_world_size(world_size, str(raw.get("device", "auto")))
-    return world_size, port
+def _launch_settings(cfg: Any) -> tuple[int, int | None]:
+    """(world_size, port) of a main.py config, validated with the whole config; the port must be free."""
+    settings = validate_config(cfg).main
+    if settings.world_size > 1:
+        check_port(settings.port)
+    return settings.world_size, settings.port
 
 
 def run_main(cfg: Any) -> int:
@@ -466,7 +474,7 @@ def run_main(cfg: Any) -> int:
     if under_launcher():
         return _run_and_report(cfg)
     try:
-        world_size, port = _launch_settings(_plain(cfg))
+        world_size, port = _launch_settings(cfg)
     except TallmasksError as exc:
         return _error(exc)
     if world_size == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,17 +23,17 @@ def finetuned_accuracies(
     returns (accuracies, files used). A dataset found in neither raises a one-line error.
     """
     candidates = [Path(single_task_dir) / model / FT_FILE, Path(model_location) / model / FT_FILE]
-    tables = [(p, read_json(p)) for p in candidates if p.is_file()]
+    tables = [(p, read_json(p)) for p in candidates if p.exists()]
+    for path, table in tables:
+        if not isinstance(table, dict):
+            raise TallmasksError(f"{path}: expected a JSON object of accuracies, found {type(table).__name__}")
     out: dict[str, float] = {}
     used: list[str] = []
     for dataset in datasets:
         for key in (dataset, dataset + "Val"):
             for path, table in tables:
                 if key in table:
-                    value = float(table[key])
-                    if not value > 0:
-                        raise TallmasksError(f"{path}: fine-tuned accuracy of {key} must be positive, got {value}")
-                    out[key] = value
+                    out[key] = _accuracy(table[key], key, path)
                     if str(path) not in used:
                         used.append(str(path))
                     break
@@ -43,6 +44,16 @@ def finetuned_accuracies(
                     f"`python eval_single_task.py --model={model} --finetuning-mode=standard`"
                 )
     return out, used
+
+
+def _accuracy(value: object, key: str, path: Path) -> float:
+    """A fine-tuned accuracy as a fraction in (0, 1]; a percentage or a non-number is a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TallmasksError(f"{path}: fine-tuned accuracy of {key} must be a number, got {value!r}")
+    if not 0 < value <= 1:
+        hint = " (accuracies are fractions: write 0.943, not 94.3)" if 1 < value <= 100 else ""
+        raise TallmasksError(f"{path}: fine-tuned accuracy of {key} must be in (0, 1], got {value!r}{hint}")
+    return float(value)
 
 
 def normalized_accuracy(accuracy: float, finetuned: float) -> float:

@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 from tallmasks.checkpoints import load_state_dict
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.cache import default_num_workers, load_or_build_split
-from tallmasks.eval.distributed import init_distributed
+from tallmasks.eval.distributed import check_device, init_distributed
 from tallmasks.eval.evaluator import Evaluator
 from tallmasks.eval.results import atomic_write_json, read_json
+from tallmasks.guard import check_output, require_file
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,17 @@ def evaluate_single_task(
     zs = zeroshot_path(model_location, model)
     paths = {d: (zs if mode == "none" else finetuned_path(model_location, model, d)) for d in names}
     for path in [zs, *paths.values()]:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise CheckpointError(f"{path}: checkpoint not found")
-    dist, dev = init_distributed(device)
+        require_file(path, "checkpoint")
+    dist, dev = init_distributed(check_device(device, "--device"))
+    if dist.is_main:  # the table is checked before the work: not an input, writable
+        check_output(out_path, [zs, *paths.values()], label="accuracy table")
     encoder = ImageEncoder(model, pretrained=None)
     evaluator = Evaluator(encoder, load_state_dict(zs), dev, precision, batch_size, dist)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     new: dict[str, float] = {}
-    for dataset in tqdm(names, desc=f"{model} {mode}", disable=not dist.is_main):
+    for dataset in tqdm(names, desc=f"{model} {mode}", disable=not dist.is_main, leave=False):
         evaluator.load_state(load_state_dict(paths[dataset]))
         evaluator.set_head(dataset, get_classification_head(model, dataset, model_location, device="cpu"))
         for split, key in (("val", dataset + "Val"), ("test", dataset)):

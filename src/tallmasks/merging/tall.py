@@ -7,12 +7,14 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.masks import MaskSet, check_prun_thre_k, consensus_mask
 from tallmasks.merging.base import COEF_GRID, COEF_ONE, Vector, base_vector, register
+from tallmasks.merging.ties import TiesAgg
+from tallmasks.schema import Percent, TaskCount
 from tallmasks.task_vectors import CheckpointSet
 
 
 @register("tall_mask", COEF_ONE, "TALL masks: per-task masks over the shared multi-task vector (TA or TIES)")
 def tall_mask_method(
-    cs: CheckpointSet, *, k: float = 100, use_ties: bool = False, ties_agg: str = "sum", device: str = "cpu"
+    cs: CheckpointSet, *, k: Percent = 100, use_ties: bool = False, ties_agg: TiesAgg = "sum", device: str = "cpu"
 ) -> Vector:
     """The shared multi-task vector; the per-task masks come from masks.tall_mask / tall_masks."""
     return base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
@@ -23,15 +25,15 @@ def consensus_method(
     cs: CheckpointSet,
     *,
     masks: MaskSet | None = None,
-    prun_thre_k: int = 2,
-    k: float = 100,
+    prun_thre_k: TaskCount = 2,
+    k: Percent = 100,
     use_ties: bool = False,
-    ties_agg: str = "sum",
+    ties_agg: TiesAgg = "sum",
     base: Vector | None = None,
     device: str = "cpu",
 ) -> Vector:
     """m * tau_MTL with m the consensus of the TALL masks; ``base`` reuses an already merged tau_MTL."""
-    prun_thre_k = check_prun_thre_k(prun_thre_k)
+    prun_thre_k = check_prun_thre_k(prun_thre_k, cs.num_tasks)
     if masks is None:
         raise ConfigError("consensus needs the per-task TALL masks (build them with method tall_mask first)")
     masks = masks.subset(cs.names)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from tallmasks.merging.base import COEF_GRID, Vector, register, ties_merge
+from tallmasks.schema import Percent
 from tallmasks.task_vectors import CheckpointSet
+
+#: how TIES combines the entries that agree with the elected sign
+TiesAgg = Literal["mean", "sum"]
 
 
 @register("ties", COEF_GRID, "TIES: top-k trim, sign election, disjoint mean; alpha chosen on validation")
-def ties_method(cs: CheckpointSet, *, k: float = 20, ties_agg: str = "mean", device: str = "cpu") -> Vector:
+def ties_method(cs: CheckpointSet, *, k: Percent = 20, ties_agg: TiesAgg = "mean", device: str = "cpu") -> Vector:
     return ties_merge(cs, k=k, agg=ties_agg, device=device)

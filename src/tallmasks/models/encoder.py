@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -40,6 +41,21 @@ def known_models() -> list[str]:
     return list(open_clip.list_models())
 
 
+def get_tokenizer(model_name: str) -> Any:
+    """open_clip's tokenizer of ``model_name``; a bundled config's relative ``bpe_path`` is found beside it."""
+    import open_clip
+
+    register_demo_model()
+    config_file = CONFIG_DIR / f"{model_name}.json"
+    kwargs = {}
+    if config_file.is_file():
+        text_cfg = json.loads(config_file.read_text()).get("text_cfg", {})
+        bpe = text_cfg.get("tokenizer_kwargs", {}).get("bpe_path")
+        if bpe:
+            kwargs["bpe_path"] = str(CONFIG_DIR / bpe)
+    return open_clip.get_tokenizer(model_name, **kwargs)
+
+
 def _check_name(model_name: str) -> None:
     if model_name not in known_models():
         raise ConfigError(f"unknown model {model_name!r}; expected one of {', '.join(MODELS + [DEMO_MODEL])}")
@@ -54,12 +70,14 @@ def _check_pretrained(model_name: str, pretrained: str | None) -> None:
 
 
 def _fetch_error(model_name: str, pretrained: str, cache_dir: str | None, exc: BaseException) -> TallmasksError:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
+    from tallmasks.errors import one_line
+
     where = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub"
     return TallmasksError(
-        f"could not fetch the {pretrained!r} weights of {model_name} ({reason[:200]}); download them once with network "
-        f"access into the open_clip cache ({where}), or pass pretrained=<path of a local weights file>"
+        f"could not fetch the {pretrained!r} weights of {model_name} ({one_line(exc, 160)}); they build the pre-trained "
+        f"encoder (MNISTVal/nonlinear_zeroshot.pt) and the zero-shot heads that are missing. Fetch them once with network "
+        f"access (open_clip cache: {where}), or give a local open_clip weights file (main.py: pretrained_weights=PATH), "
+        f"or place the released nonlinear_zeroshot.pt and head_<Dataset>Val files under model_location"
     )
 
 

@@ -51,7 +51,9 @@ class ClassificationHead(torch.nn.Linear):
         """Load a head saved by :meth:`save`."""
         from safetensors import safe_open
 
-        path = Path(path)
+        from tallmasks.guard import require_file
+
+        path = require_file(path, "head")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 meta = handle.metadata() or {}
@@ -87,10 +89,9 @@ def _tokenizer_for(clip_model: Any, model_name: str | None) -> Callable[[list[st
     import open_clip
 
     if model_name:
-        from tallmasks.models.encoder import register_demo_model
+        from tallmasks.models.encoder import get_tokenizer
 
-        register_demo_model()
-        return open_clip.get_tokenizer(model_name)
+        return get_tokenizer(model_name)
     context = int(getattr(clip_model, "context_length", 77) or 77)
     return lambda texts: open_clip.tokenize(texts, context_length=context)
 
@@ -127,9 +128,10 @@ def get_classification_head(
     model_location: str | Path,
     device: str | torch.device = "cpu",
     clip_model: Any = None,
+    pretrained: str | None = "openai",
 ) -> ClassificationHead:
     """The zero-shot head of ``dataset``: our cached safetensors file, else the released .pt converted
-    safely, else built from the text tower (``clip_model`` or create_clip(model_name)) and cached."""
+    safely, else built from the text tower (``clip_model`` or create_clip(model_name, pretrained)) and cached."""
     ours = head_path(model_location, model_name, dataset)
     if ours.is_file():
         return ClassificationHead.load(ours)
@@ -147,7 +149,7 @@ def get_classification_head(
     if clip_model is None:
         from tallmasks.models.encoder import create_clip
 
-        clip_model = create_clip(model_name)
+        clip_model = create_clip(model_name, pretrained)
     log.info("building the zero-shot head of %s for %s", val_name(dataset), model_name)
     head = build_zeroshot_head(clip_model, spec.classnames, spec.templates, device=device, model_name=model_name)
     head.save(ours)
