@@ -1,4 +1,4 @@
-"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the digits tasks."""
+"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the demo tasks."""
 
 from __future__ import annotations
 
@@ -13,16 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "config"
 
-digits = pytest.importorskip("tallmasks.datasets.digits", reason="the offline demo tasks (tallmasks.datasets.digits) are not available")
+scenes = pytest.importorskip("tallmasks.datasets.scenes", reason="the offline demo tasks (tallmasks.datasets.scenes) are not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +115,7 @@ def test_missing_checkpoint_is_a_one_line_error(demo_setup):
     from tallmasks.errors import CheckpointError
     from tallmasks.eval.runner import run_experiment
 
-    with pytest.raises(CheckpointError, match="DigitsRotatedVal/nonlinear_finetuned.pt"):
+    with pytest.raises(CheckpointError, match="ShapesVal/nonlinear_finetuned.pt"):
         run_experiment(compose([*demo_setup["overrides"], "method=sum", "model_location=" + str(demo_setup["root"] / "nowhere")]))
 
 

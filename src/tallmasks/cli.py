@@ -137,37 +137,75 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
+    """theta_0, fine-tuned checkpoints, task names and mask file of --model in the released layout."""
+    from tallmasks.datasets import resolve_datasets
+    from tallmasks.eval.runner import released_mask_paths, tall_mask_path
+    from tallmasks.models.paths import finetuned_path, zeroshot_path
+
+    if args.pretrained or args.finetuned:
+        raise ConfigError("--model reads the released layout: give it without --pretrained/--finetuned")
+    datasets = resolve_datasets(args.num_tasks, args.names)
+    location = Path(args.model_location).expanduser()
+    finetuned = [str(finetuned_path(location, args.model, d)) for d in datasets]
+    masks = args.masks_file
+    if masks is None:
+        ours = tall_mask_path(location, args.model, len(datasets), args.use_ties)
+        candidates = [ours, *released_mask_paths(location, args.model, len(datasets), args.use_ties)]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise ConfigError(f"no TALL masks at {candidates[0]} or {candidates[1]} (download_checkpoints.py --kind tall_masks)")
+        masks = str(found[0])
+    return str(zeroshot_path(location, args.model)), finetuned, datasets, masks
+
+
 def cmd_compress(args) -> int:
     from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
     from tallmasks.schema import Percent, coerce
 
-    if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda):
-        raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
+    if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
+        raise ConfigError("--use-ties, --tall-mask-lambda and --masks-file apply to --masks tall only")
     if args.masks != "magnitude" and args.k is not None:
         raise ConfigError("--k applies to --masks magnitude only")
+    if args.masks_file and args.tall_mask_lambda:
+        raise ConfigError("--tall-mask-lambda builds masks; it does not apply with --masks-file")
     if args.k is not None:
         coerce(args.k, Percent, "--k")
+    if args.model:
+        pretrained, finetuned, names, masks_file = _released_inputs(args)
+    else:
+        if not args.pretrained or not args.finetuned:
+            raise ConfigError("give --pretrained and --finetuned, or --model to read the released layout")
+        pretrained, finetuned, masks_file = args.pretrained, args.finetuned, args.masks_file
+        names = _names(args, len(args.finetuned))
     compress(
-        args.pretrained,
-        args.finetuned,
+        pretrained,
+        finetuned,
         args.out,
-        names=_names(args, len(args.finetuned)),
+        names=names,
         use_ties=args.use_ties,
         lambdas=_lambdas(args.tall_mask_lambda, DEFAULT_LAMBDA),  # validated before any work
         masks=args.masks,
         k=args.k if args.k is not None else 10,
         device=_device(args.device),
         progress=not args.quiet,
+        storage=args.storage,
+        masks_file=masks_file,
+        model=args.model,
     )
     report = collection_report(args.out)
     log.info(
-        "wrote %s: %d tasks, %.1f MB (%.3f bytes/parameter; %d full checkpoints would take %.1f MB)",
+        "wrote %s (%s): %d tasks, %.2f MB beyond theta_0 (%.3f bytes/parameter, %.3f of the paper's scheme; masks %.3f bits "
+        "per weight per task); %d full checkpoints would take %.1f MB",
         args.out,
+        report["storage"],
         len(report["tasks"]),
         report["total_bytes"] / 1e6,
         report["bytes_per_param"],
+        report["ratio_to_paper"],
+        report["mask_bits_per_weight_per_task"],
         len(report["tasks"]),
-        sum(Path(p).stat().st_size for p in args.finetuned) / 1e6,
+        sum(Path(p).stat().st_size for p in finetuned) / 1e6,
     )
     return 0
 
@@ -244,7 +282,11 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"{path}: {len(names)} tasks, {report['num_params']:,} parameters")
     if "total_bytes" in report:
-        print(f"  size {report['total_bytes'] / 1e6:.2f} MB = {report['bytes_per_param']:.3f} bytes/parameter")
+        print(f"  storage {report['storage']}: {report['total_bytes'] / 1e6:.2f} MB beyond theta_0 = "
+              f"{report['bytes_per_param']:.3f} bytes/parameter")
+        print(f"  paper's scheme (float32 merged vector + 1 bit per weight per task): {report['paper_bytes'] / 1e6:.2f} MB; "
+              f"ratio {report['ratio_to_paper']:.3f}")
+        print(f"  masks: {report['mask_bits_per_weight_per_task']:.3f} bits per weight per task")
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
     scales = (report.get("masks") or {}).get("scales")
     if scales:
@@ -299,6 +341,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from tallmasks.reporting import write_report
+
+    paths = args.paths or [p for p in ("results/merging", "results/demo") if Path(p).exists()]
+    if not paths:
+        raise ConfigError("no results folder given and none of results/merging, results/demo exists")
+    written = write_report(paths, args.out)
+    log.info("wrote %s, %d CSV files and %d figures to %s", written["markdown"].name, len(written["csv"]), len(written["figures"]), args.out)
+    return 0
+
+
 def cmd_prepare_data(args) -> int:
     from tallmasks.datasets.preparation import main as prepare_main
 
@@ -313,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def checkpoints(p):
-        p.add_argument("--pretrained", required=True, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
-        p.add_argument("--finetuned", required=True, nargs="+", help="fine-tuned checkpoints theta_t")
+    def checkpoints(p, required=True):
+        p.add_argument("--pretrained", required=required, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
+        p.add_argument("--finetuned", required=required, nargs="+", help="fine-tuned checkpoints theta_t")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
@@ -333,14 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any hyperparameter of the method, e.g. --param p=0.5 --param base_method=ties (repeatable)")
     merge.set_defaults(func=cmd_merge)
 
-    comp = sub.add_parser("compress", help="merged vector + one bit mask per task")
-    checkpoints(comp)
+    comp = sub.add_parser("compress", help="merged vector + one mask per task (entropy-coded by default)")
+    checkpoints(comp, required=False)
     comp.add_argument("--out", required=True, help="output folder")
     comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
     comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
     comp.add_argument("--masks", choices=["tall", "magnitude", "emr"], default="tall",
                       help="TALL masks, magnitude masks, or EMR-merging's masks and rescalers")
     comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
+    comp.add_argument("--storage", choices=["coded", "packbits"], default="coded",
+                      help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); "
+                      "packbits: the paper's scheme")
+    comp.add_argument("--masks-file", help="existing TALL masks (ours, or a released TALL_mask_<N>task.npy) instead of building them")
+    comp.add_argument("--model", help="read theta_0, the fine-tuned checkpoints and the masks from the released layout")
+    comp.add_argument("--num-tasks", type=int, default=8, help="with --model: the first N of the paper's datasets (8)")
+    comp.add_argument("--model-location", default="models/checkpoints", help="with --model: checkpoints folder")
     comp.set_defaults(func=cmd_compress)
 
     dec = sub.add_parser("decompress", help="rebuild one task's model from a compressed collection")
@@ -362,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+
+    rep = sub.add_parser("report", help="tables (markdown, CSV) and figures of results beside the paper's, and storage")
+    rep.add_argument("paths", nargs="*", help="results files or folders, compressed collections (default: results/merging results/demo)")
+    rep.add_argument("--out", default="reports", help="output folder (default reports/)")
+    rep.set_defaults(func=cmd_report)
 
     data = sub.add_parser("prepare-data", help="download or arrange evaluation datasets under a data location")
     data.add_argument("names", nargs="+", help="dataset names, e.g. MNIST SVHN (or 'all')")

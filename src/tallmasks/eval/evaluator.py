@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -15,30 +14,9 @@ from tallmasks.coefficients import KeyScaling, key_coefficient, scaling_of
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.cache import SplitData
 from tallmasks.eval.distributed import DistInfo
+from tallmasks.precision import PRECISIONS, check_precision, precision_context  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """fp32: exact float32 matmuls; tf32: TensorFloat-32 matmuls on CUDA; bf16: autocast to bfloat16."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    old_matmul = torch.backends.cuda.matmul.allow_tf32
-    old_cudnn = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
-        if precision == "bf16":
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_matmul
-        torch.backends.cudnn.allow_tf32 = old_cudnn
 
 
 class Evaluator:
@@ -53,8 +31,7 @@ class Evaluator:
         batch_size: int = 128,
         dist: DistInfo | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)

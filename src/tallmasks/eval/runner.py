@@ -502,6 +502,7 @@ def _select_per_task(ctx: _Context, combination: dict[str, Any], vector: Any, pa
         for t, d in enumerate(exp.datasets):
             apply = lambda t=t, d=d: evaluator.set_weights(models.scale(t), masks.get(d), tag=(prefix, "final", d))  # noqa: E731
             top1[d] = accuracy(f"{prefix}mask={chosen[d]}", d, "test", apply)
+        extra["agreement"] = masks.agreement()  # weights switched on by exactly 0, 1, ..., T task masks
         return average_normalized(top1, ctx.finetuned_acc)
 
     selection = dict(models.describe(chosen))
