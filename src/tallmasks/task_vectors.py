@@ -8,6 +8,7 @@ row blocks, so that memory grows with one block times the number of tasks, never
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections import deque
@@ -193,6 +194,15 @@ class CheckpointSet:
         self.dtypes = {k: _dtype(self.pretrained, k) for k in self.keys}
         self._checked: set[str] = set()
         self._offsets: dict[str, int] | None = None
+        #: applied to every block of every walk, in walk order: ``transform(block, tasks) -> Block``
+        self.block_transform: Callable[[Block, Sequence[int]], Block] | None = None
+
+    def transformed(self, transform: Callable[[Block, Sequence[int]], Block]) -> CheckpointSet:
+        """The same checkpoints seen through ``transform``, which every walk (``blocks``, ``map_blocks``)
+        applies to its blocks in order, in the walking thread (so it may draw from sequential streams)."""
+        view = copy.copy(self)
+        view.block_transform = transform
+        return view
 
     @property
     def num_tasks(self) -> int:
@@ -345,7 +355,8 @@ class CheckpointSet:
                 tail = max(0, offset + theta0.numel() - max(offset, tail_start))
                 if walk.bar is not None:
                     walk.bar.update(theta0.numel())
-                yield Block(key, start, start + theta0.numel(), theta0, thetas, offset, tail, labels, unchecked)
+                block = Block(key, start, start + theta0.numel(), theta0, thetas, offset, tail, labels, unchecked)
+                yield block if self.block_transform is None else self.block_transform(block, walk.tasks)
 
     def _read(self, state, key, row, row_stop, whole, device) -> torch.Tensor:
         return _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
@@ -356,7 +367,10 @@ class CheckpointSet:
             state, label = self.pretrained, self.pretrained_label
         else:
             state, label = self.finetuned[task], self.finetuned_labels[task]
-        return self._read(state, label, key, 0, 1, True, device).reshape(self.shapes[key])
+        tensor = self._read(state, key, 0, 1, True, device)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{label}: tensor {key!r} contains NaN or Inf")
+        return tensor.reshape(self.shapes[key])
 
     def passthrough(self) -> dict[str, torch.Tensor]:
         """The non-floating-point entries of theta_0 (integer buffers), untouched."""

@@ -9,8 +9,8 @@ order, so they do not depend on the device, the block size or the other tasks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -47,26 +47,35 @@ class DroppedBlock(Block):
     def task_vectors(self) -> list[torch.Tensor]:
         return [drop_and_rescale(tau, keep, self.p, self.rescale) for tau, keep in zip(super().task_vectors(), self.keep)]
 
+    def taus(self) -> torch.Tensor:
+        taus = super().taus()
+        for row, keep in zip(taus, self.keep):
+            row.mul_(keep)
+            if self.rescale and self.p < 1:
+                row.div_(1 - self.p)
+        return taus
 
-class DroppedCheckpointSet:
-    """A CheckpointSet seen through DARE: its blocks carry dropped and rescaled task vectors."""
 
-    def __init__(self, cs: CheckpointSet, p: float, seed: int, rescale: bool):
-        self.cs, self.p, self.seed, self.rescale = cs, float(p), int(seed), bool(rescale)
+class Dropper:
+    """The block transform of DARE: one CPU stream per (seed, task name, key), restarted at each
+    tensor's first block and drawn on in row order."""
 
-    def __getattr__(self, name: str):
-        return getattr(self.cs, name)
+    def __init__(self, names: Sequence[str], p: float, seed: int, rescale: bool):
+        self.names, self.p, self.seed, self.rescale = list(names), float(p), int(seed), bool(rescale)
+        self.streams: list[torch.Generator] = []
 
-    def blocks(self, tasks: Sequence[int] | None = None, device="cpu", block_elems: int | None = None) -> Iterator[Block]:
-        tasks = list(range(self.cs.num_tasks)) if tasks is None else list(tasks)
-        key, streams = None, []
-        for block in self.cs.blocks(tasks=tasks, device=device, block_elems=block_elems):
-            if block.key != key:  # a new tensor: fresh streams, drawn on in row order over its blocks
-                key = block.key
-                streams = [drop_generator(self.seed, self.cs.names[t], key) for t in tasks]
-            size = block.stop - block.start
-            keep = [(torch.rand(size, generator=g) >= self.p).to(device) for g in streams]
-            yield DroppedBlock(block.key, block.start, block.stop, block.pretrained, block.finetuned, keep, self.p, self.rescale)
+    def __call__(self, block: Block, tasks: Sequence[int]) -> DroppedBlock:
+        if block.start == 0:
+            self.streams = [drop_generator(self.seed, self.names[t], block.key) for t in tasks]
+        size = block.stop - block.start
+        keep = [(torch.rand(size, generator=g) >= self.p).to(block.pretrained.device) for g in self.streams]
+        fields_of = {f.name: getattr(block, f.name) for f in fields(Block)}
+        return DroppedBlock(**fields_of, keep=keep, p=self.p, rescale=self.rescale)
+
+
+def dropped_view(cs: CheckpointSet, p: float, seed: int, rescale: bool = True) -> CheckpointSet:
+    """``cs`` seen through DARE: every walk's blocks carry dropped and rescaled task vectors."""
+    return cs.transformed(Dropper(cs.names, p, seed, rescale))
 
 
 @register("dare", COEF_GRID, "DARE: task vectors randomly dropped (p) and rescaled, then TA or TIES; alpha chosen on validation")
@@ -92,7 +101,7 @@ def dare_method(
         raise ConfigError(f"base_method must be one of {', '.join(BASE_METHODS)}, got {base_method!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
-    view = DroppedCheckpointSet(cs, p, seed, rescale)
+    view = dropped_view(cs, p, seed, rescale)
     if base_method == "ties":
         return ties_merge(view, k=20 if k is None else k, agg=ties_agg, device=device)
     return task_arithmetic(view, k=100 if k is None else k, device=device)
