@@ -51,6 +51,15 @@ def tiny_state(seed: int, base: dict | None = None, scale: float = 0.05) -> dict
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread: the tiny models run faster so, and the suite shares two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_checkpoints(tmp_path):
     """theta_0 (.pt) and three fine-tuned checkpoints in the released layout (.pt) plus one .safetensors."""
     from safetensors.torch import save_file

@@ -51,12 +51,14 @@ def test_merge_consensus_uses_tall_masks(tmp_path, tiny_checkpoints):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_compress_decompress_inspect(tmp_path, tiny_checkpoints):
+@pytest.mark.parametrize("storage, files", [("packbits", ["masks.safetensors", "merged.safetensors", "meta.json"]),
+                                           ("coded", ["coded.safetensors", "meta.json"])])
+def test_compress_decompress_inspect(tmp_path, tiny_checkpoints, storage, files):
     pt, fts, _ = tiny_checkpoints
     out = tmp_path / "collection"
-    res = run_cli("compress", "--pretrained", pt, "--finetuned", *fts, "--tall-mask-lambda", "0.4", "--out", out)
+    res = run_cli("compress", "--pretrained", pt, "--finetuned", *fts, "--tall-mask-lambda", "0.4", "--out", out, "--storage", storage)
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "merged.safetensors", "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == files
     report = collection_report(out)
     assert report["tasks"] == ["MNIST", "Cars", "DTD"]
     assert report["total_bytes"] <= report["budget_bytes"]
@@ -88,7 +90,7 @@ def test_compress_decompress_inspect(tmp_path, tiny_checkpoints):
 
 def test_magnitude_compression_and_ties_base(tmp_path, tiny_checkpoints):
     pt, fts, _ = tiny_checkpoints
-    meta = compress(pt, fts, tmp_path / "mag", masks="magnitude", k=25)
+    meta = compress(pt, fts, tmp_path / "mag", masks="magnitude", k=25, storage="packbits")
     assert meta["masks"] == {"kind": "magnitude", "k": 25.0}
     masks = MaskSet.load(tmp_path / "mag" / "masks.safetensors")
     assert all(abs(masks.density(n) - 0.25) < 0.05 for n in masks.names)
@@ -115,10 +117,11 @@ def test_compressed_size_budget_at_vit_b_32_key_count(tmp_path):
     for i, ft in enumerate(fts):
         paths.append(tmp_path / f"ft{i}.pt")
         torch.save(ft, paths[-1])
-    compress(tmp_path / "pt.pt", paths, tmp_path / "c")
-    report = collection_report(tmp_path / "c")
-    assert len(keys) > 100
-    assert report["total_bytes"] <= report["budget_bytes"]
+    for storage in ("packbits", "coded"):
+        compress(tmp_path / "pt.pt", paths, tmp_path / storage, storage=storage)
+        report = collection_report(tmp_path / storage)
+        assert len(keys) > 100
+        assert report["total_bytes"] <= report["budget_bytes"]
 
 
 def test_convert(tmp_path, tiny_checkpoints):

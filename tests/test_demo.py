@@ -1,10 +1,10 @@
-"""The offline demo: its eight digit tasks, contrastive pre-training, and a short end-to-end run."""
+"""The offline demo: its task suite of generated scenes, captions, vocabulary, pre-training, and short end-to-end runs."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
-import random
 
 import numpy as np
 import pytest
@@ -12,91 +12,117 @@ import torch
 from PIL import Image
 
 from tallmasks.datasets import DEMO_DATASETS, get_spec, load_split
-from tallmasks.datasets import digits
-
-EXPECTED_CLASSES = {
-    "DigitsRotated": 10,
-    "DigitsParity": 2,
-    "DigitsSize": 2,
-    "DigitsMod3": 3,
-    "DigitsColored": 10,
-    "DigitsLoops": 3,
-    "DigitsPrime": 2,
-    "DigitsBold": 10,
-}
+from tallmasks.datasets import scenes
 
 
-def test_eight_tasks_registered_with_their_class_counts():
-    assert DEMO_DATASETS == list(EXPECTED_CLASSES)
-    for name, count in EXPECTED_CLASSES.items():
-        spec = get_spec(name + "Val")
-        assert spec.name == name and len(spec.classnames) == count
-        assert all(isinstance(t(spec.classnames[0]), str) for t in spec.templates)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_pools_are_disjoint_and_cover_the_digits():
-    pools = digits.source_pools()
-    together = np.concatenate([pools["pretrain"], pools["train"], pools["test"]])
-    assert len(together) == 1797 and len(set(together.tolist())) == 1797
+def test_suite_is_one_ordered_list_of_at_least_twenty_tasks_with_distinct_label_spaces():
+    assert DEMO_DATASETS == [t.name for t in scenes.SCENE_TASKS] and len(DEMO_DATASETS) >= 20
+    label_spaces = [tuple(get_spec(name + "Val").classnames) for name in DEMO_DATASETS]
+    assert len(set(label_spaces)) == len(label_spaces)
+    for name, classes in zip(DEMO_DATASETS, label_spaces):
+        assert len(classes) >= 2 and len(set(classes)) == len(classes), name
+        assert all(isinstance(t(classes[0]), str) for t in get_spec(name).templates)
 
 
-@pytest.mark.parametrize("name", ["DigitsRotated", "DigitsMod3", "DigitsColored", "DigitsPrime"])
-def test_splits_sizes_disjointness_labels_and_images(name):
+def _digest(image: Image.Image) -> str:
+    return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", [DEMO_DATASETS[i] for i in (4, 7, 19)])
+def test_splits_sizes_disjoint_pools_and_the_paper_val_rule(name):
     train, val, test = (load_split(name, s, "unused") for s in ("train", "val", "test"))
     n = len(train) + len(val)
-    assert len(val) == min(int(0.1 * n), 5000) and len(test) == digits.TEST_SIZE
-    assert set(train.indices).isdisjoint(val.indices)
-    assert sorted(train.indices + val.indices) == list(range(n))
-    # the paper's split rule: random_split with a generator seeded 0
+    assert n == scenes.TRAIN_SIZE and len(test) == scenes.TEST_SIZE >= 1000
+    assert len(val) == min(int(0.1 * n), 5000)
     expected = torch.utils.data.random_split(range(n), [n - len(val), len(val)], generator=torch.Generator().manual_seed(0))
-    assert list(val.indices) == list(expected[1].indices)
-    for dataset in (train, val, test):
-        labels = {dataset[i][1] for i in range(len(dataset))}
-        assert labels <= set(range(EXPECTED_CLASSES[name]))
-        assert len(labels) == EXPECTED_CLASSES[name]
+    assert list(val.indices) == list(expected[1].indices) and list(train.indices) == list(expected[0].indices)
+    # no image is shared between the train/val pool, the test pool and the pre-training pool
+    images, _, _ = scenes.task_pool(name, "pretrain", 300)
+    pools = {
+        "train": {_digest(train[i][0]) for i in range(len(train))} | {_digest(val[i][0]) for i in range(len(val))},
+        "test": {_digest(test[i][0]) for i in range(len(test))},
+        "pretrain": {hashlib.sha1(im.tobytes()).hexdigest() for im in images},
+    }
+    assert pools["train"].isdisjoint(pools["test"]) and pools["pretrain"].isdisjoint(pools["train"] | pools["test"])
+    classes = len(get_spec(name).classnames)
+    for dataset in (train, test):
+        labels = [dataset[i][1] for i in range(len(dataset))]
+        assert set(labels) == set(range(classes))
     image, label = test[0]
-    assert isinstance(image, Image.Image) and image.mode == "RGB"
-    assert image.size == (digits.DEMO_IMAGE_SIZE, digits.DEMO_IMAGE_SIZE)
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (scenes.IMAGE_SIZE,) * 2
     assert isinstance(label, int)
 
 
-def test_labels_follow_the_digit():
-    images, labels = digits._digits()
-    test_idx = digits.source_pools()["test"]
-    parity = load_split("DigitsParity", "test", "")
-    loops = load_split("DigitsLoops", "test", "")
-    for j in range(20):
-        d = int(labels[test_idx[j]])
-        assert parity[j][1] == d % 2
-        assert loops[j][1] == digits.LOOPS[d]
+def test_handwritten_digit_pools_are_disjoint():
+    pools = scenes.glyph_pools()
+    flat = {pool: np.concatenate(list(by_digit.values())) for pool, by_digit in pools.items()}
+    together = np.concatenate(list(flat.values()))
+    assert len(together) == len(set(together.tolist())) == 1797
 
 
-def test_tasks_are_deterministic_and_views_differ():
-    a = np.asarray(load_split("DigitsMod3", "test", "")[5][0])
-    digits._task_pool.cache_clear()
-    b = np.asarray(load_split("DigitsMod3", "test", "")[5][0])
-    assert np.array_equal(a, b)
-    image8 = digits._digits()[0][0]
-    renders = [digits.render(image8, view, key=0).tobytes() for view in digits.VIEWS]
-    assert len(set(renders)) == len(renders)
+def test_scenes_are_deterministic_and_tasks_differ_in_inputs():
+    a, label_a, facts_a = scenes.draw("Counts", "test", 7)
+    b, label_b, facts_b = scenes.draw("Counts", "test", 7)
+    assert np.array_equal(a, b) and label_a == label_b and facts_a == facts_b
+    assert facts_a["count"] == label_a + 1
+    means = np.stack([scenes.task_pool(name, "pretrain", 64)[0].reshape(64, -1).mean(0) for name in DEMO_DATASETS])
+    distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    assert np.all(distances[~np.eye(len(means), dtype=bool)] > 0)
+
+
+def test_captions_are_partial_noisy_and_in_the_demo_vocabulary():
+    from tallmasks.models import DEMO_MODEL, get_tokenizer
+    from tallmasks.models.vocabulary import words_of
+
+    rng = np.random.default_rng(0)
+    facts = {"shape": "circle", "color": "red", "texture": "striped", "count": 3}
+    exact = scenes.CaptionStyle(mention=1.0, noise=0.0, exact_count=1.0)
+    assert scenes.caption(facts, rng, exact) == "three red circles on a striped background"
+    noisy = [scenes.caption(facts, rng, scenes.CaptionStyle(mention=0.5, noise=0.5)) for _ in range(200)]
+    assert any("red" not in c for c in noisy) and any("circle" not in c for c in noisy)
+    assert any("blue" in c or "green" in c or "yellow" in c for c in noisy)
+    vocabulary = set(words_of(scenes.corpus()))
+    tokenizer = get_tokenizer(DEMO_MODEL)
+    for name in DEMO_DATASETS:
+        for i in range(30):
+            text = scenes.caption(scenes.draw(name, "pretrain", i)[2], rng, scenes.CaptionStyle())
+            assert set(words_of([text])) <= vocabulary, text
+            assert int((tokenizer([text])[0] != 0).sum()) <= 24  # fits the context with its start and end tokens
+
+
+def test_shipped_vocabulary_is_learned_from_the_demo_corpus():
+    from tallmasks.models import DEMO_MODEL, create_clip, get_tokenizer
+    from tallmasks.models.encoder import CONFIG_DIR
+    from tallmasks.models.vocabulary import learn_bpe, read_bpe, vocabulary_size, words_of
+
+    words = words_of(scenes.corpus())
+    merges = learn_bpe(words)
+    assert read_bpe(CONFIG_DIR / "tallmasks-demo-bpe.txt.gz") == merges
+    tokenizer = get_tokenizer(DEMO_MODEL)
+    assert tokenizer.vocab_size == vocabulary_size(merges)
+    assert all(len(tokenizer.encode(w)) == 1 for w in words)
+    clip = create_clip(DEMO_MODEL, pretrained=None)
+    assert clip.token_embedding.num_embeddings == tokenizer.vocab_size
+    assert tokenizer(["an unknown word: zebra!"]).max() < tokenizer.vocab_size  # bytes still tokenize
 
 
 def test_pretraining_reduces_the_contrastive_loss():
-    import open_clip
-
     from tallmasks.demo import PretrainingData, contrastive_loss, pretrain
-    from tallmasks.models import DEMO_MODEL, create_clip
+    from tallmasks.models import DEMO_MODEL, create_clip, get_tokenizer
 
     torch.manual_seed(0)
     clip = create_clip(DEMO_MODEL, pretrained=None)
     cfg = clip.visual.preprocess_cfg
-    data = PretrainingData(open_clip.get_tokenizer(DEMO_MODEL), cfg["mean"], cfg["std"])
+    data = PretrainingData(get_tokenizer(DEMO_MODEL), cfg["mean"], cfg["std"], 40, scenes.CaptionStyle())
     probe = torch.arange(0, len(data), len(data) // 128)[:128]
-    probe_captions = data.caption_ids(probe.tolist(), random.Random(1))
+    probe_captions = data.captions(probe.tolist(), np.random.default_rng(1))
 
     def probe_loss() -> float:
         with torch.no_grad():
-            return float(contrastive_loss(clip.eval(), data.images[probe], probe_captions, data.tokens))
+            return float(contrastive_loss(clip.eval(), data.images[probe], probe_captions, data))
 
     before = probe_loss()
     losses = pretrain(clip, data, steps=25, batch_size=64, lr=2e-3, seed=0)
@@ -111,20 +137,65 @@ def _runner_available() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _runner_available(), reason="tallmasks.eval.runner (run_experiment) is not available")
+needs_runner = pytest.mark.skipif(not _runner_available(), reason="tallmasks.eval.runner (run_experiment) is not available")
+
+
+@needs_runner
 def test_quick_demo_writes_a_complete_summary(tmp_path):
     from tallmasks.demo import SUMMARY_METHODS, DemoConfig, run_demo
 
-    cfg = DemoConfig.quick(
-        tasks=["DigitsParity", "DigitsMod3"], cache_dir=tmp_path / "cache", output_dir=tmp_path / "out", threads=1
-    )
+    cfg = DemoConfig.quick(num_tasks=2, cache_dir=tmp_path / "cache", output_dir=tmp_path / "out")
     summary = run_demo(cfg)
-    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    tasks = DEMO_DATASETS[:2]
+    written = json.loads((tmp_path / "out" / "summary_2tasks.json").read_text())
     assert written == json.loads(json.dumps(summary))
-    assert set(written["methods"]) == set(SUMMARY_METHODS)
+    assert set(written["methods"]) == set(SUMMARY_METHODS) and written["tasks"] == tasks
+    assert written["seeds"] == {"pretrain": 0, "finetune": 0}
     for name, entry in written["methods"].items():
-        assert set(entry["per_task"]) == {"DigitsParity", "DigitsMod3"}, name
+        assert set(entry["per_task"]) == set(tasks), name
         assert 0.0 <= entry["avg_top1"] <= 1.0
         assert entry["avg_normalized_top1"] >= 0.0
     assert written["methods"]["finetuned"]["avg_normalized_top1"] == pytest.approx(1.0)
-    assert (tmp_path / "out" / "mask_agreement.png").stat().st_size > 0
+    assert (tmp_path / "out" / "mask_agreement_2tasks.png").stat().st_size > 0
+
+
+@needs_runner
+def test_experts_are_cached_and_reused_across_task_counts(tmp_path, monkeypatch):
+    import tallmasks.finetuning as finetuning
+    from tallmasks.demo import DemoConfig, experts_location, pretrain_foundation, run_demo
+    from tallmasks.models import DEMO_MODEL, finetuned_path
+
+    trained: list[str] = []
+    original = finetuning.finetune
+
+    def counting(cfg, **kwargs):
+        trained.append(cfg.dataset)
+        return original(cfg, **kwargs)
+
+    monkeypatch.setattr(finetuning, "finetune", counting)
+    common = dict(cache_dir=tmp_path / "cache", output_dir=tmp_path / "out", methods=["zeroshot", "sum", "finetuned"])
+    first = run_demo(DemoConfig.quick(num_tasks=2, **common))
+    location = experts_location(pretrain_foundation(DemoConfig.quick().pretrain, tmp_path / "cache"), DemoConfig.quick().finetune)
+    stamps = {t: finetuned_path(location, DEMO_MODEL, t).stat().st_mtime_ns for t in DEMO_DATASETS[:2]}
+    second = run_demo(DemoConfig.quick(num_tasks=3, **common))
+    assert trained == DEMO_DATASETS[:3]  # the first two experts were not fine-tuned again
+    assert {t: finetuned_path(location, DEMO_MODEL, t).stat().st_mtime_ns for t in DEMO_DATASETS[:2]} == stamps
+    for task in DEMO_DATASETS[:2]:
+        assert second["methods"]["finetuned"]["per_task"][task] == first["methods"]["finetuned"]["per_task"][task]
+    assert (tmp_path / "out" / "summary_2tasks.json").is_file() and (tmp_path / "out" / "summary_3tasks.json").is_file()
+
+
+def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
+    from tallmasks.demo import DemoConfig, main, parse_args
+
+    configs = parse_args(["--num-tasks", "14", "--seed", "0", "2", "--methods", "sum", "finetuned"])
+    assert [c.pretrain.seed for c in configs] == [0, 2] and configs[0].methods == ["sum", "finetuned"]
+    assert configs[0].task_names() == DEMO_DATASETS[:14]
+    assert configs[0].summary_name() == "summary_14tasks.json" and configs[1].summary_name() == "summary_14tasks_seed2.json"
+    assert DemoConfig().summary_name() == "summary.json"
+    assert configs[0].pretrain.fingerprint() != configs[1].pretrain.fingerprint()
+    assert configs[0].finetune.fingerprint() == configs[1].finetune.fingerprint()
+    assert main(["--methods", "no_such_method", "--cache-dir", str(tmp_path)]) == 2
+    assert "no_such_method" in capsys.readouterr().err
+    assert main(["--num-tasks", "99", "--cache-dir", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())  # nothing written before the inputs are checked

@@ -29,7 +29,7 @@ def _head(classes=4, dim=64, seed=1):
 def _cfg(tmp_path, **overrides):
     base = FinetuneConfig(
         model_name=DEMO_MODEL,
-        dataset="DigitsRotated",
+        dataset="Shapes",
         model_location=str(tmp_path / "ckpt"),
         data_location=str(tmp_path / "data"),
         pretrained=None,
@@ -69,19 +69,19 @@ def test_finetune_on_demo_task_writes_layout_and_skips(tmp_path):
     seen = []
     out = finetune(cfg, callback=lambda step, loss: seen.append((step, loss)))
     loc = cfg.model_location
-    assert out == finetuned_path(loc, DEMO_MODEL, "DigitsRotated") and out.is_file()
-    assert dataset_zeroshot_path(loc, DEMO_MODEL, "DigitsRotated").is_file()
+    assert out == finetuned_path(loc, DEMO_MODEL, "Shapes") and out.is_file()
+    assert dataset_zeroshot_path(loc, DEMO_MODEL, "Shapes").is_file()
     assert zeroshot_path(loc, DEMO_MODEL).is_file()
-    assert (tmp_path / "ckpt" / DEMO_MODEL / "head_DigitsRotatedVal.safetensors").is_file()
+    assert (tmp_path / "ckpt" / DEMO_MODEL / "head_ShapesVal.safetensors").is_file()
     assert [s for s, _ in seen] == [1, 2, 3] and all(math.isfinite(v) for _, v in seen)
-    zs = load_state_dict(dataset_zeroshot_path(loc, DEMO_MODEL, "DigitsRotated"))
+    zs = load_state_dict(dataset_zeroshot_path(loc, DEMO_MODEL, "Shapes"))
     ft = load_state_dict(out)
     assert set(zs) == set(ft) and all(k.startswith("model.") for k in ft)
     assert not any(k.startswith("model.transformer.") for k in ft)
     assert any(not torch.equal(zs[k], ft[k]) for k in ft if k.startswith("model.visual."))
     # the saved encoder loads into a fresh ImageEncoder
     ImageEncoder(DEMO_MODEL, pretrained=None).load_state_dict(dict(ft))
-    assert not state_path(loc, DEMO_MODEL, "DigitsRotated").exists()
+    assert not state_path(loc, DEMO_MODEL, "Shapes").exists()
     # done: skipped without training
     again = []
     assert finetune(cfg, callback=lambda s, l: again.append(s)) == out and again == []
@@ -109,8 +109,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     straight = run(tmp_path / "a")
     with pytest.raises(_Stop):
         run(tmp_path / "b", interrupt_at=6)
-    resume_file = state_path(tmp_path / "b", DEMO_MODEL, "DigitsRotated")
-    assert resume_file.is_file() and not finetuned_path(tmp_path / "b", DEMO_MODEL, "DigitsRotated").exists()
+    resume_file = state_path(tmp_path / "b", DEMO_MODEL, "Shapes")
+    assert resume_file.is_file() and not finetuned_path(tmp_path / "b", DEMO_MODEL, "Shapes").exists()
     seen = []
     resumed = run(tmp_path / "b", seen=seen)
     assert seen == [5, 6, 7, 8, 9]  # continued after the step-4 checkpoint
@@ -147,8 +147,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     cfg = _cfg(tmp_path, max_steps=2, batch_size=8)
     out = launch(cfg, world_size=2, encoder=encoder, train_dataset=_tensor_data(n=32), head=_head())
     loc = cfg.model_location
-    assert out == finetuned_path(loc, DEMO_MODEL, "DigitsRotated") and out.is_file()
-    assert dataset_zeroshot_path(loc, DEMO_MODEL, "DigitsRotated").is_file()
+    assert out == finetuned_path(loc, DEMO_MODEL, "Shapes") and out.is_file()
+    assert dataset_zeroshot_path(loc, DEMO_MODEL, "Shapes").is_file()
     ft, zs = load_state_dict(out), load_state_dict(zeroshot_path(loc, DEMO_MODEL))
     assert set(ft) == set(encoder.state_dict())
     assert any(not torch.equal(zs[k], ft[k]) for k in ft)

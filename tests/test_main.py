@@ -1,4 +1,4 @@
-"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the digits tasks."""
+"""End to end: main.py (subprocess and run_experiment) on tiny demo-model checkpoints and the demo tasks."""
 
 from __future__ import annotations
 
@@ -13,16 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "config"
 
-digits = pytest.importorskip("tallmasks.datasets.digits", reason="the offline demo tasks (tallmasks.datasets.digits) are not available")
+scenes = pytest.importorskip("tallmasks.datasets.scenes", reason="the offline demo tasks (tallmasks.datasets.scenes) are not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs faster on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +115,7 @@ def test_missing_checkpoint_is_a_one_line_error(demo_setup):
     from tallmasks.errors import CheckpointError
     from tallmasks.eval.runner import run_experiment
 
-    with pytest.raises(CheckpointError, match="DigitsRotatedVal/nonlinear_finetuned.pt"):
+    with pytest.raises(CheckpointError, match="ShapesVal/nonlinear_finetuned.pt"):
         run_experiment(compose([*demo_setup["overrides"], "method=sum", "model_location=" + str(demo_setup["root"] / "nowhere")]))
 
 
@@ -296,3 +290,74 @@ def test_main_runs_the_later_methods(demo_setup, method):
     assert res["selection"]["alpha"] in expected and len(res["val"]) == len(expected)
     for task in demo_setup["tasks"]:
         assert 0 <= res["test"][f"{task}:top1"] <= 1
+
+
+def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, monkeypatch):
+    """method.grid: every combination merged once, alpha and the combination chosen jointly on validation."""
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import merge as real_merge
+
+    tasks = demo_setup["tasks"]
+    merged = []
+
+    def counting_merge(cs, method, **params):
+        merged.append(params["k"])
+        return real_merge(cs, method, **params)
+
+    monkeypatch.setattr("tallmasks.merging.merge", counting_merge)
+    overrides = [*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "results_dir=" + str(demo_setup["root"] / "grid")]
+    res = run_experiment(compose(overrides))
+    assert merged == [100.0, 20.0]  # each distinct merge computed once
+    assert set(res["val"]) == {f"k={k}|{a}" for k in (100, 20) for a in ("0.5", "1")}
+    best_key = max(res["val"], key=lambda key: res["val"][key]["avg_normalized_top1"])  # first on ties, as the runner
+    assert res["selection"] == {"alpha": float(best_key.split("|")[1]), "k": float(best_key.split("|")[0][2:])}
+    assert res["val_best"] == res["val"][best_key]
+    assert res["evaluations"]["evaluated"] == 2 * 2 * len(tasks) + len(tasks)
+    name = Path(res["results_path"]).name
+    assert f"ties_k={res['selection']['k']:g}" in name and "_grid-k=100,20" in name
+    # the chosen merge is the one evaluated on test: the same as a run without a grid at the chosen k
+    fixed = run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.k={res['selection']['k']}",
+                                    f"specify_lambda={res['selection']['alpha']}", "results_dir=" + str(demo_setup["root"] / "fixed")]))
+    assert fixed["test"] == res["test"]
+    for grid, message in [("{kk:[1]}", "not a hyperparameter"), ("{k:[]}", "non-empty list"), ("{k:abc}", "non-empty list"),
+                          ("{ties_agg:[max]}", "must be one of mean, sum"), ("{k:[0]}", "must be > 0"),
+                          ("{k:[20,20]}", "lists a value twice")]:
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.grid={grid}"]))
+
+
+@pytest.mark.parametrize("method,extra", [("lines", ["method.base_method=ties"]), ("tsv", []), ("iso_c", []),
+                                          ("iso_cts", []), ("dare", ["method.p=0.5"])])
+def test_new_methods_run_on_the_demo_model(demo_setup, method, extra):
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import alpha_candidates
+
+    tasks = demo_setup["tasks"]
+    overrides = [*demo_setup["overrides"], f"method={method}", *extra, "n_eval_points=2", "results_dir=" + str(demo_setup["root"] / "new")]
+    res = run_experiment(compose(overrides))
+    params = {k: v for k, v in res["method"].items() if k not in ("name", "full_name", "grid")}
+    alphas = alpha_candidates(method, 2, params=params)
+    assert res["selection"]["alpha"] in alphas and set(res["val"]) == {f"{a:.6g}" for a in alphas}
+    assert res["evaluations"]["evaluated"] == len(alphas) * len(tasks) + len(tasks)
+    assert all(0 <= res["per_task"][t]["top1"] <= 1 for t in tasks)
+    assert Path(res["results_path"]).is_file() and f"_{method}" in Path(res["results_path"]).name
+    if method == "lines":
+        assert res["merge_info"]["base_method"] == "ties" and res["merge_info"]["num_blocks"] >= 1
+
+
+def test_main_emr_per_task_models(demo_setup):
+    """EMR-merging through main.py: per-task masks and rescalers on the TALL evaluation path, nothing chosen."""
+    from tallmasks.merging import CheckpointSet, merge
+    from tallmasks.merging.emr import emr_masks
+    from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
+
+    from tallmasks.eval.runner import run_experiment
+
+    root, tasks, loc = demo_setup["root"], demo_setup["tasks"], demo_setup["loc"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=emr", "results_dir=" + str(root / "emr")]))
+    assert res == {**only_result(root / "emr"), "results_path": res["results_path"], "rank": 0}
+    assert set(res["val"]) == {"emr"} and res["evaluations"]["evaluated"] == 2 * len(tasks)
+    cs = CheckpointSet(zeroshot_path(loc, DEMO_MODEL), [finetuned_path(loc, DEMO_MODEL, t) for t in tasks], names=tasks)
+    scales = emr_masks(cs, merge(cs, "emr")).info["scales"]
+    assert res["selection"]["scales"] == pytest.approx(scales) and all(s > 0 for s in scales.values())

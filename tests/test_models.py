@@ -67,13 +67,13 @@ def test_val_preprocess_gives_normalized_tensor():
 
 
 def test_zeroshot_head_formula(demo_clip):
-    import open_clip
+    from tallmasks.models import get_tokenizer
 
     classnames = ["cat", "dog", "bird"]
     templates = [lambda c: f"a photo of a {c}.", lambda c: f"a drawing of a {c}."]
     head = build_zeroshot_head(demo_clip, classnames, templates, model_name=DEMO_MODEL)
     assert head.weight.shape == (3, demo_clip.text_projection.shape[1]) and head.normalize
-    tokenizer = open_clip.get_tokenizer(DEMO_MODEL)
+    tokenizer = get_tokenizer(DEMO_MODEL)
     with torch.no_grad():
         rows = []
         for c in classnames:

@@ -83,29 +83,34 @@ def test_decompress_and_plot_refuse_theta0_and_the_collection(tmp_path, ckpts, c
 # 2. compress replaces only a previous collection's own files
 
 
-def test_compress_over_a_collection_keeps_other_files(tmp_path, ckpts, capsys):
+@pytest.mark.parametrize("storage, part", [("packbits", "merged.safetensors"), ("coded", "coded.safetensors")])
+def test_compress_over_a_collection_keeps_other_files(tmp_path, ckpts, capsys, storage, part):
     pt, fts = ckpts
     out = tmp_path / "c"
     assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts[:2], "--out", out)[0] == 0
     (out / "notes.txt").write_text("keep me")
-    assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts, "--out", out)[0] == 0
+    assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts, "--out", out, "--storage", storage)[0] == 0
     assert (out / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "meta.json").read_text())["tasks"] == ["ft0", "ft1", "ft2"]
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".safetensors")) == sorted(
+        ["merged.safetensors", "masks.safetensors"] if storage == "packbits" else ["coded.safetensors"])
     # an input that is one of the collection's own files is not overwritten
-    before = (out / "merged.safetensors").read_bytes()
-    code, err = run(capsys, "compress", "--pretrained", pt, "--finetuned", out / "merged.safetensors", "--out", out)
-    assert code == 2 and "is one of this command's inputs" in err and unchanged(out / "merged.safetensors", before)
+    before = (out / part).read_bytes()
+    code, err = run(capsys, "compress", "--pretrained", pt, "--finetuned", out / part, "--out", out)
+    assert code == 2 and "is one of this command's inputs" in err and unchanged(out / part, before)
 
 
 # ---------------------------------------------------------------------------------------------
 # 6. collection parts belong together; meta.json and mask layouts checked
 
 
-def test_collection_parts_from_another_collection_are_refused(tmp_path, ckpts, capsys):
+@pytest.mark.parametrize("storage, parts", [("packbits", ("masks.safetensors", "merged.safetensors")), ("coded", ("coded.safetensors",))])
+def test_collection_parts_from_another_collection_are_refused(tmp_path, ckpts, capsys, storage, parts):
     pt, fts = ckpts
     for name, chosen in (("a", fts[:2]), ("b", [fts[0], fts[2]])):
-        assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *chosen, "--names", "x", "y", "--out", tmp_path / name)[0] == 0
-    for part in ("masks.safetensors", "merged.safetensors"):
+        assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *chosen, "--names", "x", "y", "--out", tmp_path / name,
+                   "--storage", storage)[0] == 0
+    for part in parts:
         mixed = tmp_path / f"mixed-{part}"
         shutil.copytree(tmp_path / "a", mixed)
         shutil.copy(tmp_path / "b" / part, mixed / part)
@@ -139,7 +144,7 @@ def test_masks_of_another_model_are_refused(tmp_path, ckpts, capsys):
     MaskSet(cs.names, other, [np.zeros(1, np.uint8), np.zeros(1, np.uint8)]).save(tmp_path / "masks.safetensors")
     with pytest.raises(CheckpointError, match="masks made for another model"):
         load_tall_masks(cs, tmp_path / "masks.safetensors", [])
-    assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts[:2], "--out", tmp_path / "c")[0] == 0
+    assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts[:2], "--out", tmp_path / "c", "--storage", "packbits")[0] == 0
     shutil.copy(tmp_path / "masks.safetensors", tmp_path / "c" / "masks.safetensors")
     for args in (["inspect", tmp_path / "c"], ["decompress", tmp_path / "c", "--task", "0", "--out", tmp_path / "o.pt"]):
         code, err = run(capsys, *args)

@@ -63,28 +63,21 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _method_params(method: str, given: dict[str, Any], num_tasks: int, label=_flag) -> dict[str, Any]:
-    """Hyperparameters given as flags, checked against the method's signature like main.py's method fields."""
+def _method_params(method: str, given: dict[str, Any], num_tasks: int, option: str = "") -> dict[str, Any]:
+    """Hyperparameters given as flags (or ``--param NAME=VALUE`` with ``option``), checked against the
+    method's signature like main.py's method fields."""
     from tallmasks.merging import get_method
     from tallmasks.schema import coerce, parameters
 
     accepted = parameters(get_method(method).fn, ("device",))
     out = {}
     for key, value in given.items():
+        where = f"{option}{key}" if option else _flag(key)
         if key not in accepted:
-            raise ConfigError(f"{label(key)} does not apply to method {method!r} (it takes {', '.join(accepted) or 'none'})")
-        out[key] = coerce(value, accepted[key].annotation, label(key), {"num_tasks": num_tasks})
-    return out
-
-
-def _param_pairs(pairs: Sequence[str] | None) -> dict[str, str]:
-    """``--param NAME=VALUE`` pairs as {NAME: VALUE}."""
-    out = {}
-    for pair in pairs or []:
-        name, sep, text = pair.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
-        out[name.strip()] = text.strip()
+            if option:
+                raise ConfigError(f"{where}: method {method!r} has no hyperparameter {key!r} (it takes {', '.join(accepted) or 'none'})")
+            raise ConfigError(f"{where} does not apply to method {method!r}")
+        out[key] = coerce(value, accepted[key].annotation, where, {"num_tasks": num_tasks})
     return out
 
 
@@ -105,33 +98,50 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
     return values[0] if len(values) == 1 else list(values)
 
 
+def _param_items(items: Sequence[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` pairs (values still text; the method's signature types them)."""
+    out = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+        out[name] = text.strip()
+    return out
+
+
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
+    from tallmasks.coefficients import ScaledVector
     from tallmasks.masks import tall_masks
-    from tallmasks.merging import base_vector, merge
+    from tallmasks.merging import base_vector, get_method, merge
     from tallmasks.schema import coerce
     from tallmasks.task_vectors import CheckpointSet, apply_vector
 
+    method = get_method(args.method)
     out = _check_out_file(args.out)
+    pretrained, finetuned, names = _sources(args)
     given = {"k": args.k, "use_ties": args.use_ties or None, "ties_agg": args.ties_agg, "prun_thre_k": args.prun_thre_k}
-    count = len(args.finetuned or [])
-    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, count)
-    params.update(_method_params(args.method, _param_pairs(args.param), count, label=lambda key: f"--param {key}"))
+    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, len(finetuned))
+    params.update(_method_params(args.method, _param_items(args.param), len(finetuned), option="--param "))
     params["device"] = _device(args.device)
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
+    needs_masks = method.needs_masks(params)
+    if args.tall_mask_lambda and not needs_masks:
+        raise ConfigError("--tall-mask-lambda applies to methods that read TALL masks (consensus, lines with base_method=consensus) and to compress")
     alpha = None if args.alpha is None else coerce(args.alpha, float, "--alpha")
-    pretrained, finetuned, names = _sources(args)
+    if alpha is None and method.needs_alpha:
+        raise ConfigError(f"method {args.method!r} scales each layer with its own coefficient: pass --alpha to write the merged model")
     inputs = _inputs(pretrained, *finetuned)
     check_output(out, inputs, expected_bytes=sum(file_size(f) for f in _inputs(pretrained)), label="--out")
     cs = CheckpointSet(pretrained, finetuned, names)
     cs.progress = not args.quiet
-    if args.method == "consensus":
+    if needs_masks:
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
         base = base_vector(cs, **base_params)
         params["masks"] = tall_masks(cs, base, lambdas, device=params["device"])
-        params["base"] = base
-    elif args.tall_mask_lambda:
-        raise ConfigError("--tall-mask-lambda applies to method 'consensus' (and to compress)")
+        if "base" in method.defaults:
+            params["base"] = base
     vector = merge(cs, args.method, **params)
     if alpha is None:
         result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
@@ -139,20 +149,54 @@ def cmd_merge(args) -> int:
     else:
         result = apply_vector(cs.pretrained, vector, alpha=alpha)
         what = f"merged model (alpha={alpha:g})"
+    if isinstance(vector, ScaledVector):
+        what += " (" + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in vector.info.items()) + ")"
     save_state_dict(result, out, finite=True)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
+
+
+def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
+    """theta_0, fine-tuned checkpoints, task names and mask file of --model in the released layout."""
+    from tallmasks.datasets import resolve_datasets
+    from tallmasks.eval.runner import released_mask_paths, tall_mask_path
+    from tallmasks.models.paths import finetuned_path, zeroshot_path
+
+    if args.pretrained or args.finetuned:
+        raise ConfigError("--model reads the released layout: give it without --pretrained/--finetuned")
+    datasets = resolve_datasets(args.num_tasks, args.names)
+    location = Path(args.model_location).expanduser()
+    finetuned = [str(finetuned_path(location, args.model, d)) for d in datasets]
+    masks = args.masks_file
+    if masks is None:
+        ours = tall_mask_path(location, args.model, len(datasets), args.use_ties)
+        candidates = [ours, *released_mask_paths(location, args.model, len(datasets), args.use_ties)]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise ConfigError(f"no TALL masks at {candidates[0]} or {candidates[1]} (download_checkpoints.py --kind tall_masks)")
+        masks = str(found[0])
+    return str(zeroshot_path(location, args.model)), finetuned, datasets, masks
 
 
 def cmd_compress(args) -> int:
     from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
     from tallmasks.schema import Percent, coerce
 
-    if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda):
-        raise ConfigError("--use-ties and --tall-mask-lambda apply to --masks tall only")
+    if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
+        raise ConfigError("--use-ties, --tall-mask-lambda and --masks-file apply to --masks tall only")
+    if args.masks != "magnitude" and args.k is not None:
+        raise ConfigError("--k applies to --masks magnitude only")
+    if args.masks_file and args.tall_mask_lambda:
+        raise ConfigError("--tall-mask-lambda builds masks; it does not apply with --masks-file")
     if args.k is not None:
         coerce(args.k, Percent, "--k")
-    pretrained, finetuned, names = _sources(args)
+    if args.model:
+        if args.pool:
+            raise ConfigError("--model and --pool are two sources of checkpoints; give one")
+        pretrained, finetuned, names, masks_file = _released_inputs(args)
+    else:
+        pretrained, finetuned, names = _sources(args)
+        masks_file = args.masks_file
     compress(
         pretrained,
         finetuned,
@@ -164,14 +208,21 @@ def cmd_compress(args) -> int:
         k=args.k if args.k is not None else 10,
         device=_device(args.device),
         progress=not args.quiet,
+        storage=args.storage,
+        masks_file=masks_file,
+        model=args.model,
     )
     report = collection_report(args.out)
     log.info(
-        "wrote %s: %d tasks, %.1f MB (%.3f bytes/parameter; %d full checkpoints would take %.1f MB)",
+        "wrote %s (%s): %d tasks, %.2f MB beyond theta_0 (%.3f bytes/parameter, %.3f of the paper's scheme; masks %.3f bits "
+        "per weight per task); %d full checkpoints would take %.1f MB",
         args.out,
+        report["storage"],
         len(report["tasks"]),
         report["total_bytes"] / 1e6,
         report["bytes_per_param"],
+        report["ratio_to_paper"],
+        report["mask_bits_per_weight_per_task"],
         len(report["tasks"]),
         sum(file.stat().st_size for file in _inputs(*finetuned)) / 1e6,
     )
@@ -252,8 +303,15 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"{path}: {len(names)} tasks, {report['num_params']:,} parameters")
     if "total_bytes" in report:
-        print(f"  size {report['total_bytes'] / 1e6:.2f} MB = {report['bytes_per_param']:.3f} bytes/parameter")
+        print(f"  storage {report['storage']}: {report['total_bytes'] / 1e6:.2f} MB beyond theta_0 = "
+              f"{report['bytes_per_param']:.3f} bytes/parameter")
+        print(f"  paper's scheme (float32 merged vector + 1 bit per weight per task): {report['paper_bytes'] / 1e6:.2f} MB; "
+              f"ratio {report['ratio_to_paper']:.3f}")
+        print(f"  masks: {report['mask_bits_per_weight_per_task']:.3f} bits per weight per task")
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
+    scales = (report.get("masks") or {}).get("scales")
+    if scales:
+        print("  scale per task: " + ", ".join(f"{n} {float(v):.4g}" for n, v in scales.items()))
     for line in _profile_lines(agreement):
         print("  " + line)
     return 0
@@ -304,6 +362,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from tallmasks.reporting import write_report
+
+    paths = args.paths or [p for p in ("results/merging", "results/demo") if Path(p).exists()]
+    if not paths:
+        raise ConfigError("no results folder given and none of results/merging, results/demo exists")
+    written = write_report(paths, args.out)
+    log.info("wrote %s, %d CSV files and %d figures to %s", written["markdown"].name, len(written["csv"]), len(written["figures"]), args.out)
+    return 0
+
+
 def cmd_prepare_data(args) -> int:
     from tallmasks.datasets.preparation import main as prepare_main
 
@@ -336,18 +405,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--ties-agg", choices=["mean", "sum"], help="TIES aggregation (ties: mean, else sum)")
     merge.add_argument("--prun-thre-k", type=int, help="consensus: minimum number of tasks per weight (2)")
     merge.add_argument("--tall-mask-lambda", type=float, nargs="+", help="consensus: lambda, one or one per task (0.4)")
-    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau")
+    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau (lines: its beta)")
     merge.add_argument("--param", action="append", metavar="NAME=VALUE",
-                       help="a hyperparameter of the method, e.g. --param beta=0.9 (breadcrumbs); repeatable")
+                       help="any hyperparameter of the method, e.g. --param p=0.5 --param base_method=ties (dare), "
+                       "--param beta=0.9 (breadcrumbs); repeatable")
     merge.set_defaults(func=cmd_merge)
 
-    comp = sub.add_parser("compress", help="merged vector + one bit mask per task")
+    comp = sub.add_parser("compress", help="merged vector + one mask per task (entropy-coded by default)")
     checkpoints(comp)
     comp.add_argument("--out", required=True, help="output folder")
     comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
     comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
-    comp.add_argument("--masks", choices=["tall", "magnitude"], default="tall")
+    comp.add_argument("--masks", choices=["tall", "magnitude", "emr"], default="tall",
+                      help="TALL masks, magnitude masks, or EMR-merging's masks and rescalers")
     comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
+    comp.add_argument("--storage", choices=["coded", "packbits"], default="coded",
+                      help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); "
+                      "packbits: the paper's scheme")
+    comp.add_argument("--masks-file", help="existing TALL masks (ours, or a released TALL_mask_<N>task.npy) instead of building them")
+    comp.add_argument("--model", help="read theta_0, the fine-tuned checkpoints and the masks from the released layout")
+    comp.add_argument("--num-tasks", type=int, default=8, help="with --model: the first N of the paper's datasets (8)")
+    comp.add_argument("--model-location", default="models/checkpoints", help="with --model: checkpoints folder")
     comp.set_defaults(func=cmd_compress)
 
     dec = sub.add_parser("decompress", help="rebuild one task's model from a compressed collection")
@@ -369,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+
+    rep = sub.add_parser("report", help="tables (markdown, CSV) and figures of results beside the paper's, and storage")
+    rep.add_argument("paths", nargs="*", help="results files or folders, compressed collections (default: results/merging results/demo)")
+    rep.add_argument("--out", default="reports", help="output folder (default reports/)")
+    rep.set_defaults(func=cmd_report)
 
     data = sub.add_parser("prepare-data", help="download or arrange evaluation datasets under a data location")
     data.add_argument("names", nargs="+", help="dataset names, e.g. MNIST SVHN (or 'all')")

@@ -4,12 +4,18 @@ A compressed collection is a folder:
 
 - ``merged.safetensors``: the multi-task vector tau_MTL (floating-point keys, the inputs' dtype);
 - ``masks.safetensors``: one bit-packed mask per task (``MaskSet``);
-- ``meta.json``: task names, how the masks were built, the pre-trained checkpoint it refers to (path and
-  SHA-256: theta_0 is referenced, not copied), and the collection's id, which both parts also record, so
-  a part copied from another collection (or left by an interrupted rewrite) is refused.
+- ``meta.json``: task names, how the masks were built (with the per-task scales of EMR-merging), the
+  pre-trained checkpoint it refers to (path and SHA-256: theta_0 is referenced, not copied), and the
+  collection's id, which both parts also record, so a part copied from another collection (or left by an
+  interrupted rewrite) is refused.
 
-Task t is rebuilt as theta_0 + m_t * tau_MTL. Writing a collection replaces only a previous collection's
-own files (meta.json last); a non-empty folder that is not a collection is refused.
+Task t is rebuilt as theta_0 + scale_t * (m_t * tau_MTL), scale_t = 1 for TALL and magnitude masks.
+That is the paper's scheme (``storage="packbits"``). The default, ``storage="coded"``, replaces the two
+data files with ``coded.safetensors`` (``tallmasks.coded``: masks entropy-coded jointly, the merged
+vector only where some mask keeps a weight, the collection id in its metadata), losslessly.
+
+Writing a collection replaces only a previous collection's own files (meta.json last); a non-empty folder
+that is not a collection is refused.
 """
 
 from __future__ import annotations
@@ -23,20 +29,28 @@ from pathlib import Path
 import torch
 
 from tallmasks.checkpoints import LazyStateDict, atomic_path, load_state_dict, save_state_dict, sha256_file
+from tallmasks.coded import CODED_FORMAT, CodedFile, decode_task, write_coded
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.guard import check_output, file_size, require_file
-from tallmasks.masks import Layout, MaskSet, magnitude_masks, tall_masks
-from tallmasks.merging import base_vector
+from tallmasks.masks import Layout, MaskSet
+from tallmasks.merging import get_method, merge
+from tallmasks.merging.per_task import mask_scales, task_models
 from tallmasks.task_vectors import CheckpointSet, apply_vector
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tallmasks-compressed-v1"
+STORAGES = {"packbits": FORMAT, "coded": CODED_FORMAT}
 MERGED_FILE = "merged.safetensors"
 MASKS_FILE = "masks.safetensors"
+CODED_FILE = "coded.safetensors"
 META_FILE = "meta.json"
 PARTS = (MERGED_FILE, MASKS_FILE, META_FILE)
+STORAGE_PARTS = {"packbits": PARTS, "coded": (CODED_FILE, META_FILE)}
 DEFAULT_LAMBDA = 0.4
+
+#: --masks kinds and the per-task methods that build them
+MASK_METHODS = {"tall": "tall_mask", "magnitude": "mag_masking", "emr": "emr"}
 
 
 def _load_meta(path: Path) -> object:
@@ -48,14 +62,14 @@ def _is_collection(path: Path) -> bool:
         meta = _load_meta(Path(path) / META_FILE)
     except (OSError, ValueError, CheckpointError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+    return isinstance(meta, dict) and meta.get("format") in STORAGES.values()
 
 
 def _check_out_dir(out_dir: Path, inputs: Sequence[str | Path], expected_bytes: int) -> None:
     check_output(out_dir, inputs, expected_bytes=expected_bytes, folder=True, label="--out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_collection(out_dir):
         raise CheckpointError(f"{out_dir}: folder is not empty and is not a compressed collection; choose another --out")
-    for part in PARTS:
+    for part in {*PARTS, CODED_FILE}:
         check_output(out_dir / part, inputs, label="--out")
 
 
@@ -70,29 +84,52 @@ def compress(
     k: float = 10,
     device: str = "cpu",
     progress: bool = False,
+    storage: str = "coded",
+    masks_file: str | Path | None = None,
+    model: str | None = None,
 ) -> dict:
-    """Write a compressed collection to ``out_dir`` (each part atomically, meta.json last); returns its metadata."""
+    """Write a compressed collection to ``out_dir`` (each part atomically, meta.json last); returns its metadata.
+    ``masks_file``: existing TALL masks (ours or a released ``.npy``) instead of building them; ``model``: a
+    name recorded in meta.json."""
     out_dir = Path(out_dir).expanduser()
-    if masks not in ("tall", "magnitude"):
-        raise ConfigError(f"masks must be 'tall' or 'magnitude', got {masks!r}")
+    if masks not in MASK_METHODS:
+        raise ConfigError(f"masks must be one of {', '.join(MASK_METHODS)}, got {masks!r}")
+    if storage not in STORAGES:
+        raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if masks_file is not None and masks != "tall":
+        raise ConfigError("masks_file holds TALL masks: it applies with masks='tall' only")
     inputs = [require_file(p) for p in (pretrained, *finetuned)]
     size = file_size(pretrained)
     _check_out_dir(out_dir, inputs, size + len(inputs) * (size // 32 + 1) + 65536)
     cs = CheckpointSet(pretrained, list(finetuned), names)
     cs.progress = progress
+    method = get_method(MASK_METHODS[masks])
+    params = {"tall": {"use_ties": use_ties}, "magnitude": {"k": k}, "emr": {}}[masks]
     if masks == "tall":
-        vector = base_vector(cs, use_ties=use_ties, device=device)
-        mask_set = tall_masks(cs, vector, lambdas, device=device, info={"use_ties": use_ties})
-        mask_info = {"kind": "tall", "use_ties": use_ties, "lambdas": mask_set.info["lambdas"]}
+        settings = [lambdas] * cs.num_tasks if isinstance(lambdas, (int, float)) else list(lambdas)
     else:
-        vector = base_vector(cs, device=device)
-        mask_set = magnitude_masks(cs, k=k, device=device)
-        mask_info = {"kind": "magnitude", "k": float(k)}
+        settings = [None] * cs.num_tasks
+    vector = merge(cs, method.name, device=device, **params)
+    if masks_file is not None:
+        mask_set = load_mask_file(masks_file, cs)
+        mask_set.info["use_ties"] = use_ties
+        mask_info: dict = {"kind": "tall", "use_ties": use_ties, "lambdas": mask_set.info.get("lambdas"), "source": str(masks_file)}
+    else:
+        mask_set = task_models(method, cs, vector, {**params, "device": device}).masks(settings)
+        mask_info = {"kind": masks, **params}
+        if masks == "tall":
+            mask_info["lambdas"] = mask_set.info["lambdas"]
+            mask_set.info["use_ties"] = use_ties
+        elif masks == "magnitude":
+            mask_info["k"] = float(k)
+        else:
+            mask_info["scales"] = mask_scales(mask_set)
     stored = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
     collection_id = uuid.uuid4().hex
     meta = {
-        "format": FORMAT,
+        "format": STORAGES[storage],
         "collection": collection_id,
+        "model": model,
         "tasks": cs.names,
         "masks": mask_info,
         "num_params": cs.num_float_params,
@@ -102,10 +139,15 @@ def compress(
     mask_set.info["collection"] = collection_id
     # a previous collection's meta.json stays until the new parts are in place: an interrupted rewrite is
     # still recognised as a collection (and replaced next time) but its parts' ids no longer match
-    save_state_dict(stored, out_dir / MERGED_FILE, metadata={"collection": collection_id}, finite=True)
-    mask_set.save(out_dir / MASKS_FILE)
+    if storage == "coded":
+        write_coded(out_dir / CODED_FILE, mask_set, stored, progress=progress)
+    else:
+        save_state_dict(stored, out_dir / MERGED_FILE, metadata={"collection": collection_id}, finite=True)
+        mask_set.save(out_dir / MASKS_FILE)
     with atomic_path(out_dir / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
+    for stale in {MERGED_FILE, MASKS_FILE, CODED_FILE} - set(STORAGE_PARTS[storage]):  # the other storage's parts
+        (out_dir / stale).unlink(missing_ok=True)
     return meta
 
 
@@ -130,8 +172,9 @@ def read_meta(collection: str | Path) -> dict:
 def _check_meta(meta: object, path: Path) -> None:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a compressed collection (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format") not in STORAGES.values():
+        raise CheckpointError(f"{path}: not a compressed collection (format {meta.get('format')!r}, expected one of "
+                              f"{', '.join(map(repr, STORAGES.values()))})")
     fields = {"tasks": list, "masks": dict, "num_params": int, "pretrained": dict}
     for key, kind in fields.items():
         if not isinstance(meta.get(key), kind):
@@ -151,6 +194,8 @@ def open_collection(collection: str | Path) -> tuple[dict, LazyStateDict, MaskSe
     the tasks of meta.json, and masks covering exactly the merged vector's keys and shapes."""
     collection = Path(collection).expanduser()
     meta = read_meta(collection)
+    if meta["format"] == CODED_FORMAT:
+        raise CheckpointError(f"{collection}: a coded collection (open it with open_coded)")
     merged = load_state_dict(collection / MERGED_FILE)
     masks = MaskSet.load(collection / MASKS_FILE)
     expected = meta.get("collection")
@@ -168,6 +213,21 @@ def open_collection(collection: str | Path) -> tuple[dict, LazyStateDict, MaskSe
     if masks.layout.numel != meta["num_params"]:
         raise CheckpointError(f"{collection / META_FILE}: num_params {meta['num_params']}, the parts have {masks.layout.numel}")
     return meta, merged, masks
+
+
+def open_coded(collection: str | Path) -> tuple[dict, CodedFile]:
+    """(meta, coded file) of a coded collection whose parts belong together (same id, tasks and size)."""
+    collection = Path(collection).expanduser()
+    meta = read_meta(collection)
+    coded = CodedFile(require_file(collection / CODED_FILE, "coded collection data"))
+    if meta.get("collection") is not None and coded.info.get("collection") != meta["collection"]:
+        raise CheckpointError(f"{collection / CODED_FILE}: belongs to another collection than {collection / META_FILE} "
+                              "(copied in, or left by an interrupted compress); compress again")
+    if coded.names != meta["tasks"]:
+        raise CheckpointError(f"{collection / CODED_FILE}: masks for {coded.names}, {META_FILE} lists {meta['tasks']}")
+    if coded.layout.numel != meta["num_params"]:
+        raise CheckpointError(f"{collection / META_FILE}: num_params {meta['num_params']}, the parts have {coded.layout.numel}")
+    return meta, coded
 
 
 def _merged_id(merged: LazyStateDict) -> str | None:
@@ -192,10 +252,14 @@ def task_name(meta: dict, task: str | int) -> str:
 def decompress(
     collection: str | Path, task: str | int, out: str | Path | None = None, pretrained: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
-    """Rebuild theta_0 + m_t * tau_MTL for one task; saved atomically to ``out`` when given (an output that
-    is theta_0 or lies inside the collection is refused before any work)."""
+    """Rebuild theta_0 + scale_t * (m_t * tau_MTL) for one task; saved atomically to ``out`` when given (an
+    output that is theta_0 or lies inside the collection is refused before any work)."""
     collection = Path(collection).expanduser()
-    meta, merged, masks = open_collection(collection)
+    coded = read_meta(collection)["format"] == CODED_FORMAT
+    if coded:
+        meta, coded_file = open_coded(collection)
+    else:
+        meta, merged, masks = open_collection(collection)
     name = task_name(meta, task)
     theta0_path = Path(pretrained).expanduser() if pretrained is not None else Path(meta["pretrained"]["path"])
     if not theta0_path.exists():
@@ -205,27 +269,71 @@ def decompress(
         check_output(out, [collection, theta0_path], expected_bytes=file_size(theta0_path), label="--out")
     if sha256_file(theta0_path) != meta["pretrained"]["sha256"]:
         raise CheckpointError(f"{theta0_path}: differs from the pre-trained checkpoint the collection was made from (SHA-256 mismatch)")
-    model = apply_vector(load_state_dict(theta0_path), merged, alpha=1.0, mask=masks.get(name))
+    scale = float((meta["masks"].get("scales") or {}).get(name, 1.0))
+    if coded:
+        model = decode_task(coded_file, load_state_dict(theta0_path), name, scale=scale)
+    else:
+        model = apply_vector(load_state_dict(theta0_path), merged, alpha=scale, mask=masks.get(name))
     if out is not None:
         save_state_dict(model, out, finite=True)
     return model
 
 
+def collection_masks(collection: str | Path) -> MaskSet:
+    """Every task's mask of a compressed collection, whatever its storage."""
+    if read_meta(collection)["format"] == CODED_FORMAT:
+        return open_coded(collection)[1].masks()
+    return open_collection(collection)[2]
+
+
 def collection_report(collection: str | Path) -> dict:
-    """Sizes, mask densities and the agreement profile of a compressed collection."""
+    """Sizes, mask densities, the agreement profile, the masks' bits per weight per task, and the bytes
+    beyond theta_0 beside the paper's scheme (float32 merged vector + 1 bit per weight per task)."""
     collection = Path(collection).expanduser()
-    meta, _, masks = open_collection(collection)
-    sizes = {part: (collection / part).stat().st_size for part in PARTS}
+    meta = read_meta(collection)
+    storage = next(k for k, v in STORAGES.items() if v == meta["format"])
+    if storage == "coded":
+        meta, coded = open_coded(collection)
+        masks = coded.masks()
+        stats = coded.stats()
+        mask_bytes, kept = stats["mask_bytes"], stats["kept"]
+    else:
+        meta, _, masks = open_collection(collection)
+        mask_bytes, kept = (collection / MASKS_FILE).stat().st_size, None
+    sizes = {part: (collection / part).stat().st_size for part in STORAGE_PARTS[storage]}
     n = meta["num_params"]
+    tasks = len(meta["tasks"])
     total = sum(sizes.values())
+    paper = 4 * n + tasks * ((n + 7) // 8)
     return {
+        "format": meta["format"],
+        "storage": storage,
+        "model": meta.get("model"),
         "tasks": meta["tasks"],
         "masks": meta["masks"],
         "num_params": n,
         "files": sizes,
         "total_bytes": total,
         "bytes_per_param": total / max(n, 1),
-        "budget_bytes": 4 * n + len(meta["tasks"]) * ((n + 7) // 8) + 64 * 1024,
+        "mask_bytes": mask_bytes,
+        "mask_bits_per_weight_per_task": 8 * mask_bytes / max(n * tasks, 1),
+        "kept_weights": kept,
+        "paper_bytes": paper,
+        "ratio_to_paper": total / max(paper, 1),
+        "budget_bytes": paper + 64 * 1024,
         "densities": {name: masks.density(name) for name in masks.names},
         "agreement": masks.agreement(),
     }
+
+
+def load_mask_file(path: str | Path, cs: CheckpointSet) -> MaskSet:
+    """TALL masks from a file for the tasks of ``cs``: a MaskSet (.safetensors) or a released ``.npy`` dict."""
+    path = require_file(path, "mask file")
+    if path.suffix == ".npy":
+        from tallmasks.released import load_released_masks
+
+        masks = MaskSet.from_packed(load_released_masks(path), Layout.of(cs), {"kind": "tall", "source": str(path)})
+    else:
+        masks = MaskSet.load(path)
+        masks.check_layout(Layout.of(cs), path)
+    return masks.subset(cs.names)

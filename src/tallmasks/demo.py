@@ -1,9 +1,12 @@
-"""The offline demo (``make demo``): pre-train a tiny CLIP on scikit-learn's digits, fine-tune eight
-tasks, merge them with every method through the experiment runner, and report.
+"""The offline demo (``make demo``): pre-train a small CLIP on procedurally generated scenes, fine-tune one
+expert per task, merge them with every method through the experiment runner, and report.
 
-Everything runs for real on CPU without network: the demo model is an open_clip CLIP with a tiny
-custom config (``tallmasks-demo``) and the bundled tokenizer; the tasks are ``tallmasks.datasets.digits``.
-Steps whose outputs exist under the cache folder are skipped, so a second run is much faster.
+Everything runs for real on CPU without network: the demo model is an open_clip CLIP with a small custom
+config (``tallmasks-demo``) and the bundled tokenizer; the tasks are ``tallmasks.datasets.scenes``
+(8 / 14 / 20 tasks: the first ones of one ordered list). The building blocks are reusable and cached by
+their settings: :func:`pretrain_foundation` (a foundation model for a :class:`PretrainSettings`, e.g. a seed)
+and :func:`finetune_experts` (experts fine-tuned from a foundation with :class:`FinetuneSettings`). Neither
+depends on how many tasks are merged, so the 8, 14 and 20-task runs share their experts.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tallmasks.checkpoints import load_state_dict, save_state_dict
+from tallmasks.datasets.scenes import CaptionStyle
 from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.eval.results import atomic_write_json
 
 log = logging.getLogger("tallmasks.demo")
 
-# summary name -> (runner method, method overrides)
+# summary name -> (runner method, method overrides): the single table of what the demo runs
 METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "zeroshot": ("zeroshot", {}),
     "average": ("average", {}),
@@ -49,7 +54,57 @@ METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "wudi": ("wudi", {}),
 }
 SUMMARY_METHODS: list[str] = [*METHOD_RUNS, "finetuned"]
+DEFAULT_NUM_TASKS = 8
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _model_config_text() -> str:
+    from tallmasks.models.encoder import CONFIG_DIR, DEMO_MODEL
+
+    return (CONFIG_DIR / f"{DEMO_MODEL}.json").read_text()
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Contrastive pre-training of a demo foundation model; ``data_seed`` (default: ``seed``) orders the data."""
+
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 256
+    lr: float = 2e-3
+    images_per_task: int = 1000
+    captions: CaptionStyle = field(default_factory=CaptionStyle)
+    data_seed: int | None = None
+
+    def fingerprint(self) -> str:
+        """Short hash of everything the foundation depends on (settings, model config, task suite)."""
+        from tallmasks.datasets import scenes
+
+        return _fingerprint({
+            **asdict(self),
+            "model_config": _model_config_text(),
+            "image_size": scenes.IMAGE_SIZE,
+            "suite": scenes.DEMO_DATASETS,
+        })
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning of each expert (the loop of finetune.py); task t uses seed ``seed`` + its place in the suite."""
+
+    steps: int = 100
+    batch_size: int = 128
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        return _fingerprint(asdict(self))
 
 
 @dataclass
@@ -58,64 +113,52 @@ class DemoConfig:
 
     cache_dir: Path = Path(".demo_cache")
     output_dir: Path = Path("results/demo")
-    tasks: list[str] | None = None  # None: all eight demo tasks
+    num_tasks: int = DEFAULT_NUM_TASKS
+    tasks: list[str] | None = None  # explicit task names (override num_tasks)
     methods: list[str] = field(default_factory=lambda: list(SUMMARY_METHODS))
-    pretrain_steps: int = 300
-    pretrain_batch_size: int = 256
-    pretrain_lr: float = 2e-3
-    finetune_steps: int = 100
-    finetune_batch_size: int = 128
-    finetune_lr: float = 1e-4
-    finetune_warmup_steps: int = 10
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     n_eval_points: int = 21
-    seed: int = 0
-    threads: int = 1  # one thread: tiny matrices gain little from two, and lose much when a core is busy
+    threads: int = 1  # one thread: small matrices gain little from two, and lose much when a core is busy
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """Tiny settings for smoke tests: two tasks, a few steps."""
+        """Tiny settings for smoke tests: a few steps, a small pre-training pool."""
         base = cls(
-            tasks=None,
-            pretrain_steps=4,
-            pretrain_batch_size=32,
-            finetune_steps=3,
-            finetune_batch_size=32,
-            finetune_warmup_steps=1,
+            pretrain=PretrainSettings(steps=4, batch_size=32, images_per_task=16),
+            finetune=FinetuneSettings(steps=3, batch_size=32, warmup_steps=1),
             n_eval_points=4,
         )
         return replace(base, **overrides)
 
     def task_names(self) -> list[str]:
+        """The tasks of this run: ``tasks`` if given, else the first ``num_tasks`` of the suite."""
         from tallmasks.datasets import DEMO_DATASETS, ensure_names
 
-        return list(DEMO_DATASETS) if not self.tasks else ensure_names(self.tasks)
+        if self.tasks:
+            return ensure_names(self.tasks)
+        if not 1 <= int(self.num_tasks) <= len(DEMO_DATASETS):
+            raise ConfigError(f"--num-tasks must be from 1 to {len(DEMO_DATASETS)}, got {self.num_tasks}")
+        return list(DEMO_DATASETS[: int(self.num_tasks)])
 
-    def fingerprint(self, part: str) -> str:
-        """Short hash of the settings that determine the cached artifacts of ``part`` ("pretrain"/"finetune")."""
-        from tallmasks.datasets import digits
+    def summary_name(self) -> str:
+        """summary.json for the default run, else summary_<N>tasks[_seed<S>].json."""
+        tasks = self.task_names()
+        suffix = "" if tasks == self.default_tasks() else f"_{len(tasks)}tasks"
+        if self.tasks and tasks != _suite_prefix(len(tasks)):
+            suffix += "_" + hashlib.sha1(",".join(tasks).encode()).hexdigest()[:8]
+        suffix += "" if self.pretrain.seed == 0 else f"_seed{self.pretrain.seed}"
+        return f"summary{suffix}.json"
 
-        keys = ["pretrain_steps", "pretrain_batch_size", "pretrain_lr", "seed"]
-        if part == "finetune":
-            keys += ["finetune_steps", "finetune_batch_size", "finetune_lr", "finetune_warmup_steps"]
-        payload = {k: getattr(self, k) for k in keys}
-        payload["image_size"] = digits.DEMO_IMAGE_SIZE
-        payload["model_config"] = _model_config_text()
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
-
-    @property
-    def run_dir(self) -> Path:
-        """Everything cached for these settings (checkpoints, heads, runner results)."""
-        return Path(self.cache_dir) / f"run-{self.fingerprint('finetune')}"
-
-    @property
-    def model_location(self) -> Path:
-        return self.run_dir / "checkpoints"
+    @staticmethod
+    def default_tasks() -> list[str]:
+        return _suite_prefix(DEFAULT_NUM_TASKS)
 
 
-def _model_config_text() -> str:
-    from tallmasks.models.encoder import CONFIG_DIR, DEMO_MODEL
+def _suite_prefix(n: int) -> list[str]:
+    from tallmasks.datasets import DEMO_DATASETS
 
-    return (CONFIG_DIR / f"{DEMO_MODEL}.json").read_text()
+    return list(DEMO_DATASETS[:n])
 
 
 def _seed_everything(seed: int) -> None:
@@ -129,49 +172,49 @@ def _seed_everything(seed: int) -> None:
 
 
 class PretrainingData:
-    """Image-caption pairs for contrastive pre-training, from the digits' pre-training pool.
+    """Scenes of every task of the suite (the pre-training pools, disjoint from all task splits) with their
+    facts; captions are written afresh for every batch (partial and noisy, see scenes.CaptionStyle)."""
 
-    Every pool image appears under every view; a caption describes the digit through the class name of
-    a randomly drawn task and one of that task's prompt templates, so the text tower learns every
-    class name of every task (and none of the task splits is seen).
-    """
+    def __init__(self, tokenizer: Any, mean: Sequence[float], std: Sequence[float], images_per_task: int, style: CaptionStyle):
+        from tallmasks.datasets import scenes
 
-    def __init__(self, tokenizer: Any, mean: Sequence[float], std: Sequence[float]):
-        from tallmasks.datasets import digits
-
-        images8, labels = digits.pretraining_pool()
-        rendered, digit_of = [], []
-        for view in digits.VIEWS:
-            for i, (image, digit) in enumerate(zip(images8, labels)):
-                rendered.append(digits.render(image, view, key=10_000_000 + i))
-                digit_of.append(int(digit))
-        pixels = torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).float() / 255.0
+        images, facts = [], []
+        for task in tqdm(scenes.DEMO_DATASETS, desc="pre-training scenes", leave=False):
+            pool_images, _, pool_facts = scenes.task_pool(task, "pretrain", images_per_task)
+            images.append(pool_images)
+            facts.extend(pool_facts)
+        pixels = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float() / 255.0
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.images = (pixels - mean_t) / std_t
-        self.digits = digit_of
-        self.tasks = digits.DEMO_TASKS
-        captions = sorted({t(c) for task in self.tasks for c in task.classnames for t in task.templates})
-        self.caption_index = {c: i for i, c in enumerate(captions)}
-        self.tokens = tokenizer(captions)
+        self.facts = facts
+        self.style = style
+        self.tokenizer = tokenizer
+        self._tokens: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self.digits)
+        return len(self.facts)
 
-    def caption_ids(self, indices: Sequence[int], rng: random.Random) -> torch.Tensor:
-        out = []
-        for index in indices:
-            task = rng.choice(self.tasks)
-            template = rng.choice(task.templates)
-            out.append(self.caption_index[template(task.classnames[task.label(self.digits[index])])])
-        return torch.tensor(out, dtype=torch.long)
+    def captions(self, indices: Sequence[int], rng: np.random.Generator) -> list[str]:
+        from tallmasks.datasets.scenes import caption
+
+        return [caption(self.facts[i], rng, self.style) for i in indices]
+
+    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._tokens]
+        if missing:
+            for text, row in zip(missing, self.tokenizer(missing)):
+                self._tokens[text] = row
+        return torch.stack([self._tokens[c] for c in captions])
 
 
-def contrastive_loss(clip: Any, images: torch.Tensor, caption_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(clip: Any, images: torch.Tensor, captions: Sequence[str], data: PretrainingData) -> torch.Tensor:
     """Symmetric CLIP loss where images sharing a caption are all positives of that caption."""
-    unique, target = torch.unique(caption_ids, return_inverse=True)
+    unique = list(dict.fromkeys(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    target = torch.tensor([index[c] for c in captions], dtype=torch.long)
     image_features = clip.encode_image(images, normalize=True)
-    text_features = clip.encode_text(tokens[unique], normalize=True)
+    text_features = clip.encode_text(data.tokens(unique), normalize=True)
     logits = clip.logit_scale.exp() * image_features @ text_features.T  # images x unique captions
     image_to_text = torch.nn.functional.cross_entropy(logits, target)
     positives = (target[None, :] == torch.arange(len(unique))[:, None]).float()
@@ -181,17 +224,18 @@ def contrastive_loss(clip: Any, images: torch.Tensor, caption_ids: torch.Tensor,
 
 
 def pretrain(clip: Any, data: PretrainingData, steps: int, batch_size: int, lr: float, seed: int = 0) -> list[float]:
-    """Contrastive pre-training of both towers (AdamW, one-cycle schedule); returns the loss per step."""
+    """Contrastive pre-training of both towers (AdamW, one-cycle schedule); returns the loss per step.
+    ``seed`` draws the batches and the captions."""
     clip.train()
     generator = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
+    rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     losses = []
     bar = tqdm(range(steps), desc="pre-training", unit="step", leave=False, dynamic_ncols=True)
     for _ in bar:
         indices = torch.randint(len(data), (batch_size,), generator=generator)
-        loss = contrastive_loss(clip, data.images[indices], data.caption_ids(indices.tolist(), rng), data.tokens)
+        loss = contrastive_loss(clip, data.images[indices], data.captions(indices.tolist(), rng), data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -204,34 +248,47 @@ def pretrain(clip: Any, data: PretrainingData, steps: int, batch_size: int, lr: 
     return losses
 
 
-def pretrained_clip(cfg: DemoConfig) -> Any:
-    """The pre-trained demo CLIP (both towers), from the cache or trained now and cached."""
-    from tallmasks.models import DEMO_MODEL, create_clip
-    import open_clip
+@dataclass
+class Foundation:
+    """A pre-trained demo CLIP (both towers) and the folder that caches it and everything built from it."""
 
-    path = Path(cfg.cache_dir) / f"pretrain-{cfg.fingerprint('pretrain')}" / "clip.safetensors"
-    _seed_everything(cfg.seed)
+    settings: PretrainSettings
+    clip: Any
+    directory: Path
+
+
+def pretrain_foundation(settings: PretrainSettings, cache_dir: str | Path = ".demo_cache") -> Foundation:
+    """The foundation model for ``settings``: from ``<cache_dir>/foundation-<fingerprint>`` or pre-trained now and cached."""
+    from tallmasks.models import DEMO_MODEL, create_clip, get_tokenizer
+
+    directory = Path(cache_dir) / f"foundation-{settings.fingerprint()}"
+    path = directory / "clip.safetensors"
+    _seed_everything(settings.seed)
     clip = create_clip(DEMO_MODEL, pretrained=None)
     if path.is_file():
         clip.load_state_dict(dict(load_state_dict(path).items()))
         clip.eval()
-        log.info("pre-trained model: cached at %s", path)
-        return clip
-    tokenizer = open_clip.get_tokenizer(DEMO_MODEL)
-    data = PretrainingData(tokenizer, clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"])
+        log.info("foundation (seed %d): cached at %s", settings.seed, path)
+        return Foundation(settings, clip, directory)
+    data = PretrainingData(
+        get_tokenizer(DEMO_MODEL), clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"],
+        settings.images_per_task, settings.captions,
+    )
     start = time.perf_counter()
-    losses = pretrain(clip, data, cfg.pretrain_steps, cfg.pretrain_batch_size, cfg.pretrain_lr, cfg.seed)
+    data_seed = settings.seed if settings.data_seed is None else settings.data_seed
+    losses = pretrain(clip, data, settings.steps, settings.batch_size, settings.lr, data_seed)
     if losses:
         log.info(
-            "pre-trained %d steps in %.0fs (loss %.3f -> %.3f)",
-            len(losses), time.perf_counter() - start, losses[0], float(np.mean(losses[-10:])),
+            "pre-trained (seed %d) %d steps in %.0fs (loss %.3f -> %.3f)",
+            settings.seed, len(losses), time.perf_counter() - start, losses[0], float(np.mean(losses[-10:])),
         )
     save_state_dict(clip.state_dict(), path)
-    return clip
+    atomic_write_json(directory / "settings.json", json.loads(json.dumps(asdict(settings), default=str)))
+    return Foundation(settings, clip, directory)
 
 
 # ---------------------------------------------------------------------------------------------
-# zero-shot checkpoint, heads, fine-tuning
+# zero-shot checkpoint, heads, experts
 
 
 def image_encoder_from(clip: Any) -> Any:
@@ -248,50 +305,48 @@ def image_encoder_from(clip: Any) -> Any:
     return encoder.eval()
 
 
-def prepare_zeroshot(cfg: DemoConfig, clip: Any) -> None:
-    """Write the zero-shot encoder (theta_0) and every task's zero-shot head under the model location."""
-    from tallmasks.models import DEMO_MODEL, get_classification_head, zeroshot_path
-
-    path = zeroshot_path(cfg.model_location, DEMO_MODEL)
-    if not path.is_file():
-        save_state_dict(image_encoder_from(clip).state_dict(), path)
-    for task in cfg.task_names():
-        get_classification_head(DEMO_MODEL, task, cfg.model_location, clip_model=clip)
+def experts_location(foundation: Foundation, settings: FinetuneSettings) -> Path:
+    """The checkpoint folder (released layout) of the experts fine-tuned from ``foundation`` with ``settings``."""
+    return foundation.directory / f"experts-{settings.fingerprint()}" / "checkpoints"
 
 
-def finetune_tasks(cfg: DemoConfig, clip: Any) -> list[Path]:
-    """Fine-tune the zero-shot encoder on every task with the fine-tuning loop of finetune.py."""
-    from tallmasks.datasets import load_split
+def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: FinetuneSettings) -> Path:
+    """Fine-tune one expert per task from ``foundation`` (each cached; the loop of finetune.py); returns the
+    checkpoint folder, which also holds theta_0 and the zero-shot heads."""
+    from tallmasks.datasets import DEMO_DATASETS, load_split
     from tallmasks.finetuning import FinetuneConfig, finetune
-    from tallmasks.models import DEMO_MODEL, finetuned_path, get_classification_head
+    from tallmasks.models import DEMO_MODEL, finetuned_path, get_classification_head, zeroshot_path
 
-    paths = []
-    for index, task in enumerate(cfg.task_names()):
-        out = finetuned_path(cfg.model_location, DEMO_MODEL, task)
-        if out.is_file():
-            paths.append(out)
+    location = experts_location(foundation, settings)
+    theta0 = zeroshot_path(location, DEMO_MODEL)
+    if not theta0.is_file():
+        save_state_dict(image_encoder_from(foundation.clip).state_dict(), theta0)
+    atomic_write_json(location.parent / "settings.json", asdict(settings))
+    for task in tasks:
+        head = get_classification_head(DEMO_MODEL, task, location, clip_model=foundation.clip)
+        if finetuned_path(location, DEMO_MODEL, task).is_file():
             continue
-        train = load_split(task, "train", cfg.run_dir / "data")
-        batches_per_epoch = math.ceil(len(train) / cfg.finetune_batch_size)
+        train = load_split(task, "train", location)
+        batches_per_epoch = math.ceil(len(train) / settings.batch_size)
         ft_cfg = FinetuneConfig(
             model_name=DEMO_MODEL,
             dataset=task,
-            model_location=str(cfg.model_location),
-            data_location=str(cfg.run_dir / "data"),
+            model_location=str(location),
+            data_location=str(location),
             pretrained=None,
-            lr=cfg.finetune_lr,
-            batch_size=cfg.finetune_batch_size,
-            warmup_steps=cfg.finetune_warmup_steps,
-            epochs=max(1, math.ceil(cfg.finetune_steps / batches_per_epoch)),
-            max_steps=cfg.finetune_steps,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            batch_size=settings.batch_size,
+            warmup_steps=settings.warmup_steps,
+            epochs=max(1, math.ceil(settings.steps / batches_per_epoch)),
+            max_steps=settings.steps,
             checkpoint_every=0,
             num_workers=0,
-            seed=cfg.seed + index,
+            seed=settings.seed + DEMO_DATASETS.index(task),
             device="cpu",
         )
-        head = get_classification_head(DEMO_MODEL, task, cfg.model_location, clip_model=clip)
-        paths.append(finetune(ft_cfg, encoder=image_encoder_from(clip), train_dataset=train, head=head))
-    return paths
+        finetune(ft_cfg, encoder=image_encoder_from(foundation.clip), train_dataset=train, head=head)
+    return location
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,14 +367,23 @@ def method_summary(per_task_top1: dict[str, float], finetuned_top1: dict[str, fl
 
 
 def format_table(summary: dict[str, Any], tasks: Sequence[str]) -> str:
-    """Method x task table of test accuracy (%), with normalized accuracy in the last column."""
-    short = [t.removeprefix("Digits")[:8] for t in tasks]
-    header = f"{'method':<15}" + "".join(f"{s:>9}" for s in short) + f"{'avg':>8}{'norm.':>8}"
-    lines = [header, "-" * len(header)]
-    for name, entry in summary["methods"].items():
-        cells = "".join(f"{100 * entry['per_task'][t]['top1']:>9.1f}" for t in tasks)
-        lines.append(f"{name:<15}{cells}{100 * entry['avg_top1']:>8.1f}{100 * entry['avg_normalized_top1']:>8.1f}")
-    return "\n".join(lines)
+    """Method x task table of test accuracy (%), with normalized accuracy in the last column (the report's table code)."""
+    from tallmasks.reporting import summary_table
+
+    return summary_table(summary, tasks)
+
+
+def format_seed_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """Average and normalized test accuracy (%) of each method: mean over the summaries, with min-max spread."""
+    from tallmasks.reporting import render_table
+
+    seeds = [s["seeds"]["pretrain"] for s in summaries]
+    rows = []
+    for name in summaries[0]["methods"]:
+        avg = [100 * s["methods"][name]["avg_top1"] for s in summaries]
+        norm = [100 * s["methods"][name]["avg_normalized_top1"] for s in summaries]
+        rows.append([name, float(np.mean(avg)), float(np.mean(norm)), f"{min(norm):.1f}-{max(norm):.1f}"])
+    return f"pre-training seeds {seeds}\n" + render_table(["method", "avg (mean)", "norm. (mean)", "norm. min-max"], rows, "text")
 
 
 def agreement_profile(masks: Any, prefix: str = "model.visual.") -> list[int]:
@@ -345,33 +409,34 @@ def plot_agreement(profile: Sequence[int], path: Path, title: str) -> Path:
 # evaluation through the experiment runner's code path
 
 
-def _evaluation_cache(cfg: DemoConfig) -> Path:
-    return cfg.run_dir / "eval_cache"
+def _data_cache(cfg: DemoConfig) -> Path:
+    """Preprocessed val/test splits: the scenes do not depend on the model, so every run shares them."""
+    return Path(cfg.cache_dir) / "eval_data"
 
 
-def single_task_accuracies(cfg: DemoConfig) -> dict[str, float]:
+def single_task_accuracies(cfg: DemoConfig, location: Path) -> dict[str, float]:
     """Fine-tuned top-1 of every task on val ("<Task>Val") and test ("<Task>"), with the runner's evaluator.
 
-    Written to ``<model_location>/<model>/nonlinear_ft_accuracies.json`` (where the runner looks for
-    the accuracies it normalizes by); reused when every task is already there.
+    Kept in ``<location>/<model>/nonlinear_ft_accuracies.json`` (where the runner looks for the accuracies
+    it normalizes by); only tasks missing there are evaluated.
     """
     from tallmasks.datasets import load_split
-    from tallmasks.eval import Evaluator, atomic_write_json, load_or_build_split, read_json
+    from tallmasks.eval import Evaluator, load_or_build_split, read_json
     from tallmasks.eval.selection import FT_FILE
     from tallmasks.models import DEMO_MODEL, ImageEncoder, finetuned_path, get_classification_head
 
-    path = cfg.model_location / DEMO_MODEL / FT_FILE
+    path = location / DEMO_MODEL / FT_FILE
     table: dict[str, float] = dict(read_json(path)) if path.is_file() else {}
-    tasks = cfg.task_names()
-    if all(t in table and t + "Val" in table for t in tasks):
+    missing = [t for t in cfg.task_names() if not (t in table and t + "Val" in table)]
+    if not missing:
         return table
     encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
-    for task in tqdm(tasks, desc="fine-tuned accuracy", leave=False):
-        evaluator = Evaluator(encoder, load_state_dict(finetuned_path(cfg.model_location, DEMO_MODEL, task)), "cpu", "fp32", 512)
-        evaluator.set_head(task, get_classification_head(DEMO_MODEL, task, cfg.model_location))
+    for task in tqdm(missing, desc="fine-tuned accuracy", leave=False):
+        evaluator = Evaluator(encoder, load_state_dict(finetuned_path(location, DEMO_MODEL, task)), "cpu", "fp32", 512)
+        evaluator.set_head(task, get_classification_head(DEMO_MODEL, task, location))
         for split, key in (("val", task + "Val"), ("test", task)):
             data = load_or_build_split(
-                lambda s=split: load_split(task, s, cfg.run_dir / "data"), task, split, _evaluation_cache(cfg),
+                lambda s=split: load_split(task, s, location), task, split, _data_cache(cfg),
                 encoder.image_size, encoder.val_preprocess, 0,
             )
             correct, total = evaluator.count_correct(task, data)
@@ -384,8 +449,8 @@ def _quote(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def compose_config(cfg: DemoConfig, method: str, method_overrides: dict[str, Any]) -> Any:
-    """The main.py config of one demo experiment, composed by Hydra from the repository's config folder."""
+def compose_config(cfg: DemoConfig, location: Path, method: str, method_overrides: dict[str, Any]) -> Any:
+    """The main.py config of one demo experiment on the experts at ``location``, composed by Hydra."""
     from hydra import compose, initialize_config_dir
     from tallmasks.models import DEMO_MODEL
 
@@ -399,11 +464,11 @@ def compose_config(cfg: DemoConfig, method: str, method_overrides: dict[str, Any
         f"method={method}",
         "DATASETS=[" + ",".join(cfg.task_names()) + "]",
         f"n_eval_points={cfg.n_eval_points}",
-        f"model_location={_quote(cfg.model_location.resolve())}",
-        f"data_location={_quote((cfg.run_dir / 'data').resolve())}",
-        f"cache_dir={_quote(_evaluation_cache(cfg).resolve())}",
-        f"results_dir={_quote((cfg.run_dir / 'results').resolve())}",
-        f"single_task_dir={_quote((cfg.run_dir / 'single_task').resolve())}",
+        f"model_location={_quote(location.resolve())}",
+        f"data_location={_quote(location.resolve())}",
+        f"cache_dir={_quote(_data_cache(cfg).resolve())}",
+        f"results_dir={_quote((location.parent / 'results').resolve())}",
+        f"single_task_dir={_quote((location.parent / 'single_task').resolve())}",
         "device=cpu",
         "num_workers=0",
         "wandb.mode=disabled",
@@ -413,18 +478,30 @@ def compose_config(cfg: DemoConfig, method: str, method_overrides: dict[str, Any
         return compose(config_name="config", overrides=overrides)
 
 
-def run_methods(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+def method_run(name: str) -> tuple[str, dict[str, Any]]:
+    """(runner method, overrides) of a summary name: METHOD_RUNS, else a registered method with its defaults."""
+    from tallmasks.merging import METHODS
+
+    if name in METHOD_RUNS:
+        return METHOD_RUNS[name]
+    if name in METHODS:
+        return name, {}
+    choices = sorted(set(SUMMARY_METHODS) | set(METHODS))
+    raise ConfigError(f"unknown demo method {name!r}; choose from {', '.join(choices)}")
+
+
+def run_methods(cfg: DemoConfig, location: Path) -> dict[str, dict[str, Any]]:
     """Every merging method through run_experiment (the code path of main.py); results by summary name."""
     from tallmasks.eval.runner import run_experiment
 
-    wanted = [m for m in cfg.methods if m in METHOD_RUNS]
+    wanted = [m for m in cfg.methods if m != "finetuned"]
     # TALL masks first: consensus reads the masks they save
-    order = sorted(wanted, key=lambda m: (not m.startswith("tall_mask"), list(METHOD_RUNS).index(m)))
+    order = sorted(wanted, key=lambda m: (method_run(m)[0] != "tall_mask", wanted.index(m)))
     out = {}
     for name in tqdm(order, desc="methods", leave=False):
-        method, overrides = METHOD_RUNS[name]
+        method, overrides = method_run(name)
         log.info("method %s", name)
-        out[name] = run_experiment(compose_config(cfg, method, overrides))
+        out[name] = run_experiment(compose_config(cfg, location, method, overrides))
     return out
 
 
@@ -433,10 +510,11 @@ def run_methods(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Pre-train, fine-tune, evaluate every method, write summary.json and the agreement plot; returns the summary."""
-    unknown = [m for m in cfg.methods if m not in SUMMARY_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown demo method {unknown[0]!r}; choose from {', '.join(SUMMARY_METHODS)}")
+    """Pre-train, fine-tune, evaluate every method, write the summary and the agreement plot; returns the summary."""
+    for name in cfg.methods:
+        if name != "finetuned":
+            method_run(name)
+    cfg.task_names()
     from tallmasks.guard import check_output
 
     check_output(cfg.output_dir, folder=True, label="--output-dir")  # both writable before any work
@@ -450,18 +528,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from tallmasks.eval import atomic_write_json
     from tallmasks.masks import MaskSet
     from tallmasks.models import DEMO_MODEL
 
     tasks = cfg.task_names()
     start = time.perf_counter()
-    clip = pretrained_clip(cfg)
-    prepare_zeroshot(cfg, clip)
-    finetune_tasks(cfg, clip)
-    log.info("checkpoints ready in %.0fs (%s)", time.perf_counter() - start, cfg.model_location)
-    single = single_task_accuracies(cfg)
-    runs = run_methods(cfg)
+    foundation = pretrain_foundation(cfg.pretrain, cfg.cache_dir)
+    location = finetune_experts(foundation, tasks, cfg.finetune)
+    log.info("checkpoints ready in %.0fs (%s)", time.perf_counter() - start, location)
+    single = single_task_accuracies(cfg, location)
+    runs = run_methods(cfg, location)
 
     finetuned_test = {t: single[t] for t in tasks}
     methods: dict[str, Any] = {}
@@ -474,34 +550,42 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "methods": methods,
         "tasks": tasks,
         "model": DEMO_MODEL,
+        "seeds": {"pretrain": cfg.pretrain.seed, "finetune": cfg.finetune.seed},
         "selection": {name: runs[name].get("selection") for name in runs},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "validation_avg_normalized_top1": {name: runs[name]["val_best"]["avg_normalized_top1"] for name in runs},
+        "settings": json.loads(json.dumps(asdict(cfg), default=str)),
+        "checkpoints": str(location),
     }
     output = Path(cfg.output_dir)
+    name = cfg.summary_name()
     mask_file = Path(runs["tall_mask"]["mask_path"]) if "mask_path" in runs.get("tall_mask", {}) else None
     if mask_file is not None and mask_file.is_file():  # written by the tall_mask run
         profile = agreement_profile(MaskSet.load(mask_file))
-        plot_agreement(profile, output / "mask_agreement.png", f"TALL-mask agreement, {len(tasks)} digit tasks (image tower)")
+        plot_name = name.replace("summary", "mask_agreement").replace(".json", ".png")
+        plot_agreement(profile, output / plot_name, f"TALL-mask agreement, {len(tasks)} demo tasks (image tower)")
         summary["mask_agreement"] = {"tasks_per_weight": list(range(len(profile))), "weights": profile}
-    atomic_write_json(output / "summary.json", summary)
-    log.info("demo finished in %.0fs; results in %s", time.perf_counter() - start, output)
+    atomic_write_json(output / name, summary)
+    log.info("demo finished in %.0fs; results in %s", time.perf_counter() - start, output / name)
     return summary
 
 
-def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
+    """One DemoConfig per pre-training seed given."""
     parser = argparse.ArgumentParser(prog="python -m tallmasks.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=Path(".demo_cache"), help="cached checkpoints and evaluations")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/demo"), help="summary.json and the plot")
-    parser.add_argument("--tasks", nargs="+", default=None, help="a subset of the eight demo tasks")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"a subset of: {' '.join(SUMMARY_METHODS)}")
+    parser.add_argument("--num-tasks", type=int, default=DEFAULT_NUM_TASKS, help="the first N tasks of the suite (8, 14, 20)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="explicit task names (override --num-tasks)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="pre-training seed(s); several: a table over seeds")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"summary names or registered methods (default: {' '.join(SUMMARY_METHODS)})")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".demo_cache"), help="cached models and evaluations")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/demo"), help="summaries and plots")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run, not meaningful numbers)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     make = DemoConfig.quick if args.quick else DemoConfig
-    cfg = make(cache_dir=args.cache_dir, output_dir=args.output_dir, tasks=args.tasks, threads=args.threads)
+    base = make(cache_dir=args.cache_dir, output_dir=args.output_dir, num_tasks=args.num_tasks, tasks=args.tasks, threads=args.threads)
     if args.methods:
-        cfg.methods = list(args.methods)
-    return cfg
+        base.methods = list(args.methods)
+    return [replace(base, pretrain=replace(base.pretrain, seed=seed)) for seed in dict.fromkeys(args.seed)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -510,12 +594,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # the demo model is random-initialized on purpose
         handler.addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
     try:
-        cfg = parse_args(argv)
-        summary = run_demo(cfg)
+        summaries = [run_demo(cfg) for cfg in parse_args(argv)]
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(summary, summary["tasks"]))
+    for summary in summaries:
+        print(f"pre-training seed {summary['seeds']['pretrain']}:")
+        print(format_table(summary, summary["tasks"]))
+    if len(summaries) > 1:
+        print(format_seed_table(summaries))
     return 0
 
 

@@ -90,6 +90,7 @@ class DeviceName:
 
 
 Percent = Annotated[float, Interval(gt=0, le=100)]
+Fraction = Annotated[float, Interval(ge=0, le=1)]
 NonNegative = Annotated[float, Interval(ge=0)]
 PositiveInt = Annotated[int, Interval(ge=1)]
 NonNegativeInt = Annotated[int, Interval(ge=0)]

@@ -30,9 +30,9 @@ from tallmasks.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 try:  # the offline demo tasks register themselves when their module is present
-    importlib.import_module("tallmasks.datasets.digits")
+    importlib.import_module("tallmasks.datasets.scenes")
 except ModuleNotFoundError as _exc:
-    if _exc.name != "tallmasks.datasets.digits":
+    if _exc.name != "tallmasks.datasets.scenes":
         raise
 
 ALL_DATASETS: list[str] = list(_PAPER_ORDER)

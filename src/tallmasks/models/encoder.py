@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,21 @@ def known_models() -> list[str]:
 
     register_demo_model()
     return list(open_clip.list_models())
+
+
+def get_tokenizer(model_name: str) -> Any:
+    """open_clip's tokenizer of ``model_name``; a bundled config's relative ``bpe_path`` is found beside it."""
+    import open_clip
+
+    register_demo_model()
+    config_file = CONFIG_DIR / f"{model_name}.json"
+    kwargs = {}
+    if config_file.is_file():
+        text_cfg = json.loads(config_file.read_text()).get("text_cfg", {})
+        bpe = text_cfg.get("tokenizer_kwargs", {}).get("bpe_path")
+        if bpe:
+            kwargs["bpe_path"] = str(CONFIG_DIR / bpe)
+    return open_clip.get_tokenizer(model_name, **kwargs)
 
 
 def _check_name(model_name: str) -> None:

@@ -1,0 +1,409 @@
+"""The coded collection format: every task's TALL mask entropy-coded jointly, and the merged vector
+stored only where some mask keeps a weight. Lossless.
+
+For each floating-point tensor (sorted key order, as the bit-packed masks), weight i gets a T-bit
+pattern whose bit t is task t's mask. The merged vector tau_MTL is kept only where the pattern is not
+zero (a weight that no task keeps is never used by any task) and split into byte planes. Every
+stream (patterns, value planes) is cut into chunks of at most ``CHUNK`` weights, and each chunk is
+stored with whichever coder makes it smallest:
+
+- ``ans``: rANS (the ``constriction`` library) with the chunk's own categorical model: the distinct
+  symbols and their counts, stored beside the words. This is the order-0 entropy of the joint pattern
+  distribution of the chunk, plus a small table;
+- ``zstd``: Zstandard (the ``zstandard`` library) on the symbols' bytes, which also catches runs and
+  repeated rows that an order-0 model cannot see;
+- ``raw``: the bytes as they are; ``const``: a chunk whose symbols are all equal stores that symbol.
+
+A slower coder is kept only when it saves more than ``SLOWER`` of the bytes (rANS decodes slowest).
+
+Task t is rebuilt as theta_0 where its bit is 0 and theta_0 + tau_MTL (float32 arithmetic, cast back
+to theta_0's dtype, as ``apply_vector``) where it is 1, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tallmasks.checkpoints import atomic_path
+from tallmasks.errors import CheckpointError
+from tallmasks.masks import Layout, MaskSet
+
+CODED_FORMAT = "tallmasks-coded-v1"
+CHUNK = 1 << 22
+ZSTD_LEVEL = 6
+#: a slower coder is chosen only when it saves more than this share of the faster one's bytes
+#: (measured: rANS decodes at 3 to 45 ns per symbol, zstd at about 1 ns per byte, raw is a copy)
+SLOWER = {"raw": 0.0, "zstd": 0.01, "ans": 0.10}
+MAX_TASKS = 64
+_CODERS = ("const", "raw", "zstd", "ans")
+
+
+def pattern_dtype(num_tasks: int) -> np.dtype:
+    """The smallest unsigned integer type that holds one bit per task."""
+    if not 1 <= num_tasks <= MAX_TASKS:
+        raise CheckpointError(f"the coded format holds 1 to {MAX_TASKS} tasks, got {num_tasks}")
+    for bits, dtype in ((8, np.uint8), (16, np.uint16), (32, np.uint32)):
+        if num_tasks <= bits:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+# ---------------------------------------------------------------------------------------------
+# one stream of unsigned integer symbols
+
+
+def _distinct(symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct values, their counts, index of each symbol's value)."""
+    if symbols.dtype.itemsize <= 2:
+        counts = np.bincount(symbols, minlength=1 << (8 * symbols.dtype.itemsize))
+        values = np.flatnonzero(counts).astype(symbols.dtype)
+        lookup = np.zeros(counts.size, dtype=np.int32)
+        lookup[values] = np.arange(values.size, dtype=np.int32)
+        return values, counts[values], lookup[symbols]
+    values, inverse, counts = np.unique(symbols, return_inverse=True, return_counts=True)
+    return values, counts, inverse.astype(np.int32)
+
+
+def _ans_model(counts: np.ndarray):
+    import constriction
+
+    return constriction.stream.model.Categorical(counts.astype(np.float64) / float(counts.sum()), perfect=False)
+
+
+def _encode_ans(values: np.ndarray, counts: np.ndarray, index: np.ndarray) -> bytes:
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(index, _ans_model(counts))
+    words = coder.get_compressed().astype("<u4")
+    return values.astype(values.dtype.newbyteorder("<")).tobytes() + counts.astype("<u4").tobytes() + words.tobytes()
+
+
+def _decode_ans(blob: bytes, n: int, num_values: int, dtype: np.dtype) -> np.ndarray:
+    import constriction
+
+    width = dtype.itemsize * num_values
+    values = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=num_values).astype(dtype)
+    counts = np.frombuffer(blob, dtype="<u4", count=num_values, offset=width)
+    words = np.frombuffer(blob, dtype="<u4", offset=width + 4 * num_values).astype(np.uint32)
+    index = constriction.stream.stack.AnsCoder(words).decode(_ans_model(counts), n)
+    return values[index]
+
+
+def encode_stream(symbols: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[dict, bytes]:
+    """(spec, payload) of the smallest coding of a 1-D array of unsigned integers."""
+    import zstandard
+
+    symbols = np.ascontiguousarray(symbols)
+    if symbols.size == 0 or bool((symbols == symbols[0]).all()):
+        return {"coder": "const", "value": int(symbols[0]) if symbols.size else 0}, b""
+    little = symbols.astype(symbols.dtype.newbyteorder("<")).tobytes()
+    candidates = [({"coder": "raw"}, little), ({"coder": "zstd"}, zstandard.ZstdCompressor(level=level).compress(little))]
+    values, counts, index = _distinct(symbols)
+    if values.size < symbols.size // 4:  # a table as long as the data cannot pay off
+        candidates.append(({"coder": "ans", "values": int(values.size)}, _encode_ans(values, counts, index)))
+    return min(candidates, key=lambda c: len(c[1]) * (1 + SLOWER[c[0]["coder"]]))
+
+
+def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.ndarray:
+    """The symbols of one chunk coded by ``encode_stream``."""
+    coder = spec.get("coder")
+    if coder == "const":
+        return np.full(n, int(spec["value"]), dtype=dtype)
+    if coder == "raw":
+        data = payload
+    elif coder == "zstd":
+        import zstandard
+
+        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n * dtype.itemsize)
+    elif coder == "ans":
+        return _decode_ans(payload, n, int(spec["values"]), dtype)
+    else:
+        raise CheckpointError(f"unknown coder {coder!r} in a coded collection (known: {', '.join(_CODERS)})")
+    out = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
+    if out.size != n:
+        raise CheckpointError(f"coded chunk holds {out.size} symbols, expected {n}")
+    return out.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# patterns and value planes of one tensor
+
+
+def tensor_patterns(masks: MaskSet, offset: int, count: int) -> np.ndarray:
+    """T-bit pattern of each weight in [offset, offset + count) of the masks' flat layout."""
+    dtype = pattern_dtype(len(masks))
+    out = np.zeros(count, dtype=dtype)
+    first, last = offset // 8, (offset + count + 7) // 8
+    skip = offset - 8 * first
+    for t, name in enumerate(masks.names):
+        bits = np.unpackbits(masks.packed[name][first:last])[skip : skip + count]
+        out |= bits.astype(dtype) << dtype.type(t)
+    return out
+
+
+def byte_planes(values: torch.Tensor) -> list[np.ndarray]:
+    """Little-endian byte planes of a 1-D tensor (plane j holds byte j of every value)."""
+    raw = values.contiguous().view(torch.uint8).reshape(-1, values.element_size()).numpy()
+    return [np.ascontiguousarray(raw[:, j]) for j in range(raw.shape[1])]
+
+
+def from_planes(planes: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    stacked = np.ascontiguousarray(np.stack(planes, axis=1)) if planes else np.zeros((0, 1), np.uint8)
+    return torch.from_numpy(stacked.reshape(-1)).view(dtype)
+
+
+_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# writing and reading a coded file
+
+
+def write_coded(path: str | Path, masks: MaskSet, vector: Mapping[str, torch.Tensor], progress: bool = False) -> dict:
+    """Code ``masks`` and ``vector`` (stored dtypes) into one safetensors file; returns its index.
+
+    The file holds two uint8 tensors: ``data`` (every chunk's payload, one after the other) and ``index``
+    (zstd-compressed JSON: per key its shape, dtype and chunks, each stream's coder, offset and length)."""
+    import zstandard
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    layout = masks.layout
+    index: dict[str, dict] = {}
+    data = _Payloads()
+    offset = 0
+    for key, shape in tqdm(list(zip(layout.keys, layout.shapes)), desc="coding", disable=not progress, leave=False):
+        numel = math.prod(shape)
+        if key not in vector:
+            raise CheckpointError(f"merged vector lacks key {key!r}")
+        flat = vector[key].reshape(-1)
+        if flat.numel() != numel:
+            raise CheckpointError(f"merged vector {key!r} has {flat.numel()} entries, the masks {numel}")
+        if str(flat.dtype).replace("torch.", "") not in _DTYPES:
+            raise CheckpointError(f"merged vector {key!r} has dtype {flat.dtype}, not a floating-point type")
+        chunks = []
+        for start in range(0, numel, CHUNK):
+            stop = min(numel, start + CHUNK)
+            patterns = tensor_patterns(masks, offset + start, stop - start)
+            kept = torch.from_numpy(patterns != 0)
+            entry = {"n": stop - start, "kept": int(kept.sum()), "patterns": data.add(*encode_stream(patterns))}
+            planes = byte_planes(flat[start:stop][kept]) if entry["kept"] else []
+            entry["planes"] = [data.add(*encode_stream(plane)) for plane in planes]
+            chunks.append(entry)
+        index[key] = {"shape": list(shape), "dtype": str(flat.dtype).replace("torch.", ""), "chunks": chunks}
+        offset += numel
+    packed_index = zstandard.ZstdCompressor(level=19).compress(json.dumps(index, separators=(",", ":")).encode())
+    tensors = {"index": torch.frombuffer(bytearray(packed_index), dtype=torch.uint8), "data": data.tensor()}
+    metadata = {"format": CODED_FORMAT, "names": json.dumps(masks.names), "info": json.dumps(masks.info)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return index
+
+
+class _Payloads:
+    """Chunk payloads laid one after the other; a stream's spec records its offset and length."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, spec: dict, blob: bytes) -> dict:
+        spec = {**spec, "offset": self.size, "bytes": len(blob)}
+        self.parts.append(blob)
+        self.size += len(blob)
+        return spec
+
+    def tensor(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(self.parts) or b"\0"), dtype=torch.uint8)
+
+
+@dataclass
+class CodedTensor:
+    """One tensor of a coded file: its patterns and the merged values where some mask keeps it."""
+
+    key: str
+    shape: tuple[int, ...]
+    patterns: np.ndarray
+    kept_values: torch.Tensor
+
+    def vector(self) -> torch.Tensor:
+        """tau_MTL with zeros where no task keeps a weight."""
+        out = torch.zeros(self.patterns.size, dtype=self.kept_values.dtype)
+        out.masked_scatter_(torch.from_numpy(self.patterns != 0), self.kept_values)
+        return out.reshape(self.shape)
+
+    def mask(self, task: int) -> torch.Tensor:
+        return torch.from_numpy(_bit(self.patterns, task)).reshape(self.shape)
+
+    def apply(self, theta0: torch.Tensor, task: int, scale: float = 1.0) -> torch.Tensor:
+        """theta_0 where the task's bit is 0, (theta_0 + scale * tau) in float32 cast to theta_0's dtype where
+        it is 1; arithmetic on the task's weights only."""
+        out = theta0.reshape(-1).clone()
+        kept = np.flatnonzero(self.patterns)
+        chosen = _bit(self.patterns[kept], task)
+        positions = kept[chosen]
+        words = out.view(_WORDS[out.element_size()]).numpy()  # gather and scatter on raw words: any float dtype
+        base = torch.from_numpy(words[positions]).view(out.dtype)
+        summed = (base.to(torch.float32) + scale * self.kept_values[torch.from_numpy(chosen)].to(torch.float32)).to(out.dtype)
+        words[positions] = summed.view(_WORDS[out.element_size()]).numpy()
+        return out.reshape(theta0.shape)
+
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit(patterns: np.ndarray, task: int) -> np.ndarray:
+    one = patterns.dtype.type(1)
+    return ((patterns >> patterns.dtype.type(task)) & one).view(bool) if patterns.dtype.itemsize == 1 else (
+        (patterns >> patterns.dtype.type(task)) & one
+    ).astype(bool)
+
+
+def _mapped_tensor(path: Path, name: str) -> np.ndarray:
+    """The bytes of one uint8 tensor of a safetensors file, memory-mapped (read as they are used)."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    start, stop = header[name]["data_offsets"]
+    if stop == start:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size + start, shape=(stop - start,))
+
+
+class CodedFile:
+    """Read access to a coded file, tensor by tensor."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such coded file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            meta = self._handle.metadata() or {}
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: unreadable coded file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if meta.get("format") != CODED_FORMAT:
+            raise CheckpointError(f"{self.path}: not a tallmasks coded file")
+        try:
+            import zstandard
+
+            self.names: list[str] = json.loads(meta["names"])
+            self.info: dict = json.loads(meta.get("info", "{}"))
+            packed = self._handle.get_tensor("index").numpy().tobytes()
+            self.index: dict[str, dict] = json.loads(zstandard.ZstdDecompressor().decompress(packed))
+            self._data = _mapped_tensor(self.path, "data")
+        except Exception:
+            raise CheckpointError(f"{self.path}: damaged coded file (unreadable index)") from None
+        self.pattern_dtype = pattern_dtype(len(self.names))
+        self.layout = Layout(tuple(self.index), tuple(tuple(v["shape"]) for v in self.index.values()))
+
+    def _payload(self, spec: Mapping) -> np.ndarray | bytes:
+        if not spec["bytes"]:
+            return b""
+        return self._data[spec["offset"] : spec["offset"] + spec["bytes"]]
+
+    def read(self, key: str) -> CodedTensor:
+        """Decode one tensor; a damaged or inconsistent chunk raises a one-line CheckpointError."""
+        entry = self.index[key]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: unknown dtype {entry['dtype']!r} for {key!r}")
+        shape = tuple(entry["shape"])
+        patterns, values = [], []
+        try:
+            for chunk in entry["chunks"]:
+                p = decode_stream(chunk["patterns"], self._payload(chunk["patterns"]), chunk["n"], self.pattern_dtype)
+                kept = int(np.count_nonzero(p))
+                if kept != chunk["kept"]:
+                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
+                planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
+                if len(planes) != (dtype.itemsize if kept else 0):
+                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
+                patterns.append(p)
+                values.append(from_planes(planes, dtype))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a corrupt payload: zstd, rANS or numpy complain in their own words
+            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({type(exc).__name__})") from None
+        flat_patterns = np.concatenate(patterns) if patterns else np.zeros(0, self.pattern_dtype)
+        if flat_patterns.size != math.prod(shape):
+            raise CheckpointError(f"{self.path}: {key!r} holds {flat_patterns.size} weights, its shape {list(shape)} needs {math.prod(shape)}")
+        return CodedTensor(key, shape, flat_patterns, torch.cat(values) if values else torch.zeros(0, dtype=dtype))
+
+    def tensors(self) -> Iterator[CodedTensor]:
+        for key in self.index:
+            yield self.read(key)
+
+    def task_index(self, name: str) -> int:
+        if name not in self.names:
+            raise CheckpointError(f"no task {name!r} in the collection (tasks: {', '.join(self.names)})")
+        return self.names.index(name)
+
+    def masks(self) -> MaskSet:
+        """Every task's mask, bit-packed (the packbits format's MaskSet)."""
+        from tallmasks.masks import BitPacker
+
+        packers = [BitPacker(self.layout.numel) for _ in self.names]
+        for tensor in self.tensors():
+            for t, packer in enumerate(packers):
+                packer.add(tensor.mask(t))
+        return MaskSet(self.names, self.layout, [p.finish() for p in packers], self.info)
+
+    def vector(self) -> dict[str, torch.Tensor]:
+        """The stored merged vector, zero where no task keeps a weight."""
+        return {tensor.key: tensor.vector() for tensor in self.tensors()}
+
+    def stats(self) -> dict:
+        """Bytes of the mask and value streams, weights kept, and the paper's scheme for the same collection."""
+        numel = kept = mask_bytes = value_bytes = 0
+        float_bytes = 0
+        for key, entry in self.index.items():
+            n = math.prod(entry["shape"])
+            numel += n
+            float_bytes += n * _DTYPES[entry["dtype"]].itemsize
+            for chunk in entry["chunks"]:
+                kept += chunk["kept"]
+                mask_bytes += chunk["patterns"]["bytes"]
+                value_bytes += sum(s["bytes"] for s in chunk["planes"])
+        tasks = len(self.names)
+        return {
+            "num_params": numel,
+            "kept": kept,
+            "kept_share": kept / max(numel, 1),
+            "mask_bytes": mask_bytes,
+            "value_bytes": value_bytes,
+            "mask_bits_per_weight_per_task": 8 * mask_bytes / max(numel * tasks, 1),
+            "file_bytes": self.path.stat().st_size,
+            "paper_bytes": float_bytes + tasks * ((numel + 7) // 8),
+        }
+
+
+def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """theta_0 + scale * (m_t * tau_MTL) as a full state dict (keys theta_0 has and the file lacks come from theta_0)."""
+    t = coded.task_index(task)
+    extra = [k for k in coded.index if k not in theta0]
+    if extra:
+        raise CheckpointError(f"the collection has key {extra[0]!r} that the pre-trained model lacks")
+    out: dict[str, torch.Tensor] = {}
+    for key in theta0.keys():
+        base = theta0[key]
+        if key not in coded.index:
+            if base.dtype.is_floating_point:
+                raise CheckpointError(f"the collection lacks floating-point key {key!r}")
+            out[key] = base
+            continue
+        tensor = coded.read(key)
+        if tuple(base.shape) != tensor.shape:
+            raise CheckpointError(f"shape mismatch for {key!r}: {list(tensor.shape)} vs {list(base.shape)}")
+        out[key] = tensor.apply(base, t, scale)
+    return out

@@ -1,0 +1,176 @@
+"""The coded collection format: each coder round-trips, the file decodes to the packbits format's
+masks and vector, and a decompressed task equals theta_0 + m_t * tau_MTL bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from tallmasks import coded
+from tallmasks.checkpoints import load_state_dict
+from tallmasks.coded import CodedFile, decode_stream, decode_task, encode_stream, tensor_patterns, write_coded
+from tallmasks.compression import collection_masks, collection_report, compress, decompress
+from tallmasks.errors import CheckpointError
+from tallmasks.masks import Layout, MaskSet, tall_masks
+from tallmasks.merging import merge
+from tallmasks.task_vectors import CheckpointSet, apply_vector
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor, so that -0.0 != 0.0 and NaN payloads count."""
+    return tensor.reshape(-1).contiguous().view(torch.uint8) if tensor.dtype.is_floating_point else tensor
+
+
+def _streams():
+    rng = np.random.default_rng(0)
+    skewed = (rng.random(5000) < 0.05).astype(np.uint8) * rng.integers(1, 4, 5000).astype(np.uint8)
+    runs = np.repeat(rng.integers(0, 2**20, 40).astype(np.uint32), 200)
+    return {
+        "const": np.full(100, 7, dtype=np.uint16),
+        "ans": skewed,
+        "zstd": runs,
+        "raw": rng.integers(0, 256, 4000).astype(np.uint8),
+    }
+
+
+@pytest.mark.parametrize("expected", ["const", "ans", "zstd", "raw"])
+def test_each_coder_round_trips_and_the_cheapest_is_kept(expected):
+    symbols = _streams()[expected]
+    spec, blob = encode_stream(symbols)
+    assert spec["coder"] == expected
+    out = decode_stream(spec, blob, symbols.size, symbols.dtype)
+    assert out.dtype == symbols.dtype and np.array_equal(out, symbols)
+    assert len(blob) <= symbols.nbytes
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_ans_over_wide_patterns(dtype):
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, np.iinfo(dtype).max, 6, dtype=dtype, endpoint=True)
+    symbols = values[rng.choice(6, size=3000, p=[0.8, 0.1, 0.05, 0.03, 0.01, 0.01])]
+    spec, blob = encode_stream(symbols)
+    assert np.array_equal(decode_stream(spec, blob, symbols.size, np.dtype(dtype)), symbols)
+
+
+def _random_masks(num_tasks: int, shapes: dict, density: float, seed: int = 0) -> MaskSet:
+    g = torch.Generator().manual_seed(seed)
+    keys = sorted(shapes)
+    layout = Layout(tuple(keys), tuple(shapes[k] for k in keys))
+    masks = {f"T{t}": {k: torch.rand(shapes[k], generator=g) < density for k in keys} for t in range(num_tasks)}
+    return MaskSet.from_dicts(masks, layout, {"kind": "tall"})
+
+
+@pytest.mark.parametrize("num_tasks, dtype", [(3, torch.float32), (9, torch.bfloat16), (20, torch.float16)])
+def test_coded_file_holds_the_masks_and_the_kept_vector(tmp_path, monkeypatch, num_tasks, dtype):
+    monkeypatch.setattr(coded, "CHUNK", 37)  # chunks that start inside a byte of the packed masks
+    shapes = {"a.weight": (13, 11), "b.bias": (5,), "c.scale": (), "d.empty": (0,)}
+    masks = _random_masks(num_tasks, shapes, density=0.15)
+    g = torch.Generator().manual_seed(3)
+    vector = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    write_coded(tmp_path / "c.safetensors", masks, vector)
+    file = CodedFile(tmp_path / "c.safetensors")
+    back = file.masks()
+    assert back.names == masks.names and back.layout == masks.layout
+    assert all(np.array_equal(back.packed[n], masks.packed[n]) for n in masks.names)
+    kept = {k: torch.zeros(s, dtype=torch.bool) for k, s in shapes.items()}
+    for name in masks.names:
+        for key, bits in masks.get(name).items():
+            kept[key] |= bits
+    for key, value in file.vector().items():
+        assert value.dtype == dtype
+        assert torch.equal(_bits(value[kept[key]]), _bits(vector[key][kept[key]]))
+        assert not value[~kept[key]].any()
+    stats = file.stats()
+    assert stats["kept"] == sum(int(v.sum()) for v in kept.values())
+    assert stats["paper_bytes"] == sum(v.numel() for v in vector.values()) * vector["a.weight"].element_size() + num_tasks * (
+        (masks.layout.numel + 7) // 8
+    )
+
+
+def test_patterns_are_the_tasks_bits():
+    masks = _random_masks(11, {"w": (4, 9)}, density=0.4, seed=5)
+    patterns = tensor_patterns(masks, 3, 30)
+    expected = sum(masks.flat(n)[3:33].numpy().astype(np.uint16) << t for t, n in enumerate(masks.names))
+    assert patterns.dtype == np.uint16 and np.array_equal(patterns, expected)
+
+
+def test_decode_task_equals_the_formula_bit_for_bit(tmp_path, tiny_checkpoints):
+    pt, fts, st = tiny_checkpoints
+    cs = CheckpointSet(pt, [*fts, st])
+    vector = merge(cs, "sum")
+    masks = tall_masks(cs, vector, [0.2, 0.4, 0.5, 0.6])
+    write_coded(tmp_path / "c.safetensors", masks, vector)
+    theta0 = load_state_dict(pt)
+    file = CodedFile(tmp_path / "c.safetensors")
+    for name in masks.names:
+        got = decode_task(file, theta0, name)
+        expected = apply_vector(theta0, vector, 1.0, masks.get(name))
+        assert set(got) == set(expected)
+        assert all(torch.equal(_bits(got[k]), _bits(expected[k])) for k in expected), name
+
+
+def test_coded_and_packbits_collections_decompress_alike(tmp_path, tiny_checkpoints):
+    pt, fts, _ = tiny_checkpoints
+    compress(pt, fts, tmp_path / "p", storage="packbits", use_ties=True, lambdas=[0.3, 0.4, 0.5])
+    compress(pt, fts, tmp_path / "c", storage="coded", use_ties=True, lambdas=[0.3, 0.4, 0.5])
+    p, c = collection_masks(tmp_path / "p"), collection_masks(tmp_path / "c")
+    assert all(np.array_equal(p.packed[n], c.packed[n]) for n in p.names)
+    for name in p.names:
+        a, b = decompress(tmp_path / "p", name), decompress(tmp_path / "c", name)
+        assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a), name
+    report = collection_report(tmp_path / "c")
+    assert report["storage"] == "coded" and report["total_bytes"] < collection_report(tmp_path / "p")["total_bytes"]
+    assert report["mask_bits_per_weight_per_task"] == 8 * report["mask_bytes"] / (report["num_params"] * 3)
+
+
+def test_released_masks_convert_with_one_command(tmp_path, tiny_checkpoints):
+    """--model reads the released layout: theta_0, the fine-tuned checkpoints and TALL_mask_<N>task.npy."""
+    pt, fts, _ = tiny_checkpoints
+    cs = CheckpointSet(pt, fts, names=["MNIST", "Cars", "DTD"])
+    masks = tall_masks(cs, merge(cs, "sum"), 0.4)
+    location = tmp_path / "models" / "checkpoints"
+    model_dir = location / "tiny"
+    model_dir.mkdir(parents=True)
+    for path in [pt, *fts]:
+        (model_dir / path.parent.name).mkdir(exist_ok=True)
+        (model_dir / path.parent.name / path.name).write_bytes(path.read_bytes())
+    mask_dir = tmp_path / "models" / "tall_masks" / "tiny"
+    mask_dir.mkdir(parents=True)
+    np.save(mask_dir / "TALL_mask_3task.npy", {n: masks.packed[n] for n in masks.names})
+    out = tmp_path / "coded"
+    res = run_cli("-q", "compress", "--model", "tiny", "--model-location", location, "--names", "MNIST", "Cars", "DTD", "--out", out)
+    assert res.returncode == 0, res.stderr
+    back = collection_masks(out)
+    assert back.names == masks.names and all(np.array_equal(back.packed[n], masks.packed[n]) for n in masks.names)
+    res = run_cli("inspect", out)
+    assert "bits per weight per task" in res.stdout and "paper's scheme" in res.stdout
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path, tiny_checkpoints):
+    pt, _, _ = tiny_checkpoints
+    with pytest.raises(CheckpointError, match="no such coded file"):
+        CodedFile(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match="not a tallmasks coded file"):
+        CodedFile(_as_safetensors(pt, tmp_path))
+    with pytest.raises(CheckpointError, match="unknown coder"):
+        decode_stream({"coder": "lzw"}, b"", 1, np.dtype(np.uint8))
+
+
+def _as_safetensors(pt, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in load_state_dict(pt).items()}, str(path))
+    return path
+
+
+def test_a_damaged_payload_is_one_line(tmp_path):
+    masks = _random_masks(5, {"w": (64, 40)}, density=0.2)
+    vector = {"w": torch.randn(64, 40)}
+    write_coded(tmp_path / "c.safetensors", masks, vector)
+    file = CodedFile(tmp_path / "c.safetensors")
+    file._data = np.full(file._data.shape, 0x5A, dtype=np.uint8)  # every payload byte overwritten
+    with pytest.raises(CheckpointError, match="damaged chunk of 'w'"):
+        file.read("w")
