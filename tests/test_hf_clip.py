@@ -112,7 +112,8 @@ def local_pool(tmp_path_factory):
     width, layers = clip_cfg.conv1.out_channels, len(clip_cfg.transformer.resblocks)
     vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=3,
                   image_size=16, patch_size=4, hidden_act="gelu")
-    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, vocab_size=49408,
+    vocab = encoder.model.token_embedding.num_embeddings  # the demo's own small vocabulary
+    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, vocab_size=vocab,
                 max_position_embeddings=24, hidden_act="gelu")
     torch.manual_seed(0)
     base = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
@@ -210,7 +211,7 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
     from tallmasks.models import DEMO_MODEL
 
     args = [f"model={DEMO_MODEL}", "model_source=hf", "+pool.base=tallmasks-tests/absent-base",
-            "+pool.tasks.DigitsRotated=tallmasks-tests/absent-task", f"model_location={tmp_path / 'checkpoints'}",
+            "+pool.tasks.Shapes=tallmasks-tests/absent-task", f"model_location={tmp_path / 'checkpoints'}",
             f"results_dir={tmp_path / 'results'}", "device=cpu"]
     proc = run_main(args, tmp_path, HF_HOME=str(tmp_path / "hf"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -310,6 +310,6 @@ def test_cli_param_sets_a_hyperparameter(tmp_path, tiny_checkpoints, capsys):
     expected = merge(CheckpointSet(pt, fts), "breadcrumbs", beta=0.5, gamma=0.9)
     got = load_state_dict(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    for bad, message in [("bogus=1", "--param bogus does not apply"), ("beta=2", "--param beta must be"), ("beta", "NAME=VALUE")]:
+    for bad, message in [("bogus=1", "--param bogus: method 'breadcrumbs' has no hyperparameter"), ("beta=2", "--param beta must be"), ("beta", "NAME=VALUE")]:
         assert main([*args, "--param", bad]) == 2
         assert message in capsys.readouterr().err
