@@ -25,7 +25,7 @@ def _vision_transformer() -> torch.nn.Module:
     return VisionTransformer(image_size=16, patch_size=4, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=32).eval()
 
 
-def test_fp32_and_paper_take_the_standard_attention_path(monkeypatch):
+def test_fp32_and_paper_take_the_standard_attention_path(monkeypatch, request):
     vit = _vision_transformer()
     assert vit.transformer.resblocks[0].attn.batch_first  # open_clip 3 builds batch-first attention
     images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -39,6 +39,10 @@ def test_fp32_and_paper_take_the_standard_attention_path(monkeypatch):
         return fused_kernel(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_native_multi_head_attention", counting_kernel)
+    # the default, whatever an earlier in-process run (main.py's set_backend) left
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(True)
+    request.addfinalizer(lambda: torch.backends.mha.set_fastpath_enabled(enabled))
     before = _switches()
     with torch.no_grad():
         for precision in ("fp32", "paper"):
