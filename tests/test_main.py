@@ -359,3 +359,90 @@ def test_main_weight_matching_undoes_a_permuted_foundation(demo_setup, tmp_path)
     assert "_wm" in Path(aligned["results_path"]).name and Path(record["permutation_file"]).is_file()
     with pytest.raises(ConfigError, match=f"expert of {tasks[1]} exists under several foundations"):
         run_experiment(compose(aligned_args))
+
+
+@pytest.mark.parametrize("method", ["magmax", "breadcrumbs", "model_stock", "pcb", "cart", "wudi"])
+def test_main_runs_the_later_methods(demo_setup, method):
+    """Each later method merges and evaluates through main.py's runner with its paper's defaults (its
+    config file's grid left out here for time; the grid mechanism has its own test)."""
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import get_method
+
+    res = run_experiment(compose([*demo_setup["overrides"], f"method={method}", "method.grid=null",
+                                  "results_dir=" + str(demo_setup["root"] / method)]))
+    assert Path(res["results_path"]).is_file() and res["results_path"].startswith(str(demo_setup["root"] / method))
+    expected = [0.5, 1.0] if get_method(method).coefficient == "grid" else [1.0]
+    assert res["selection"]["alpha"] in expected and len(res["val"]) == len(expected)
+    for task in demo_setup["tasks"]:
+        assert 0 <= res["test"][f"{task}:top1"] <= 1
+
+
+def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, monkeypatch):
+    """method.grid: every combination merged once, alpha and the combination chosen jointly on validation."""
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import merge as real_merge
+
+    tasks = demo_setup["tasks"]
+    merged = []
+
+    def counting_merge(cs, method, **params):
+        merged.append(params["k"])
+        return real_merge(cs, method, **params)
+
+    monkeypatch.setattr("tallmasks.merging.merge", counting_merge)
+    overrides = [*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "results_dir=" + str(demo_setup["root"] / "grid")]
+    res = run_experiment(compose(overrides))
+    assert merged == [100.0, 20.0]  # each distinct merge computed once
+    assert set(res["val"]) == {f"k={k}|{a}" for k in (100, 20) for a in ("0.5", "1")}
+    best_key = max(res["val"], key=lambda key: res["val"][key]["avg_normalized_top1"])  # first on ties, as the runner
+    assert res["selection"] == {"alpha": float(best_key.split("|")[1]), "k": float(best_key.split("|")[0][2:])}
+    assert res["val_best"] == res["val"][best_key]
+    assert res["evaluations"]["evaluated"] == 2 * 2 * len(tasks) + len(tasks)
+    name = Path(res["results_path"]).name
+    assert f"ties_k={res['selection']['k']:g}" in name and "_grid-k=100,20" in name
+    # the chosen merge is the one evaluated on test: the same as a run without a grid at the chosen k
+    fixed = run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.k={res['selection']['k']}",
+                                    f"specify_lambda={res['selection']['alpha']}", "results_dir=" + str(demo_setup["root"] / "fixed")]))
+    assert fixed["test"] == res["test"]
+    for grid, message in [("{kk:[1]}", "not a hyperparameter"), ("{k:[]}", "non-empty list"), ("{k:abc}", "non-empty list"),
+                          ("{ties_agg:[max]}", "must be one of mean, sum"), ("{k:[0]}", "must be > 0"),
+                          ("{k:[20,20]}", "lists a value twice")]:
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.grid={grid}"]))
+
+
+@pytest.mark.parametrize("method,extra", [("lines", ["method.base_method=ties"]), ("tsv", []), ("iso_c", []),
+                                          ("iso_cts", []), ("dare", ["method.p=0.5"])])
+def test_new_methods_run_on_the_demo_model(demo_setup, method, extra):
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import alpha_candidates
+
+    tasks = demo_setup["tasks"]
+    overrides = [*demo_setup["overrides"], f"method={method}", *extra, "n_eval_points=2", "results_dir=" + str(demo_setup["root"] / "new")]
+    res = run_experiment(compose(overrides))
+    params = {k: v for k, v in res["method"].items() if k not in ("name", "full_name", "grid")}
+    alphas = alpha_candidates(method, 2, params=params)
+    assert res["selection"]["alpha"] in alphas and set(res["val"]) == {f"{a:.6g}" for a in alphas}
+    assert res["evaluations"]["evaluated"] == len(alphas) * len(tasks) + len(tasks)
+    assert all(0 <= res["per_task"][t]["top1"] <= 1 for t in tasks)
+    assert Path(res["results_path"]).is_file() and f"_{method}" in Path(res["results_path"]).name
+    if method == "lines":
+        assert res["merge_info"]["base_method"] == "ties" and res["merge_info"]["num_blocks"] >= 1
+
+
+def test_main_emr_per_task_models(demo_setup):
+    """EMR-merging through main.py: per-task masks and rescalers on the TALL evaluation path, nothing chosen."""
+    from tallmasks.merging import CheckpointSet, merge
+    from tallmasks.merging.emr import emr_masks
+    from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
+
+    from tallmasks.eval.runner import run_experiment
+
+    root, tasks, loc = demo_setup["root"], demo_setup["tasks"], demo_setup["loc"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=emr", "results_dir=" + str(root / "emr")]))
+    assert res == {**only_result(root / "emr"), "results_path": res["results_path"], "rank": 0}
+    assert set(res["val"]) == {"emr"} and res["evaluations"]["evaluated"] == 2 * len(tasks)
+    cs = CheckpointSet(zeroshot_path(loc, DEMO_MODEL), [finetuned_path(loc, DEMO_MODEL, t) for t in tasks], names=tasks)
+    scales = emr_masks(cs, merge(cs, "emr")).info["scales"]
+    assert res["selection"]["scales"] == pytest.approx(scales) and all(s > 0 for s in scales.values())

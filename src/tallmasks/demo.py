@@ -46,6 +46,12 @@ METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "consensus": ("consensus", {"use_ties": False}),
     "consensus_ties": ("consensus", {"use_ties": True}),
     "mag_masking": ("mag_masking", {}),
+    "breadcrumbs": ("breadcrumbs", {}),
+    "magmax": ("magmax", {}),
+    "model_stock": ("model_stock", {}),
+    "pcb": ("pcb", {}),
+    "cart": ("cart", {}),
+    "wudi": ("wudi", {}),
 }
 SUMMARY_METHODS: list[str] = [*METHOD_RUNS, "finetuned"]
 DEFAULT_NUM_TASKS = 8

@@ -317,6 +317,10 @@ class CorrectionRun:
         with precision_context("fp32", self.evaluator.device):
             return self.corrector.statistics(images, batch_size=self.evaluator.batch_size, preprocess=self.evaluator.normalize)
 
+    def forget(self) -> None:
+        """A new merged vector is loaded: the calibrations of the previous one no longer apply."""
+        self.cache.clear()
+
     def _key(self, dataset: str) -> Any:
         setting = self.evaluator.setting
         if setting is None:
