@@ -304,6 +304,19 @@ def test_main_tact_end_to_end_records_the_correction(demo_setup):
         run_experiment(compose([*args, "correction.num_images=0"]))
 
 
+def test_tact_calibrates_every_merged_vector_of_a_grid(demo_setup):
+    """With method.grid, each combination's merged vector gets its own calibrations (none reused across
+    combinations), and the chosen one is calibrated anew for the test split."""
+    from tallmasks.eval.runner import run_experiment
+
+    root, tasks = demo_setup["root"], demo_setup["tasks"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "correction=tact",
+                                  "correction.num_images=16", "results_dir=" + str(root / "tact_grid")]))
+    combinations, alphas = 2, len(res["val"]) // 2
+    assert res["correction"]["calibrations"] == (combinations * alphas + 1) * len(tasks)
+    assert set(res["correction"]["files"]) == set(tasks) and "_tact16" in Path(res["results_path"]).name
+
+
 def test_correction_and_alignment_settings_are_checked_up_front(demo_setup):
     from tallmasks.errors import ConfigError
     from tallmasks.eval.runner import Experiment
