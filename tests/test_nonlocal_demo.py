@@ -29,12 +29,16 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     returned = run_nonlocal(cfg, settings)
     summary = json.loads((out / RESULTS_NAME).read_text())
     assert summary == json.loads(json.dumps(returned)) and "align_tact" in format_tables(summary)
+    assert set(summary["zeroshot"]) == {"nonlocal_none", "nonlocal_align", "local"}
     assert set(summary["nonlocal"]) == set(summary["local"]) == set(summary["long"]) == {"sum"}
     assert set(summary["nonlocal"]["sum"]) == set(NONLOCAL_VARIANTS)
     assert set(summary["local"]["sum"]) == set(summary["long"]["sum"]) == {"none", "tact"}
     assert summary["foundations"]["reference"]["tasks"] == tasks[:1] and summary["foundations"]["other"]["tasks"] == tasks[1:]
 
     for label, run in summary["runs"].items():
+        if label.startswith("zeroshot/"):
+            assert 0.0 <= run["avg_top1"] <= 1.0 and summary["zeroshot"][label.split("/")[1]] == run["avg_normalized_top1"]
+            continue
         setting, method, variant = label.split("/")[-3:]
         result = json.loads(open(run["results_path"]).read())
         assert 0.0 <= run["avg_top1"] <= 1.0, label

@@ -350,6 +350,12 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
                 out[setting][method][variant] = result["avg_normalized_top1"]
                 records[f"{setting}/{method}/{variant}"] = _record(result)
 
+    zeroshot = {}  # theta_0 itself with each task's zero-shot head: how good a starting point each merge has
+    for label, (location, extra) in (("nonlocal_none", (unaligned, [])), ("nonlocal_align", (local, align)), ("local", (local, []))):
+        result = runs(location, "zeroshot", extra)
+        zeroshot[label] = result["avg_normalized_top1"]
+        records[f"zeroshot/{label}"] = _record(result)
+
     calibration: dict[str, Any] = {"sizes": list(settings.calibration_sizes)}
     for setting, (location, extra) in (("nonlocal", (local, align)), ("local", (local, []))):
         calibration[setting] = {}
@@ -372,6 +378,7 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
 
     summary = {
         **out,
+        "zeroshot": zeroshot,
         "calibration_size": calibration,
         "std_ratio": {k: {kk: v[kk] for kk in ("sites", "before", "after", "alpha")} for k, v in collapse.items()},
         "std_ratio_per_task": {k: v["per_task"] for k, v in collapse.items()},
@@ -410,6 +417,8 @@ def format_tables(summary: dict[str, Any]) -> str:
     for setting, variants in (("nonlocal", NONLOCAL_VARIANTS), ("local", ("none", "tact")), ("long", ("none", "tact"))):
         rows = [[m, *(100 * summary[setting][m][v] for v in variants)] for m in summary[setting]]
         parts.append(f"{setting} (normalized accuracy, %)\n" + render_table(["method", *variants], rows, "text"))
+    parts.append("zero-shot theta_0 (normalized accuracy, %)\n" + render_table(
+        ["", *summary["zeroshot"]], [["zeroshot", *(100 * v for v in summary["zeroshot"].values())]], "text"))
     calibration = summary["calibration_size"]
     sizes = calibration["sizes"]
     rows = [[f"{setting} {m}", *(100 * calibration[setting][m][str(n)] for n in sizes)]
