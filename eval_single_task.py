@@ -19,6 +19,8 @@ except ImportError:  # running from a clone without `pip install -e .`
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tallmasks.precision import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--finetuning-mode", choices=["none", "standard"], default="standard",
@@ -29,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="results/single_task", help="tables go to <output-dir>/<model>/")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="see README, Evaluation")
     p.add_argument("--cache-dir", default=None, help="preprocessed splits (default <data-location>/.tallmasks_cache)")
     p.add_argument("--num-workers", type=int, default=None)
     return p.parse_args(argv)

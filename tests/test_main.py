@@ -276,3 +276,186 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "could not fetch" in line and "ViT-B-32" in line and "pretrained_weights=PATH" in line
     assert not zeroshot_path(loc, "ViT-B-32").exists() and not (tmp_path / "results").exists()
+
+
+def test_main_tact_end_to_end_records_the_correction(demo_setup):
+    """main.py's run with correction=tact: calibrated per task on unlabeled training images; the results name,
+    JSON and per-task correction files record it."""
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.non_local import load_correction
+
+    root = demo_setup["root"]
+    args = [*demo_setup["overrides"], "method=ties", "correction=tact", "correction.num_images=48", "results_dir=" + str(root / "tact")]
+    res = run_experiment(compose(args))
+    path = Path(res["results_path"])
+    assert path.name.endswith("_tact48.json") and json.loads(path.read_text())["correction"] == res["correction"]
+    record = res["correction"]
+    assert record["name"] == "tact" and record["num_images"] == 48 and record["sites"] == 1 + 4 * 3
+    # one calibration per (alpha, task) on validation, reused for the test split
+    assert record["calibrations"] == len(res["val"]) * len(demo_setup["tasks"])
+    for task in demo_setup["tasks"]:
+        corr, meta = load_correction(record["files"][task])
+        assert meta["task"] == task and len(corr) == record["sites"]
+        assert all(scale.shape == shift.shape for scale, shift in corr.values())
+    calibration = list((root / "data" / ".tallmasks_cache").glob("*/*/train_calibration48_seed0.images.npy"))
+    assert len(calibration) == len(demo_setup["tasks"])
+    with pytest.raises(ConfigError, match="correction.num_images must be >= 1"):
+        run_experiment(compose([*args, "correction.num_images=0"]))
+
+
+def test_tact_calibrates_every_merged_vector_of_a_grid(demo_setup):
+    """With method.grid, each combination's merged vector gets its own calibrations (none reused across
+    combinations), and the chosen one is calibrated anew for the test split."""
+    from tallmasks.eval.runner import run_experiment
+
+    root, tasks = demo_setup["root"], demo_setup["tasks"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "correction=tact",
+                                  "correction.num_images=16", "results_dir=" + str(root / "tact_grid")]))
+    combinations, alphas = 2, len(res["val"]) // 2
+    assert res["correction"]["calibrations"] == (combinations * alphas + 1) * len(tasks)
+    assert set(res["correction"]["files"]) == set(tasks) and "_tact16" in Path(res["results_path"]).name
+
+
+def test_correction_and_alignment_settings_are_checked_up_front(demo_setup):
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import Experiment
+
+    base = [*demo_setup["overrides"], "method=sum"]
+    plain = Experiment(compose(base))
+    assert not plain.correction.enabled and not plain.alignment.enabled and plain.variant == ""
+    repair = Experiment(compose([*base, "correction=repair"]))
+    assert repair.correction.num_images == 1000 and repair.results_path().name.endswith("_repair1000.json")
+    assert repair.mask_path().name.endswith("_repair1000.safetensors")
+    for overrides, message in (
+        (["correction=tact", "+correction.images=5"], "unknown config field correction.images for correction 'tact'"),
+        (["correction=tact", "correction.eps=-1"], "correction.eps must be >= 0"),
+        (["+correction.num_images=5"], "correction=none takes no fields"),
+        (["correction.name=tac"], "correction must be one of none, tact, repair"),
+        (["alignment=weight_matching"], "needs alignment.foundations"),
+        (["alignment=weight_matching", "alignment.foundations=[x]", "alignment.max_iter=0"], "alignment.max_iter must be >= 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            Experiment(compose([*base, *overrides]))
+
+
+def test_main_weight_matching_undoes_a_permuted_foundation(demo_setup, tmp_path):
+    """A second foundation that is the first with its units permuted, and an expert fine-tuned "from it"
+    (the same expert, permuted): alignment=weight_matching recovers the plain run exactly."""
+    import shutil
+
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.models import DEMO_MODEL, finetuned_path, head_path, zeroshot_path
+    from tallmasks.non_local import apply_permutation, heads_of_model, random_permutation, vit_spec
+
+    loc, tasks = demo_setup["loc"], demo_setup["tasks"]
+    other = tmp_path / "other" / "checkpoints"
+    theta0 = torch.load(zeroshot_path(loc, DEMO_MODEL), weights_only=True)
+    spec = vit_spec(theta0, heads_of_model(DEMO_MODEL))
+    perm = random_permutation(spec, torch.Generator().manual_seed(0))
+    for source, target in [(zeroshot_path(loc, DEMO_MODEL), zeroshot_path(other, DEMO_MODEL)),
+                           (finetuned_path(loc, DEMO_MODEL, tasks[1]), finetuned_path(other, DEMO_MODEL, tasks[1]))]:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(apply_permutation(spec, perm, torch.load(source, weights_only=True)), target)
+    shutil.copy(head_path(loc, DEMO_MODEL, tasks[1]), head_path(other, DEMO_MODEL, tasks[1]))
+    shutil.copy(loc / DEMO_MODEL / "nonlinear_ft_accuracies.json", other / DEMO_MODEL / "nonlinear_ft_accuracies.json")
+
+    plain = run_experiment(compose([*demo_setup["overrides"], "method=sum", "results_dir=" + str(tmp_path / "plain")]))
+    aligned_args = [*demo_setup["overrides"], "method=sum", "alignment=weight_matching", f"alignment.foundations=[{other}]",
+                    "results_dir=" + str(tmp_path / "aligned")]
+    aligned = run_experiment(compose([*aligned_args, "alignment.assignment=[0,1]"]))
+    assert aligned["test"] == plain["test"] and aligned["val"] == plain["val"]
+    record = aligned["alignment"]
+    assert record["assignment"] == {tasks[0]: 0, tasks[1]: 1} and record["iterations"][1] >= 1
+    assert record["objective"][1][1] > record["objective"][1][0]
+    assert "_wm" in Path(aligned["results_path"]).name and Path(record["permutation_file"]).is_file()
+    with pytest.raises(ConfigError, match=f"expert of {tasks[1]} exists under several foundations"):
+        run_experiment(compose(aligned_args))
+
+
+@pytest.mark.parametrize("method", ["magmax", "breadcrumbs", "model_stock", "pcb", "cart", "wudi"])
+def test_main_runs_the_later_methods(demo_setup, method):
+    """Each later method merges and evaluates through main.py's runner with its paper's defaults (its
+    config file's grid left out here for time; the grid mechanism has its own test)."""
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import get_method
+
+    res = run_experiment(compose([*demo_setup["overrides"], f"method={method}", "method.grid=null",
+                                  "results_dir=" + str(demo_setup["root"] / method)]))
+    assert Path(res["results_path"]).is_file() and res["results_path"].startswith(str(demo_setup["root"] / method))
+    expected = [0.5, 1.0] if get_method(method).coefficient == "grid" else [1.0]
+    assert res["selection"]["alpha"] in expected and len(res["val"]) == len(expected)
+    for task in demo_setup["tasks"]:
+        assert 0 <= res["test"][f"{task}:top1"] <= 1
+
+
+def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, monkeypatch):
+    """method.grid: every combination merged once, alpha and the combination chosen jointly on validation."""
+    from tallmasks.errors import ConfigError
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import merge as real_merge
+
+    tasks = demo_setup["tasks"]
+    merged = []
+
+    def counting_merge(cs, method, **params):
+        merged.append(params["k"])
+        return real_merge(cs, method, **params)
+
+    monkeypatch.setattr("tallmasks.merging.merge", counting_merge)
+    overrides = [*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "results_dir=" + str(demo_setup["root"] / "grid")]
+    res = run_experiment(compose(overrides))
+    assert merged == [100.0, 20.0]  # each distinct merge computed once
+    assert set(res["val"]) == {f"k={k}|{a}" for k in (100, 20) for a in ("0.5", "1")}
+    best_key = max(res["val"], key=lambda key: res["val"][key]["avg_normalized_top1"])  # first on ties, as the runner
+    assert res["selection"] == {"alpha": float(best_key.split("|")[1]), "k": float(best_key.split("|")[0][2:])}
+    assert res["val_best"] == res["val"][best_key]
+    assert res["evaluations"]["evaluated"] == 2 * 2 * len(tasks) + len(tasks)
+    name = Path(res["results_path"]).name
+    assert f"ties_k={res['selection']['k']:g}" in name and "_grid-k=100,20" in name
+    # the chosen merge is the one evaluated on test: the same as a run without a grid at the chosen k
+    fixed = run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.k={res['selection']['k']}",
+                                    f"specify_lambda={res['selection']['alpha']}", "results_dir=" + str(demo_setup["root"] / "fixed")]))
+    assert fixed["test"] == res["test"]
+    for grid, message in [("{kk:[1]}", "not a hyperparameter"), ("{k:[]}", "non-empty list"), ("{k:abc}", "non-empty list"),
+                          ("{ties_agg:[max]}", "must be one of mean, sum"), ("{k:[0]}", "must be > 0"),
+                          ("{k:[20,20]}", "lists a value twice")]:
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.grid={grid}"]))
+
+
+@pytest.mark.parametrize("method,extra", [("lines", ["method.base_method=ties"]), ("tsv", []), ("iso_c", []),
+                                          ("iso_cts", []), ("dare", ["method.p=0.5"])])
+def test_new_methods_run_on_the_demo_model(demo_setup, method, extra):
+    from tallmasks.eval.runner import run_experiment
+    from tallmasks.merging import alpha_candidates
+
+    tasks = demo_setup["tasks"]
+    overrides = [*demo_setup["overrides"], f"method={method}", *extra, "n_eval_points=2", "results_dir=" + str(demo_setup["root"] / "new")]
+    res = run_experiment(compose(overrides))
+    params = {k: v for k, v in res["method"].items() if k not in ("name", "full_name", "grid")}
+    alphas = alpha_candidates(method, 2, params=params)
+    assert res["selection"]["alpha"] in alphas and set(res["val"]) == {f"{a:.6g}" for a in alphas}
+    assert res["evaluations"]["evaluated"] == len(alphas) * len(tasks) + len(tasks)
+    assert all(0 <= res["per_task"][t]["top1"] <= 1 for t in tasks)
+    assert Path(res["results_path"]).is_file() and f"_{method}" in Path(res["results_path"]).name
+    if method == "lines":
+        assert res["merge_info"]["base_method"] == "ties" and res["merge_info"]["num_blocks"] >= 1
+
+
+def test_main_emr_per_task_models(demo_setup):
+    """EMR-merging through main.py: per-task masks and rescalers on the TALL evaluation path, nothing chosen."""
+    from tallmasks.merging import CheckpointSet, merge
+    from tallmasks.merging.emr import emr_masks
+    from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
+
+    from tallmasks.eval.runner import run_experiment
+
+    root, tasks, loc = demo_setup["root"], demo_setup["tasks"], demo_setup["loc"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=emr", "results_dir=" + str(root / "emr")]))
+    assert res == {**only_result(root / "emr"), "results_path": res["results_path"], "rank": 0}
+    assert set(res["val"]) == {"emr"} and res["evaluations"]["evaluated"] == 2 * len(tasks)
+    cs = CheckpointSet(zeroshot_path(loc, DEMO_MODEL), [finetuned_path(loc, DEMO_MODEL, t) for t in tasks], names=tasks)
+    scales = emr_masks(cs, merge(cs, "emr")).info["scales"]
+    assert res["selection"]["scales"] == pytest.approx(scales) and all(s > 0 for s in scales.values())

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tallmasks import reduction
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.masks import Layout, MaskSet, consensus_mask, magnitude_masks, tall_mask, tall_masks
 from tallmasks.merging import METHODS, alpha_candidates, alpha_grid, merge
@@ -27,6 +28,15 @@ def seq_sum(rows):
     return total
 
 
+def stacked_sum(matrix):
+    """The paper's sum over tasks: the stacked (tasks x parameters) matrix's .sum(0)."""
+    return matrix.sum(0)
+
+
+def bits(tensor):
+    return tensor.contiguous().view(torch.int32)
+
+
 def ref_topk(matrix, k):
     if k == 100:
         return matrix.clone()
@@ -38,12 +48,12 @@ def ref_topk(matrix, k):
 
 def ref_ties(matrix, k, agg):
     trimmed = ref_topk(matrix, k)
-    sign = torch.sign(seq_sum(trimmed))
+    sign = torch.sign(stacked_sum(trimmed))
     majority = torch.sign(sign.sum())
     sign[sign == 0] = majority
     keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
     selected = trimmed * keep
-    total = seq_sum(selected)
+    total = stacked_sum(selected)
     if agg == "mean":
         total = total / torch.clamp((selected != 0).sum(0).float(), min=1)
     return total
@@ -106,9 +116,7 @@ def as_flat(vector, keys):
 def test_task_arithmetic_matches_reference(cs_and_refs, k):
     cs, keys, _, _, taus = cs_and_refs
     got = as_flat(merge(cs, "sum", k=k), keys)
-    assert torch.equal(got, seq_sum(ref_topk(taus, k)))
-    # the paper sums the stacked matrix; same formula up to float summation order
-    assert torch.allclose(got, ref_topk(taus, k).sum(0), atol=1e-6)
+    assert torch.equal(bits(got), bits(stacked_sum(ref_topk(taus, k))))
 
 
 @pytest.mark.parametrize("k", [20, 100, 50])
@@ -116,7 +124,68 @@ def test_task_arithmetic_matches_reference(cs_and_refs, k):
 def test_ties_matches_reference(cs_and_refs, k, agg):
     cs, keys, _, _, taus = cs_and_refs
     got = as_flat(merge(cs, "ties", k=k, ties_agg=agg), keys)
-    assert torch.equal(got, ref_ties(taus, k, agg))
+    assert torch.equal(bits(got), bits(ref_ties(taus, k, agg)))
+
+
+def many_task_states(num_tasks, seed=0):
+    """theta_0 and num_tasks fine-tuned states over 231 floats (the flat vector ends in a 7-entry
+    tail that the stacked sum adds in another order); task vectors span six orders of magnitude,
+    so that summation order shows in the last bits."""
+    g = torch.Generator().manual_seed(seed)
+    pt = {"a.weight": torch.randn(5, 37, generator=g), "b.scale": torch.randn((), generator=g),
+          "c.bias": torch.randn(45, generator=g)}
+    scales = torch.logspace(-3, 3, num_tasks).tolist() if num_tasks > 1 else [1.0]
+    fts = [{k: v + torch.randn(v.shape, generator=g) * scale for k, v in pt.items()} for scale in scales]
+    return pt, fts
+
+
+@pytest.mark.parametrize("block_elems", [1 << 22, 7, 40, 64])
+def test_task_sums_equal_the_stacked_sum_for_1_to_20_tasks(block_elems):
+    for num_tasks in range(1, 21):
+        pt, fts = many_task_states(num_tasks)
+        cs = CheckpointSet(pt, fts, block_elems=block_elems)
+        taus = torch.stack([flat(ft, cs.float_keys) for ft in fts]) - flat(pt, cs.float_keys)
+        for k in (100, 30):
+            got = as_flat(merge(cs, "sum", k=k), cs.float_keys)
+            assert torch.equal(bits(got), bits(stacked_sum(ref_topk(taus, k)))), (num_tasks, k)
+    # the fixture tells the orders apart: task by task differs from the stacked sum at 20 tasks
+    assert not torch.equal(bits(seq_sum(taus)), bits(stacked_sum(taus)))
+
+
+@pytest.mark.parametrize("block_elems", [1 << 22, 7])
+def test_ties_equals_the_stacked_reference_for_1_to_20_tasks(block_elems):
+    for num_tasks in range(1, 21) if block_elems > 1000 else [1, 5, 17, 18, 20]:
+        pt, fts = many_task_states(num_tasks, seed=1)
+        cs = CheckpointSet(pt, fts, block_elems=block_elems)
+        taus = torch.stack([flat(ft, cs.float_keys) for ft in fts]) - flat(pt, cs.float_keys)
+        for agg in ("mean", "sum"):
+            got = as_flat(merge(cs, "ties", k=20, ties_agg=agg), cs.float_keys)
+            assert torch.equal(bits(got), bits(ref_ties(taus, 20, agg))), (num_tasks, agg)
+
+
+def test_stacked_sum_order_for_any_width_and_task_count():
+    g = torch.Generator().manual_seed(5)
+    for num_tasks in [1, 2, 4, 5, 16, 17, 18, 20, 33, 64, 70, 300]:
+        for d in [2, 3, 7, 8, 31, 45, 100, 1000]:
+            matrix = torch.randn(num_tasks, d, generator=g) * torch.logspace(-4, 4, num_tasks).view(-1, 1)
+            matrix[:, ::3] = -0.0
+            got = reduction.stacked_sum(list(matrix), tail=reduction.stacked_tail(d))
+            assert torch.equal(bits(got), bits(matrix.sum(0))), (num_tasks, d)
+
+
+@pytest.mark.parametrize("majority", [-1.0, 0.0])
+def test_ties_zero_sign_with_negative_or_tied_majority(majority):
+    # 'w' entry 0 cancels (+1, -1): its elected sign is the majority sign; 'v' sets the majority
+    pt = {"v": torch.zeros(3), "w": torch.zeros(2)}
+    v = [-1.0, -1.0, -1.0] if majority < 0 else [1.0, -1.0, 0.0]
+    fts = [{"v": torch.tensor(v), "w": torch.tensor([1.0, 2.0])},
+           {"v": torch.tensor(v), "w": torch.tensor([-1.0, -3.0])}]
+    cs = CheckpointSet(pt, fts, block_elems=1)
+    got = merge(cs, "ties", k=100, ties_agg="sum")
+    assert torch.equal(got["w"], torch.tensor([-1.0, -3.0]))
+    keys = cs.float_keys
+    taus = torch.stack([flat(ft, keys) for ft in fts])
+    assert torch.equal(as_flat(got, keys), ref_ties(taus, 100, "sum"))
 
 
 def test_ties_zero_sign_takes_majority_sign():
@@ -147,7 +216,7 @@ def test_tall_mask_matches_reference(cs_and_refs, lam, use_ties):
     cs, keys, flat_pt, flat_ft, taus = cs_and_refs
     vector = merge(cs, "tall_mask", use_ties=use_ties)
     merged = as_flat(vector, keys)
-    expected_merged = ref_ties(taus, 20, "sum") if use_ties else seq_sum(taus)
+    expected_merged = ref_ties(taus, 20, "sum") if use_ties else stacked_sum(taus)
     assert torch.equal(merged, expected_merged)
     packed = tall_masks(cs, vector, lam)
     for t in range(cs.num_tasks):
@@ -189,8 +258,8 @@ def test_consensus_matches_reference(cs_and_refs, prun):
             merge(cs, "consensus", masks=masks, prun_thre_k=prun)
         return
     got = as_flat(merge(cs, "consensus", masks=masks, prun_thre_k=prun), keys)
-    counts = sum(ref_tall(flat_pt, flat_ft[t], seq_sum(taus), 0.4).float() for t in range(cs.num_tasks))
-    assert torch.equal(got, seq_sum(taus) * (counts >= prun))
+    counts = sum(ref_tall(flat_pt, flat_ft[t], stacked_sum(taus), 0.4).float() for t in range(cs.num_tasks))
+    assert torch.equal(got, stacked_sum(taus) * (counts >= prun))
     if prun == 0:
         assert torch.equal(got, as_flat(merge(cs, "sum"), keys))
 
@@ -206,7 +275,7 @@ def test_consensus_with_ties_base(cs_and_refs):
 def test_magnitude_masking(cs_and_refs):
     cs, keys, _, _, taus = cs_and_refs
     vector = merge(cs, "mag_masking", k=10)
-    assert torch.equal(as_flat(vector, keys), seq_sum(taus))
+    assert torch.equal(as_flat(vector, keys), stacked_sum(taus))
     masks = magnitude_masks(cs, k=10)
     expected = ref_topk(taus, 10) != 0
     d = taus.shape[1]
@@ -327,6 +396,79 @@ def test_bad_inputs_are_named():
         merge(cs, "consensus")
     with pytest.raises(ConfigError, match="ties_agg"):
         merge(cs, "ties", ties_agg="max")
+
+
+@pytest.mark.parametrize("block_elems", [1 << 22, 4])
+def test_nan_and_inf_are_named_whichever_pass_meets_them(block_elems):
+    pt, fts = make_states(3)
+    cases = [("sum", {}, 1, "d.weight"), ("ties", {"k": 20}, 2, "a.bias"), ("ties", {"k": 100}, 0, "b.scale")]
+    for method, params, culprit, key in cases:
+        states = [{k: v.clone() for k, v in ft.items()} for ft in fts]
+        base = {k: v.clone() for k, v in pt.items()}
+        target = base if culprit == 0 else states[culprit - 1]
+        target[key].view(-1)[-1] = float("inf") if culprit % 2 else float("nan")
+        labels = ["theta0", "ft1", "ft2", "ft3"]
+        cs = CheckpointSet(base, states, block_elems=block_elems)
+        cs.pretrained_label, cs.finetuned_labels = labels[0], labels[1:]
+        with pytest.raises(CheckpointError, match=f"^{labels[culprit]}: tensor '{key}' contains NaN or Inf$"):
+            merge(cs, method, **params)
+    # a pass that computes nothing showing NaN/Inf (TALL masks from a given vector) checks the inputs itself
+    states = [{k: v.clone() for k, v in ft.items()} for ft in fts]
+    states[2]["a.weight"][0, 0] = float("nan")
+    cs = CheckpointSet(pt, states, block_elems=block_elems)
+    vector = {k: torch.zeros(cs.shapes[k]) for k in cs.float_keys}
+    with pytest.raises(CheckpointError, match="'a.weight' contains NaN or Inf"):
+        tall_masks(cs, vector, 0.4)
+
+
+def test_merges_from_files_equal_merges_in_memory(tmp_path):
+    # .pt inputs are memory-mapped, their pages mapped ahead and released after each tensor, every pass
+    from safetensors.torch import save_file
+
+    pt, fts = make_states(3)
+    torch.save(pt, tmp_path / "pt.pt")
+    paths = []
+    for i, ft in enumerate(fts):
+        path = tmp_path / (f"ft{i}.safetensors" if i == 2 else f"ft{i}.pt")
+        if i == 2:
+            save_file({k: v.contiguous() for k, v in ft.items()}, str(path))
+        else:
+            torch.save(ft, path)
+        paths.append(path)
+    on_disk = CheckpointSet(tmp_path / "pt.pt", paths, block_elems=5)
+    in_memory = CheckpointSet(pt, fts, block_elems=5)
+    for _ in range(2):
+        for method, params in [("ties", {"k": 20}), ("sum", {"k": 30}), ("sum", {})]:
+            got = as_flat(merge(on_disk, method, **params), on_disk.float_keys)
+            assert torch.equal(bits(got), bits(as_flat(merge(in_memory, method, **params), in_memory.float_keys)))
+    assert torch.equal(on_disk.pretrained["a.weight"], pt["a.weight"])  # released pages read back intact
+
+
+def test_one_thread_and_several_give_the_same_bits():
+    # several torch threads: blocks go to worker threads; one thread: the blocks are walked in turn
+    pt, fts = many_task_states(18, seed=2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            cs = CheckpointSet(pt, fts, block_elems=16)
+            vectors = [merge(cs, "ties", k=20), merge(cs, "sum", k=50), merge(cs, "mag_masking")]
+            masks = tall_masks(cs, vectors[1], 0.3)
+            results.append(([bits(as_flat(v, cs.float_keys)) for v in vectors], [masks.packed[n] for n in cs.names]))
+            assert torch.get_num_threads() == count  # restored after the walks
+    finally:
+        torch.set_num_threads(threads)
+    (one, one_masks), (many, many_masks) = results
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert all(np.array_equal(a, b) for a, b in zip(one_masks, many_masks))
+
+
+def test_overflow_from_finite_inputs_is_not_an_input_error():
+    pt = {"w": torch.tensor([-3e38, 1.0])}
+    fts = [{"w": torch.tensor([3e38, 2.0])}]
+    got = merge(CheckpointSet(pt, fts), "sum")["w"]
+    assert torch.isinf(got[0]) and got[1] == 1.0
 
 
 def test_registry_lists_every_paper_method():

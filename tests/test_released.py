@@ -107,6 +107,42 @@ def test_released_masks_roundtrip(tmp_path):
         assert np.array_equal(np.unpackbits(packed)[:1001].astype(bool), bools[name])
 
 
+@pytest.mark.parametrize("kind", ["numpy arrays", "uint8 tensors", "legacy format"])
+def test_torch_saved_released_masks(tmp_path, kind):
+    # the paper's code loads its mask files with torch.load: a torch.save'd dict is read as well
+    rng = np.random.default_rng(1)
+    packed = {name: np.packbits(rng.random(1001) > 0.5) for name in ("MNIST", "Cars")}
+    path = tmp_path / "TALL_mask_2task.npy"
+    if kind == "uint8 tensors":
+        torch.save({name: torch.from_numpy(value) for name, value in packed.items()}, path)
+    else:
+        torch.save(packed, path, _use_new_zipfile_serialization=kind != "legacy format")
+    masks = load_released_masks(path)
+    assert list(masks) == ["MNIST", "Cars"]
+    assert all(np.array_equal(masks[name], packed[name]) for name in packed)
+
+
+def test_torch_saved_masks_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    cases = {
+        "payload.npy": {"MNIST": _Payload(marker)},
+        "floats.npy": {"MNIST": torch.zeros(3)},
+        "list.npy": [np.zeros(2, dtype=np.uint8)],
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+    reasons = {"payload.npy": "forbidden global", "floats.npy": "not a packed uint8 array", "list.npy": "dict"}
+    for name, reason in reasons.items():
+        with pytest.raises(CheckpointError) as info:
+            load_released_masks(tmp_path / name)
+        message = str(info.value)
+        assert "\n" not in message and name in message and reason in message
+    (tmp_path / "text.npy").write_text("neither")
+    with pytest.raises(CheckpointError, match="neither an np.save'd nor a torch.save'd"):
+        load_released_masks(tmp_path / "text.npy")
+    assert not marker.exists()
+
+
 def test_payload_head_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "head_MNISTVal.pt"

@@ -518,10 +518,10 @@ def test_a_new_config_group_is_validated_from_its_registered_functions(monkeypat
 
     monkeypatch.setitem(schema.GROUPS, "correction", schema.Group(lookup, required=False))
     assert "correction" not in schema.validate_config(_compose(["device=cpu"])).groups  # optional, absent
-    settings = schema.validate_config(_compose(["device=cpu", "+correction.name=tact", "+correction.num_images=8"]))
+    settings = schema.validate_config(_compose(["device=cpu", "correction.name=tact", "+correction.num_images=8"]))
     assert settings.groups["correction"].params == {"num_images": 8, "by_layer": True}
     for override, message in (("+correction.num_images=0", "correction.num_images must be >= 1"),
                               ("+correction.by_layer=maybe", "correction.by_layer must be true or false"),
                               ("+correction.images=8", "unknown config field correction.images for correction 'tact'")):
         with pytest.raises(ConfigError, match=message):
-            schema.validate_config(_compose(["device=cpu", "+correction.name=tact", override]))
+            schema.validate_config(_compose(["device=cpu", "correction.name=tact", override]))

@@ -1,4 +1,4 @@
-"""The ``tallmasks`` console command: merge, compress, decompress, inspect and convert checkpoints."""
+"""The ``tallmasks`` console command: merge, compress, decompress, inspect, convert and align checkpoints."""
 
 from __future__ import annotations
 
@@ -35,26 +35,49 @@ def _check_out_file(path: str, option: str = "--out") -> Path:
     return out
 
 
-def _inputs(*paths: str) -> list[Path]:
-    """The input checkpoints, each a regular file (never a pipe or a device)."""
-    return [require_file(p, "checkpoint") for p in paths]
+def _inputs(*paths: str | Path) -> list[Path]:
+    """The input checkpoints' files, each a regular file (never a pipe or a device); a sharded checkpoint
+    gives its index and shards."""
+    from tallmasks.checkpoints import checkpoint_files
+
+    return [file for path in paths for file in checkpoint_files(path)]
+
+
+def _sources(args) -> tuple[str | Path, list[str | Path], list[str] | None]:
+    """(theta_0, fine-tuned checkpoints, task names) from --pretrained/--finetuned or from --pool."""
+    if args.pool is not None:
+        if args.pretrained or args.finetuned or args.names:
+            raise ConfigError("--pool replaces --pretrained, --finetuned and --names; give one or the other")
+        from tallmasks.models import finetuned_path, zeroshot_path
+        from tallmasks.pools import load_pool, prepare_pool
+
+        pool = load_pool(args.pool)
+        root = prepare_pool(pool, args.pool_dir, heads=False)
+        return zeroshot_path(root, pool.model), [finetuned_path(root, pool.model, d) for d in pool.tasks], list(pool.tasks)
+    if not args.pretrained or not args.finetuned:
+        raise ConfigError("give --pretrained and --finetuned checkpoints, or a --pool")
+    return args.pretrained, list(args.finetuned), _names(args, len(args.finetuned))
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _method_params(method: str, given: dict[str, Any], num_tasks: int) -> dict[str, Any]:
-    """Hyperparameters given as flags, checked against the method's signature like main.py's method fields."""
+def _method_params(method: str, given: dict[str, Any], num_tasks: int, option: str = "") -> dict[str, Any]:
+    """Hyperparameters given as flags (or ``--param NAME=VALUE`` with ``option``), checked against the
+    method's signature like main.py's method fields."""
     from tallmasks.merging import get_method
     from tallmasks.schema import coerce, parameters
 
     accepted = parameters(get_method(method).fn, ("device",))
     out = {}
     for key, value in given.items():
+        where = f"{option}{key}" if option else _flag(key)
         if key not in accepted:
-            raise ConfigError(f"{_flag(key)} does not apply to method {method!r}")
-        out[key] = coerce(value, accepted[key].annotation, _flag(key), {"num_tasks": num_tasks})
+            if option:
+                raise ConfigError(f"{where}: method {method!r} has no hyperparameter {key!r} (it takes {', '.join(accepted) or 'none'})")
+            raise ConfigError(f"{where} does not apply to method {method!r}")
+        out[key] = coerce(value, accepted[key].annotation, where, {"num_tasks": num_tasks})
     return out
 
 
@@ -75,31 +98,50 @@ def _lambdas(values: Sequence[float] | None, default: float) -> float | list[flo
     return values[0] if len(values) == 1 else list(values)
 
 
+def _param_items(items: Sequence[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` pairs (values still text; the method's signature types them)."""
+    out = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+        out[name] = text.strip()
+    return out
+
+
 def cmd_merge(args) -> int:
     from tallmasks.checkpoints import save_state_dict
+    from tallmasks.coefficients import ScaledVector
     from tallmasks.masks import tall_masks
-    from tallmasks.merging import base_vector, merge
+    from tallmasks.merging import base_vector, get_method, merge
     from tallmasks.schema import coerce
     from tallmasks.task_vectors import CheckpointSet, apply_vector
 
-    inputs = _inputs(args.pretrained, *args.finetuned)
+    method = get_method(args.method)
     out = _check_out_file(args.out)
+    pretrained, finetuned, names = _sources(args)
     given = {"k": args.k, "use_ties": args.use_ties or None, "ties_agg": args.ties_agg, "prun_thre_k": args.prun_thre_k}
-    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, len(args.finetuned))
+    params: dict = _method_params(args.method, {k: v for k, v in given.items() if v is not None}, len(finetuned))
+    params.update(_method_params(args.method, _param_items(args.param), len(finetuned), option="--param "))
     params["device"] = _device(args.device)
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
+    needs_masks = method.needs_masks(params)
+    if args.tall_mask_lambda and not needs_masks:
+        raise ConfigError("--tall-mask-lambda applies to methods that read TALL masks (consensus, lines with base_method=consensus) and to compress")
     alpha = None if args.alpha is None else coerce(args.alpha, float, "--alpha")
-    names = _names(args, len(args.finetuned))
-    check_output(out, inputs, expected_bytes=file_size(args.pretrained), label="--out")
-    cs = CheckpointSet(args.pretrained, args.finetuned, names)
+    if alpha is None and method.needs_alpha:
+        raise ConfigError(f"method {args.method!r} scales each layer with its own coefficient: pass --alpha to write the merged model")
+    inputs = _inputs(pretrained, *finetuned)
+    check_output(out, inputs, expected_bytes=sum(file_size(f) for f in _inputs(pretrained)), label="--out")
+    cs = CheckpointSet(pretrained, finetuned, names)
     cs.progress = not args.quiet
-    if args.method == "consensus":
+    if needs_masks:
         base_params = {k: v for k, v in params.items() if k in ("k", "use_ties", "ties_agg", "device")}
         base = base_vector(cs, **base_params)
         params["masks"] = tall_masks(cs, base, lambdas, device=params["device"])
-        params["base"] = base
-    elif args.tall_mask_lambda:
-        raise ConfigError("--tall-mask-lambda applies to method 'consensus' (and to compress)")
+        if "base" in method.defaults:
+            params["base"] = base
     vector = merge(cs, args.method, **params)
     if alpha is None:
         result = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
@@ -107,6 +149,8 @@ def cmd_merge(args) -> int:
     else:
         result = apply_vector(cs.pretrained, vector, alpha=alpha)
         what = f"merged model (alpha={alpha:g})"
+    if isinstance(vector, ScaledVector):
+        what += " (" + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in vector.info.items()) + ")"
     save_state_dict(result, out, finite=True)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
@@ -138,19 +182,21 @@ def cmd_compress(args) -> int:
     from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
     from tallmasks.schema import Percent, coerce
 
-    if args.masks == "magnitude" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
+    if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
         raise ConfigError("--use-ties, --tall-mask-lambda and --masks-file apply to --masks tall only")
+    if args.masks != "magnitude" and args.k is not None:
+        raise ConfigError("--k applies to --masks magnitude only")
     if args.masks_file and args.tall_mask_lambda:
         raise ConfigError("--tall-mask-lambda builds masks; it does not apply with --masks-file")
     if args.k is not None:
         coerce(args.k, Percent, "--k")
     if args.model:
+        if args.pool:
+            raise ConfigError("--model and --pool are two sources of checkpoints; give one")
         pretrained, finetuned, names, masks_file = _released_inputs(args)
     else:
-        if not args.pretrained or not args.finetuned:
-            raise ConfigError("give --pretrained and --finetuned, or --model to read the released layout")
-        pretrained, finetuned, masks_file = args.pretrained, args.finetuned, args.masks_file
-        names = _names(args, len(args.finetuned))
+        pretrained, finetuned, names = _sources(args)
+        masks_file = args.masks_file
     compress(
         pretrained,
         finetuned,
@@ -178,7 +224,7 @@ def cmd_compress(args) -> int:
         report["ratio_to_paper"],
         report["mask_bits_per_weight_per_task"],
         len(report["tasks"]),
-        sum(Path(p).stat().st_size for p in finetuned) / 1e6,
+        sum(file.stat().st_size for file in _inputs(*finetuned)) / 1e6,
     )
     return 0
 
@@ -211,17 +257,18 @@ def cmd_inspect(args) -> int:
     path = Path(args.path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder")
-    if path.is_dir():
+    sharded = path.is_dir() and not _is_collection(path) and any(path.glob("*.safetensors*"))
+    if path.is_dir() and not sharded:
         if not _is_collection(path):
             raise ConfigError(f"{path}: not a compressed collection (no valid meta.json)")
-    else:
+    elif not sharded:
         require_file(path, "checkpoint or mask")
     is_maskset = not path.is_dir() and path.suffix == ".safetensors" and _is_maskset(path)
     if args.plot:
-        if not (path.is_dir() or is_maskset):
+        if not ((path.is_dir() and not sharded) or is_maskset):
             raise ConfigError(f"--plot draws the agreement of a collection or mask file; {path} is a checkpoint")
         check_output(args.plot, [path], label="--plot")
-    if path.is_dir():
+    if path.is_dir() and not sharded:
         report = collection_report(path)
         agreement = report["agreement"]
         names = report["tasks"]
@@ -238,11 +285,12 @@ def cmd_inspect(args) -> int:
         for key in state:
             dtype = str(state.dtype(key)).replace("torch.", "")
             dtypes[dtype] = dtypes.get(dtype, 0) + state.numel(key)
-        report = {"tensors": len(state), "params_by_dtype": dtypes, "bytes": path.stat().st_size}
+        size = sum(file.stat().st_size for file in state.files)
+        report = {"tensors": len(state), "params_by_dtype": dtypes, "bytes": size, "files": len(state.files)}
         if args.json:
             print(json.dumps(report, indent=1))
         else:
-            print(f"{path}: {len(state)} tensors, {path.stat().st_size / 1e6:.1f} MB")
+            print(f"{path}: {len(state)} tensors, {size / 1e6:.1f} MB" + (f" in {len(state.files)} files" if len(state.files) > 1 else ""))
             for dtype, n in sorted(dtypes.items()):
                 print(f"  {dtype:<10} {n:>14,} parameters")
         return 0
@@ -261,6 +309,9 @@ def cmd_inspect(args) -> int:
               f"ratio {report['ratio_to_paper']:.3f}")
         print(f"  masks: {report['mask_bits_per_weight_per_task']:.3f} bits per weight per task")
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
+    scales = (report.get("masks") or {}).get("scales")
+    if scales:
+        print("  scale per task: " + ", ".join(f"{n} {float(v):.4g}" for n, v in scales.items()))
     for line in _profile_lines(agreement):
         print("  " + line)
     return 0
@@ -311,6 +362,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    from tallmasks.non_local.permutation import heads_of_model
+    from tallmasks.non_local.weight_matching import align_checkpoint_files
+
+    if args.arch != "vit" and (args.heads is not None or args.model is not None):
+        raise ConfigError("--heads and --model apply to --arch vit only")
+    heads = args.heads if args.heads is not None else (heads_of_model(args.model) if args.model else None)
+    if heads is not None and heads < 1:
+        raise ConfigError(f"--heads must be a positive integer, got {heads}")
+    record = align_checkpoint_files(args.reference, args.other, args.arch, args.out, args.experts or [], args.names,
+                                    heads, args.max_iter, args.seed, _device(args.device))
+    log.info("aligned %s to %s in %d iterations (objective %.6g -> %.6g); wrote %s", args.other, args.reference,
+             record["iterations"], *record["objective"], args.out)
+    return 0
+
+
 def cmd_report(args) -> int:
     from tallmasks.reporting import write_report
 
@@ -336,10 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def checkpoints(p, required=True):
-        p.add_argument("--pretrained", required=required, help="pre-trained checkpoint theta_0 (.pt or .safetensors)")
-        p.add_argument("--finetuned", required=required, nargs="+", help="fine-tuned checkpoints theta_t")
+    def checkpoints(p):
+        p.add_argument("--pretrained", help="pre-trained checkpoint theta_0 (.pt, .safetensors, or a sharded safetensors folder)")
+        p.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints theta_t (same formats)")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
+        p.add_argument("--pool", help="instead: a pool of transformers CLIP checkpoints (config/pool/NAME.yaml, or a path)")
+        p.add_argument("--pool-dir", default="models/checkpoints",
+                       help="where a pool's converted checkpoints are kept (<pool-dir>/hf/<pool name>)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
     merge = sub.add_parser("merge", help="merge task vectors with one method")
@@ -351,15 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--ties-agg", choices=["mean", "sum"], help="TIES aggregation (ties: mean, else sum)")
     merge.add_argument("--prun-thre-k", type=int, help="consensus: minimum number of tasks per weight (2)")
     merge.add_argument("--tall-mask-lambda", type=float, nargs="+", help="consensus: lambda, one or one per task (0.4)")
-    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau")
+    merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau (lines: its beta)")
+    merge.add_argument("--param", action="append", metavar="NAME=VALUE",
+                       help="any hyperparameter of the method, e.g. --param p=0.5 --param base_method=ties (dare), "
+                       "--param beta=0.9 (breadcrumbs); repeatable")
     merge.set_defaults(func=cmd_merge)
 
     comp = sub.add_parser("compress", help="merged vector + one mask per task (entropy-coded by default)")
-    checkpoints(comp, required=False)
+    checkpoints(comp)
     comp.add_argument("--out", required=True, help="output folder")
     comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
     comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
-    comp.add_argument("--masks", choices=["tall", "magnitude"], default="tall")
+    comp.add_argument("--masks", choices=["tall", "magnitude", "emr"], default="tall",
+                      help="TALL masks, magnitude masks, or EMR-merging's masks and rescalers")
     comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
     comp.add_argument("--storage", choices=["coded", "packbits"], default="coded",
                       help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); "
@@ -389,6 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+
+    align = sub.add_parser("align", help="permute a checkpoint (and its experts) to match a reference (weight matching)")
+    align.add_argument("--reference", required=True, help="reference foundation (.pt or .safetensors)")
+    align.add_argument("--other", required=True, help="foundation to align to the reference")
+    align.add_argument("--arch", required=True, choices=["vit", "cnn", "mlp"],
+                       help="vit: open_clip VisionTransformer; cnn: torchvision ResNet layout; mlp: a chain of linear/conv layers")
+    align.add_argument("--experts", nargs="+", help="checkpoints fine-tuned from --other, permuted likewise")
+    align.add_argument("--names", nargs="+", help="expert names (default: from file names)")
+    align.add_argument("--out", required=True, help="new output folder")
+    align.add_argument("--heads", type=int, help="vit: attention heads per block (default: width / 64)")
+    align.add_argument("--model", help="vit: open_clip model name to read the heads from (e.g. ViT-B-32)")
+    align.add_argument("--max-iter", type=int, default=100, help="weight matching iteration cap (100)")
+    align.add_argument("--seed", type=int, default=0, help="order in which permutation groups are visited (0)")
+    align.add_argument("--device", default="cpu", help="cpu, cuda or auto (matrix products; assignments run on the CPU)")
+    align.set_defaults(func=cmd_align)
 
     rep = sub.add_parser("report", help="tables (markdown, CSV) and figures of results beside the paper's, and storage")
     rep.add_argument("paths", nargs="*", help="results files or folders, compressed collections (default: results/merging results/demo)")

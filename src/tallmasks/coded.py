@@ -243,16 +243,16 @@ class CodedTensor:
     def mask(self, task: int) -> torch.Tensor:
         return torch.from_numpy(_bit(self.patterns, task)).reshape(self.shape)
 
-    def apply(self, theta0: torch.Tensor, task: int) -> torch.Tensor:
-        """theta_0 where the task's bit is 0, (theta_0 + tau) in float32 cast to theta_0's dtype where it is 1;
-        arithmetic on the task's weights only."""
+    def apply(self, theta0: torch.Tensor, task: int, scale: float = 1.0) -> torch.Tensor:
+        """theta_0 where the task's bit is 0, (theta_0 + scale * tau) in float32 cast to theta_0's dtype where
+        it is 1; arithmetic on the task's weights only."""
         out = theta0.reshape(-1).clone()
         kept = np.flatnonzero(self.patterns)
         chosen = _bit(self.patterns[kept], task)
         positions = kept[chosen]
         words = out.view(_WORDS[out.element_size()]).numpy()  # gather and scatter on raw words: any float dtype
         base = torch.from_numpy(words[positions]).view(out.dtype)
-        summed = (base.to(torch.float32) + self.kept_values[torch.from_numpy(chosen)].to(torch.float32)).to(out.dtype)
+        summed = (base.to(torch.float32) + scale * self.kept_values[torch.from_numpy(chosen)].to(torch.float32)).to(out.dtype)
         words[positions] = summed.view(_WORDS[out.element_size()]).numpy()
         return out.reshape(theta0.shape)
 
@@ -388,8 +388,8 @@ class CodedFile:
         }
 
 
-def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
-    """theta_0 + m_t * tau_MTL as a full state dict (keys theta_0 has and the file lacks come from theta_0)."""
+def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """theta_0 + scale * (m_t * tau_MTL) as a full state dict (keys theta_0 has and the file lacks come from theta_0)."""
     t = coded.task_index(task)
     extra = [k for k in coded.index if k not in theta0]
     if extra:
@@ -405,5 +405,5 @@ def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str)
         tensor = coded.read(key)
         if tuple(base.shape) != tensor.shape:
             raise CheckpointError(f"shape mismatch for {key!r}: {list(tensor.shape)} vs {list(base.shape)}")
-        out[key] = tensor.apply(base, t)
+        out[key] = tensor.apply(base, t, scale)
     return out

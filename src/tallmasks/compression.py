@@ -4,16 +4,18 @@ A compressed collection is a folder:
 
 - ``merged.safetensors``: the multi-task vector tau_MTL (floating-point keys, the inputs' dtype);
 - ``masks.safetensors``: one bit-packed mask per task (``MaskSet``);
-- ``meta.json``: task names, how the masks were built, the pre-trained checkpoint it refers to (path and
-  SHA-256: theta_0 is referenced, not copied), and the collection's id, which both parts also record, so
-  a part copied from another collection (or left by an interrupted rewrite) is refused.
+- ``meta.json``: task names, how the masks were built (with the per-task scales of EMR-merging), the
+  pre-trained checkpoint it refers to (path and SHA-256: theta_0 is referenced, not copied), and the
+  collection's id, which both parts also record, so a part copied from another collection (or left by an
+  interrupted rewrite) is refused.
 
+Task t is rebuilt as theta_0 + scale_t * (m_t * tau_MTL), scale_t = 1 for TALL and magnitude masks.
 That is the paper's scheme (``storage="packbits"``). The default, ``storage="coded"``, replaces the two
 data files with ``coded.safetensors`` (``tallmasks.coded``: masks entropy-coded jointly, the merged
 vector only where some mask keeps a weight, the collection id in its metadata), losslessly.
 
-Task t is rebuilt as theta_0 + m_t * tau_MTL. Writing a collection replaces only a previous collection's
-own files (meta.json last); a non-empty folder that is not a collection is refused.
+Writing a collection replaces only a previous collection's own files (meta.json last); a non-empty folder
+that is not a collection is refused.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from tallmasks.checkpoints import LazyStateDict, atomic_path, load_state_dict, s
 from tallmasks.coded import CODED_FORMAT, CodedFile, decode_task, write_coded
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.guard import check_output, file_size, require_file
-from tallmasks.masks import Layout, MaskSet, magnitude_masks, tall_masks
-from tallmasks.merging import base_vector
+from tallmasks.masks import Layout, MaskSet
+from tallmasks.merging import get_method, merge
+from tallmasks.merging.per_task import mask_scales, task_models
 from tallmasks.task_vectors import CheckpointSet, apply_vector
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,9 @@ META_FILE = "meta.json"
 PARTS = (MERGED_FILE, MASKS_FILE, META_FILE)
 STORAGE_PARTS = {"packbits": PARTS, "coded": (CODED_FILE, META_FILE)}
 DEFAULT_LAMBDA = 0.4
+
+#: --masks kinds and the per-task methods that build them
+MASK_METHODS = {"tall": "tall_mask", "magnitude": "mag_masking", "emr": "emr"}
 
 
 def _load_meta(path: Path) -> object:
@@ -86,27 +92,38 @@ def compress(
     ``masks_file``: existing TALL masks (ours or a released ``.npy``) instead of building them; ``model``: a
     name recorded in meta.json."""
     out_dir = Path(out_dir).expanduser()
-    if masks not in ("tall", "magnitude"):
-        raise ConfigError(f"masks must be 'tall' or 'magnitude', got {masks!r}")
+    if masks not in MASK_METHODS:
+        raise ConfigError(f"masks must be one of {', '.join(MASK_METHODS)}, got {masks!r}")
     if storage not in STORAGES:
         raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if masks_file is not None and masks != "tall":
+        raise ConfigError("masks_file holds TALL masks: it applies with masks='tall' only")
     inputs = [require_file(p) for p in (pretrained, *finetuned)]
     size = file_size(pretrained)
     _check_out_dir(out_dir, inputs, size + len(inputs) * (size // 32 + 1) + 65536)
     cs = CheckpointSet(pretrained, list(finetuned), names)
     cs.progress = progress
-    if masks_file is not None:
-        vector = base_vector(cs, use_ties=use_ties, device=device)
-        mask_set = load_mask_file(masks_file, cs)
-        mask_info = {"kind": "tall", "use_ties": use_ties, "lambdas": mask_set.info.get("lambdas"), "source": str(masks_file)}
-    elif masks == "tall":
-        vector = base_vector(cs, use_ties=use_ties, device=device)
-        mask_set = tall_masks(cs, vector, lambdas, device=device, info={"use_ties": use_ties})
-        mask_info = {"kind": "tall", "use_ties": use_ties, "lambdas": mask_set.info["lambdas"]}
+    method = get_method(MASK_METHODS[masks])
+    params = {"tall": {"use_ties": use_ties}, "magnitude": {"k": k}, "emr": {}}[masks]
+    if masks == "tall":
+        settings = [lambdas] * cs.num_tasks if isinstance(lambdas, (int, float)) else list(lambdas)
     else:
-        vector = base_vector(cs, device=device)
-        mask_set = magnitude_masks(cs, k=k, device=device)
-        mask_info = {"kind": "magnitude", "k": float(k)}
+        settings = [None] * cs.num_tasks
+    vector = merge(cs, method.name, device=device, **params)
+    if masks_file is not None:
+        mask_set = load_mask_file(masks_file, cs)
+        mask_set.info["use_ties"] = use_ties
+        mask_info: dict = {"kind": "tall", "use_ties": use_ties, "lambdas": mask_set.info.get("lambdas"), "source": str(masks_file)}
+    else:
+        mask_set = task_models(method, cs, vector, {**params, "device": device}).masks(settings)
+        mask_info = {"kind": masks, **params}
+        if masks == "tall":
+            mask_info["lambdas"] = mask_set.info["lambdas"]
+            mask_set.info["use_ties"] = use_ties
+        elif masks == "magnitude":
+            mask_info["k"] = float(k)
+        else:
+            mask_info["scales"] = mask_scales(mask_set)
     stored = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
     collection_id = uuid.uuid4().hex
     meta = {
@@ -235,8 +252,8 @@ def task_name(meta: dict, task: str | int) -> str:
 def decompress(
     collection: str | Path, task: str | int, out: str | Path | None = None, pretrained: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
-    """Rebuild theta_0 + m_t * tau_MTL for one task; saved atomically to ``out`` when given (an output that
-    is theta_0 or lies inside the collection is refused before any work)."""
+    """Rebuild theta_0 + scale_t * (m_t * tau_MTL) for one task; saved atomically to ``out`` when given (an
+    output that is theta_0 or lies inside the collection is refused before any work)."""
     collection = Path(collection).expanduser()
     coded = read_meta(collection)["format"] == CODED_FORMAT
     if coded:
@@ -252,10 +269,11 @@ def decompress(
         check_output(out, [collection, theta0_path], expected_bytes=file_size(theta0_path), label="--out")
     if sha256_file(theta0_path) != meta["pretrained"]["sha256"]:
         raise CheckpointError(f"{theta0_path}: differs from the pre-trained checkpoint the collection was made from (SHA-256 mismatch)")
+    scale = float((meta["masks"].get("scales") or {}).get(name, 1.0))
     if coded:
-        model = decode_task(coded_file, load_state_dict(theta0_path), name)
+        model = decode_task(coded_file, load_state_dict(theta0_path), name, scale=scale)
     else:
-        model = apply_vector(load_state_dict(theta0_path), merged, alpha=1.0, mask=masks.get(name))
+        model = apply_vector(load_state_dict(theta0_path), merged, alpha=scale, mask=masks.get(name))
     if out is not None:
         save_state_dict(model, out, finite=True)
     return model

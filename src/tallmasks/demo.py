@@ -46,6 +46,12 @@ METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "consensus": ("consensus", {"use_ties": False}),
     "consensus_ties": ("consensus", {"use_ties": True}),
     "mag_masking": ("mag_masking", {}),
+    "breadcrumbs": ("breadcrumbs", {}),
+    "magmax": ("magmax", {}),
+    "model_stock": ("model_stock", {}),
+    "pcb": ("pcb", {}),
+    "cart": ("cart", {}),
+    "wudi": ("wudi", {}),
 }
 SUMMARY_METHODS: list[str] = [*METHOD_RUNS, "finetuned"]
 DEFAULT_NUM_TASKS = 8
@@ -442,8 +448,8 @@ def _quote(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def compose_config(cfg: DemoConfig, location: Path, method: str, method_overrides: dict[str, Any]) -> Any:
-    """The main.py config of one demo experiment on the experts at ``location``, composed by Hydra."""
+def compose_config(cfg: DemoConfig, location: Path, method: str, method_overrides: dict[str, Any], extra: Sequence[str] = ()) -> Any:
+    """The main.py config of one demo experiment on the experts at ``location``, composed by Hydra (``extra``: more overrides)."""
     from hydra import compose, initialize_config_dir
     from tallmasks.models import DEMO_MODEL
 
@@ -467,6 +473,7 @@ def compose_config(cfg: DemoConfig, location: Path, method: str, method_override
         "wandb.mode=disabled",
     ]
     overrides += [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in method_overrides.items()]
+    overrides += list(extra)
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
@@ -573,6 +580,7 @@ def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
     parser.add_argument("--output-dir", type=Path, default=Path("results/demo"), help="summaries and plots")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run, not meaningful numbers)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--nonlocal", action="store_true", help="the non-local merging experiment (its options: --nonlocal --help)")
     args = parser.parse_args(argv)
     make = DemoConfig.quick if args.quick else DemoConfig
     base = make(cache_dir=args.cache_dir, output_dir=args.output_dir, num_tasks=args.num_tasks, tasks=args.tasks, threads=args.threads)
@@ -586,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("tallmasks").setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:  # the demo model is random-initialized on purpose
         handler.addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--nonlocal" in argv:
+        from tallmasks.non_local.offline import main as nonlocal_main
+
+        return nonlocal_main([a for a in argv if a != "--nonlocal"])
     try:
         summaries = [run_demo(cfg) for cfg in parse_args(argv)]
     except TallmasksError as exc:

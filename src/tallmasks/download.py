@@ -220,8 +220,10 @@ def report_error(report: Report, root: Path, hint: str) -> CheckpointError:
     return CheckpointError(f"{root}: {', '.join(parts)}; {hint}")
 
 
-def explain_network_error(exc: BaseException, source: str, model: str = "", kind: str = "", staging: Path | None = None) -> str:
-    """A one-line, actionable message for a failed download."""
+def explain_network_error(
+    exc: BaseException, source: str, model: str = "", kind: str = "", staging: Path | None = None, repo: str = HF_REPO
+) -> str:
+    """A one-line, actionable message for a failed download (from ``repo`` on the hub, or Google Drive)."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     text = str(exc)
     folder = GDRIVE_FOLDERS.get(kind, {}).get(model, "")
@@ -253,14 +255,14 @@ def explain_network_error(exc: BaseException, source: str, model: str = "", kind
         if source == "hf":
             return (
                 "cannot reach the Hugging Face hub (huggingface.co); check the network, proxy or HF_HUB_OFFLINE/"
-                "HF_ENDPOINT, then rerun (partial downloads resume), or use --source=gdrive"
+                "HF_ENDPOINT, then rerun (partial downloads resume)" + (", or use --source=gdrive" if repo == HF_REPO else "")
             )
         return (
             "cannot reach Google Drive; check the network or proxy, then rerun (partial downloads resume), "
             "or use --source=hf"
         )
     if names & {"RepositoryNotFoundError", "GatedRepoError"}:
-        return f"the Hugging Face repository {HF_REPO} is not accessible ({_first_line(exc)}); check HF_ENDPOINT/token"
+        return f"the Hugging Face repository {repo} is not accessible ({_first_line(exc)}); check HF_ENDPOINT/token"
     if names & {"RevisionNotFoundError", "EntryNotFoundError", "RemoteEntryNotFoundError"}:
         return f"a file is missing on the Hugging Face hub ({_first_line(exc)})"
     return f"{source} download failed: {_first_line(exc)}"

@@ -30,6 +30,7 @@ from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.distributed import check_device, check_world_size, resolve_device, spawn_ranks, under_launcher
 from tallmasks.guard import check_output
 from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, val_name, zeroshot_path
+from tallmasks.precision import PRECISIONS, check_precision, set_backend
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ EPOCHS: dict[str, int] = {
 }
 """The paper's number of fine-tuning epochs per dataset."""
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 STATE_NAME = "finetune_state.pt"
 
 
@@ -81,7 +81,7 @@ class FinetuneConfig:
     num_workers: int = 4
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | tf32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | paper | tf32 | bf16 (tallmasks.precision)
     max_steps: int | None = None  # cap on optimizer steps (short runs, tests)
     wandb_mode: str = "disabled"  # disabled | online | offline
     wandb_project: str = "tallmasks"
@@ -117,8 +117,7 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ConfigError("weight_decay, warmup_steps, clip_grad and checkpoint_every must be >= 0")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {cfg.max_steps!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    check_precision(cfg.precision)
     if cfg.wandb_mode not in ("disabled", "online", "offline"):
         raise ConfigError(f"wandb_mode must be disabled, online or offline, got {cfg.wandb_mode!r}")
     check_device(cfg.device, "device")
@@ -190,8 +189,9 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    dtype = check_precision(precision).autocast
+    if dtype is not None:
+        return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -290,9 +290,7 @@ def _run(
     rank, world_size, _ = _dist_info()
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    if cfg.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_backend(cfg.precision)
 
     if main:  # the outputs' location checked before the work: writable, and room for them
         check_output(out, label="fine-tuned checkpoint")

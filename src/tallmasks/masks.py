@@ -19,7 +19,7 @@ import torch
 from tallmasks.checkpoints import atomic_path
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.guard import require_file
-from tallmasks.selection import check_k, kth_rank, kth_smallest_magnitudes
+from tallmasks.selection import KthMagnitudes, check_k, kth_rank
 from tallmasks.task_vectors import CheckpointSet
 
 MASKSET_FORMAT = "tallmasks-maskset-v1"
@@ -291,10 +291,14 @@ def tall_masks(
         raise ConfigError(f"{len(lambdas)} tall_mask_lambda values given for {cs.num_tasks} tasks (give one, or one per task)")
     layout = Layout.of(cs)
     packers = [BitPacker(layout.numel) for _ in range(cs.num_tasks)]
-    for block in cs.blocks(device=device):
+
+    def bits(block) -> list[torch.Tensor]:
         merged = _vector_block(vector, block.key, block.start, block.stop, device)
-        for t, theta_t in enumerate(block.finetuned):
-            packers[t].add(_tall_bits(block.pretrained, theta_t, merged, lambdas[t]))
+        return [_tall_bits(block.pretrained, theta_t, merged, lambdas[t]) for t, theta_t in enumerate(block.finetuned)]
+
+    for _, masks in cs.map_blocks(bits, device=device):
+        for packer, mask in zip(packers, masks):
+            packer.add(mask)
     meta = {"kind": "tall", "lambdas": dict(zip(cs.names, lambdas))}
     meta.update(info or {})
     return MaskSet(cs.names, layout, [p.finish() for p in packers], meta)
@@ -303,13 +307,13 @@ def tall_masks(
 def topk_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float]:
     """Per task, the magnitude threshold keeping its top-k% entries over the whole model."""
     k = check_k(k)
-    rank = kth_rank(cs.num_float_params, k)
-
-    def chunks():
-        for block in cs.blocks(device=device):
-            yield block.task_vectors()
-
-    return kth_smallest_magnitudes(chunks, [rank] * cs.num_tasks)
+    selector = KthMagnitudes([kth_rank(cs.num_float_params, k)] * cs.num_tasks)
+    for _ in cs.map_blocks(lambda block: block.verify(selector.add_high(block.taus())), device=device):
+        pass
+    selector.choose_bins()
+    for _ in cs.map_blocks(lambda block: selector.add_low(block.taus()), device=device):
+        pass
+    return selector.values()
 
 
 def magnitude_masks(cs: CheckpointSet, k: float = 10, device="cpu") -> MaskSet:
@@ -321,9 +325,10 @@ def magnitude_masks(cs: CheckpointSet, k: float = 10, device="cpu") -> MaskSet:
         thresholds = [0.0] * cs.num_tasks
     else:
         thresholds = topk_thresholds(cs, k, device)
-    for block in cs.blocks(device=device):
-        for t, tau in enumerate(block.task_vectors()):
-            packers[t].add(tau.abs() >= thresholds[t])
+    column = torch.tensor(thresholds, dtype=torch.float32, device=device).view(-1, 1)
+    for _, kept in cs.map_blocks(lambda block: block.taus().abs() >= column, device=device):
+        for t in range(cs.num_tasks):
+            packers[t].add(kept[t])
     return MaskSet(cs.names, layout, [p.finish() for p in packers], {"kind": "magnitude", "k": k})
 
 

@@ -2,8 +2,11 @@
 
 - Heads ``head_<Dataset>Val.pt``: a torch-pickled ``src.models.modeling.ClassificationHead`` module. Loaded
   with ``torch.load(weights_only=True)`` and a stand-in class allowlisted under exactly that name.
-- Masks ``TALL_mask_{N}task.npy``: ``np.save`` of a dict {dataset: np.packbits(bool vector)}, i.e. a pickled
-  0-d object array. Read by a restricted unpickler that allows only numpy's array reconstruction globals.
+- Masks ``TALL_mask_{N}task.npy``: the paper's code writes them with ``np.save`` (a dict {dataset:
+  np.packbits(bool vector)} pickled in a 0-d object array) but reads them with ``torch.load``, so either
+  format may be on the hub. An ``np.save``d file is read by a restricted unpickler that allows only
+  numpy's array reconstruction; a ``torch.save``d dict of numpy arrays or uint8 tensors by torch's
+  weights-only unpickler with the same numpy globals allowed. The content decides, not the suffix.
 Anything else is refused with a one-line CheckpointError naming the file and the forbidden global.
 """
 
@@ -60,10 +63,7 @@ def load_released_head(path: str | Path) -> ClassificationHead:
         with torch.serialization.safe_globals([(_ReleasedHead, RELEASED_HEAD_CLASS)]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        name = _forbidden_global(exc)
-        if name:
-            raise CheckpointError(f"{path}: refused, it needs the forbidden global {name}") from None
-        raise CheckpointError(f"{path}: refused, not a released head ({_torch_reason(exc)})") from None
+        raise _refusal(path, exc, "a released head") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: unreadable head file ({_torch_reason(exc)})") from None
     return _as_head(obj, path)
@@ -138,9 +138,27 @@ class _MaskUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed") from None
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
+_PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle
+
+
 def load_released_masks(path: str | Path) -> dict[str, np.ndarray]:
     """Read a released ``TALL_mask_{N}task.npy`` -> {dataset: packed uint8 array}, without running pickle code."""
     path = require_file(path, "mask")
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_NPY_MAGIC))
+    if magic == _NPY_MAGIC:
+        obj, shape = _load_npy_masks(path)
+    elif magic.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+        obj, shape = _load_torch_masks(path), ()
+    else:
+        raise CheckpointError(f"{path}: neither an np.save'd nor a torch.save'd mask file")
+    return _as_packed_masks(obj, shape, path)
+
+
+def _load_npy_masks(path: Path) -> tuple[Any, tuple]:
+    """The object pickled in an ``np.save``d file, and the array shape its header declares."""
     from numpy.lib import format as npy_format
 
     try:
@@ -160,15 +178,34 @@ def load_released_masks(path: str | Path) -> dict[str, np.ndarray]:
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable .npy file ({_first_line(exc)})") from None
     try:
-        obj = _MaskUnpickler(io.BytesIO(payload), encoding="latin1").load()
+        return _MaskUnpickler(io.BytesIO(payload), encoding="latin1").load(), shape
     except pickle.UnpicklingError as exc:
-        name = _forbidden_global(exc)
-        if name:
-            raise CheckpointError(f"{path}: refused, it needs the forbidden global {name}") from None
-        raise CheckpointError(f"{path}: refused, not a released mask file ({_first_line(exc)})") from None
+        raise _refusal(path, exc, "a released mask file") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: corrupt mask file ({_first_line(exc)})") from None
-    return _as_packed_masks(obj, shape, path)
+
+
+def _load_torch_masks(path: Path) -> Any:
+    """The object in a ``torch.save``d file, through the weights-only unpickler with numpy's arrays allowed."""
+    allowed = [(function, f"{module}.{name}") for (module, name), function in _numpy_allowlist().items()
+               if module.startswith("numpy") and name == "_reconstruct"]
+    allowed += [np.ndarray, np.dtype]
+    allowed += [type(np.dtype(kind)) for kind in (np.uint8, np.bool_, np.int8, np.int32, np.int64, np.float32)]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(path, exc, "a released mask file") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: neither an np.save'd nor a torch.save'd mask file ({_torch_reason(exc)})") from None
+
+
+def _refusal(path: Path, exc: BaseException, what: str) -> CheckpointError:
+    """The one-line refusal of a file whose unpickling was stopped."""
+    name = _forbidden_global(exc)
+    if name:
+        return CheckpointError(f"{path}: refused, it needs the forbidden global {name}")
+    return CheckpointError(f"{path}: refused, not {what} ({_torch_reason(exc)})")
 
 
 def _as_packed_masks(obj: Any, shape: tuple, path: Path) -> dict[str, np.ndarray]:
@@ -180,6 +217,8 @@ def _as_packed_masks(obj: Any, shape: tuple, path: Path) -> dict[str, np.ndarray
     for name, value in obj.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{path}: mask key {name!r} is not a dataset name")
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+            value = value.cpu().numpy()
         if not isinstance(value, np.ndarray) or value.dtype != np.uint8:
             raise CheckpointError(f"{path}: mask {name!r} is not a packed uint8 array")
         masks[name] = np.ascontiguousarray(value.reshape(-1))

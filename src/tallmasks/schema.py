@@ -90,11 +90,15 @@ class DeviceName:
 
 
 Percent = Annotated[float, Interval(gt=0, le=100)]
+Fraction = Annotated[float, Interval(ge=0, le=1)]
 NonNegative = Annotated[float, Interval(ge=0)]
 PositiveInt = Annotated[int, Interval(ge=1)]
 NonNegativeInt = Annotated[int, Interval(ge=0)]
 TaskCount = Annotated[int, Interval(ge=0), AtMostTasks()]
 Port = Annotated[int, Interval(ge=1, le=65535)]
+Fraction = Annotated[float, Interval(ge=0, le=1)]
+PositiveFraction = Annotated[float, Interval(gt=0, le=1)]
+Positive = Annotated[float, Interval(gt=0)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +392,22 @@ register_group(
 )
 
 
+def _correction_lookup(name: str) -> Callable:
+    from tallmasks.non_local.experiment import correction_choice
+
+    return correction_choice(name)
+
+
+def _alignment_lookup(name: str) -> Callable:
+    from tallmasks.non_local.experiment import alignment_choice
+
+    return alignment_choice(name)
+
+
+register_group("correction", Group(_correction_lookup, runtime=frozenset(), required=False))
+register_group("alignment", Group(_alignment_lookup, runtime=frozenset(), required=False))
+
+
 # ---------------------------------------------------------------------------------------------
 # main.py's top-level fields
 
@@ -408,6 +428,15 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """A pool of transformers CLIP checkpoints (model_source=hf; tallmasks.pools): a base and one per task."""
+
+    base: str = ""
+    tasks: dict[str, str] = field(default_factory=dict)
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class MainConfig:
     """main.py's top-level fields: types, ranges and defaults (config/config.yaml sets the same defaults)."""
 
@@ -415,6 +444,8 @@ class MainConfig:
     num_tasks: Optional[PositiveInt] = 8
     specify_lambda: Optional[float] = None
     DATASETS: Optional[list[str]] = None
+    model_source: Literal["released", "hf"] = "released"
+    pool: Optional[PoolConfig] = None
     n_eval_points: Annotated[int, Interval(ge=2)] = 21
     device: Annotated[str, DeviceName()] = "auto"
     world_size: PositiveInt = 1
@@ -440,6 +471,7 @@ class Settings:
     main: MainConfig
     groups: dict[str, GroupSettings]
     datasets: list[str]
+    pool: Any = None  # tallmasks.pools.Pool when model_source=hf
 
     @property
     def method(self) -> GroupSettings:
@@ -473,15 +505,26 @@ def validate_config(cfg: Any) -> Settings:
 
     raw = plain_config(cfg)
     main = validate_section(raw, MainConfig, "", {}, ignore=[*GROUPS, "hydra"])
-    datasets = resolve_datasets(None if main.DATASETS else main.num_tasks, main.DATASETS or None)
+    pool = None
+    if main.model_source == "hf":
+        from tallmasks.pools import Pool
+
+        pool = Pool.from_mapping(dataclasses.asdict(main.pool) if main.pool else None, main.model)
+        datasets = pool.select(main.DATASETS, main.num_tasks)
+    else:
+        datasets = resolve_datasets(None if main.DATASETS else main.num_tasks, main.DATASETS or None)
     context = {"num_tasks": len(datasets)}
     groups = {}
     for name, group in GROUPS.items():
-        if name not in raw or is_none(raw.get(name)):
+        value = raw.get(name)
+        off = isinstance(value, Mapping) and is_none(value.get("name")) and not group.required  # e.g. correction=none
+        if off and set(value) - {"name"}:
+            raise ConfigError(f"{name}={value.get('name')} takes no fields, got {name}.{sorted(set(value) - {'name'})[0]}")
+        if name not in raw or is_none(value) or off:
             if group.required:
                 raise ConfigError(f"{name} is missing (choose one: {name}=NAME)")
             continue
         groups[name] = validate_group(name, raw[name], group, context)
     if not under_launcher():
         check_world_size(main.world_size, main.device, force=main.force_world_size)
-    return Settings(main, groups, datasets)
+    return Settings(main, groups, datasets, pool)

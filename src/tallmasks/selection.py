@@ -5,12 +5,14 @@ the model: the kth smallest |tau_t| with kth = d - int(d * k / 100). Stacking ev
 call ``kthvalue`` needs (tasks x parameters) memory. Here the kth value is found exactly from two
 histograms over the bit patterns of float32 magnitudes (non-negative float32 values order like
 their int32 bit patterns): the high 16 bits first, then the low 16 bits inside the chosen bin.
-The result equals ``torch.kthvalue`` on the concatenated vector bit for bit.
+The result equals ``torch.kthvalue`` on the concatenated vector bit for bit. Signed values are
+selected the same way after an order-preserving map of their bit patterns (``kth_smallest_values``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -18,6 +20,10 @@ from tallmasks.errors import ConfigError
 
 _HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes, so the high half-word is < 2**15
 _LOW_BINS = 1 << 16
+_SIGNED_HIGH_BINS = 1 << 16  # signed values: ordered keys span the whole high half-word
+_SIGN_OFFSET = 1 << 15  # the high half-word of an ordered key lies in [-2**15, 2**15)
+_NONFINITE_BITS = 0x7F800000  # |x| bit patterns from here on have an all-ones exponent: Inf, NaN
+_BATCH_KEYS = 1 << 22  # bin indices counted together (16 MB)
 
 
 def check_k(k: float, name: str = "k") -> float:
@@ -41,12 +47,176 @@ def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
     return magnitudes.contiguous().view(torch.int32)
 
 
+def _ordered_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order like the float32 values (negative floats get their 31 low bits flipped)."""
+    bits = values.contiguous().view(torch.int32)
+    return torch.bitwise_xor(bits, torch.bitwise_and(torch.bitwise_right_shift(bits, 31), 0x7FFFFFFF))
+
+
+def _count_into(hist: torch.Tensor | None, bins: torch.Tensor, size: int) -> torch.Tensor:
+    """Add the counts of ``bins`` (integers in [0, size)) to ``hist`` (allocated on first use)."""
+    if bins.numel() >= size:
+        counts = torch.bincount(bins, minlength=size)
+        return counts if hist is None else hist + counts
+    if hist is None:
+        hist = torch.zeros(size, dtype=torch.int64, device=bins.device)
+    first = int(bins.min())  # small blocks: count only the range they cover
+    counts = torch.bincount(bins - first)
+    hist[first : first + counts.numel()] += counts
+    return hist
+
+
 def _pick_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     """Bin holding the rank-th smallest element (1-based) and the rank inside that bin."""
     cumulative = torch.cumsum(hist, dim=0)
     index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)).item())
     before = int(cumulative[index - 1].item()) if index > 0 else 0
     return index, rank - before
+
+
+def _offsets(count: int, bins: int, device) -> torch.Tensor:
+    return (torch.arange(count, dtype=torch.int32, device=device) * bins).view(-1, 1)
+
+
+class _Counter:
+    """One thread's bin indices awaiting a count, and its counts so far."""
+
+    def __init__(self, owner: list):
+        self.owner = owner  # the pass it belongs to
+        self.pending: list[torch.Tensor] = []
+        self.size = 0
+        self.hist: torch.Tensor | None = None
+
+    def flush(self, length: int) -> None:
+        if not self.pending:
+            return
+        keys = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending, self.size = [], 0
+        counts = torch.bincount(keys, minlength=length)
+        self.hist = counts if self.hist is None else self.hist.add_(counts)
+
+
+class KthMagnitudes:
+    """Exact kth smallest |x| of several streams, fed block by block in two passes.
+
+    Pass 1 (``add_high`` for every block, then ``choose_bins``) counts the high half-words of the
+    magnitudes; pass 2 (``add_low`` for the same blocks) counts the low half-words inside each
+    stream's chosen bin; ``values()`` then gives one float per stream. A block is a (streams x n)
+    tensor or a sequence with one tensor per stream. ``ranks[i]`` is 1-based; ranks <= 0 give 0.0.
+    Blocks may be fed from several threads; bin indices are gathered and counted in batches.
+    """
+
+    def __init__(self, ranks: Sequence[int], batch: int = _BATCH_KEYS):
+        self.ranks = [int(r) for r in ranks]
+        self.batch = int(batch)
+        self._high: torch.Tensor | None = None
+        self._bins: torch.Tensor | None = None
+        self._inner: list[int] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._counters: list[_Counter] = []  # one per thread that fed the current pass
+
+    def _counter(self) -> _Counter:
+        counter = getattr(self._local, "counter", None)
+        if counter is None or counter.owner is not self._counters:
+            counter = self._local.counter = _Counter(self._counters)
+            with self._lock:
+                self._counters.append(counter)
+        return counter
+
+    def _add_keys(self, keys: torch.Tensor, bins: int) -> None:
+        """Count bin indices (already offset by stream * bins), in batches, per thread."""
+        counter = self._counter()
+        counter.pending.append(keys.reshape(-1))
+        counter.size += keys.numel()
+        if counter.size >= self.batch:
+            counter.flush(len(self.ranks) * bins)
+
+    def _end_pass(self, bins: int) -> torch.Tensor | None:
+        """The (streams x bins) counts of the pass that ends, summed over threads."""
+        total = None
+        for counter in self._counters:
+            counter.flush(len(self.ranks) * bins)
+            if counter.hist is not None:
+                total = counter.hist if total is None else total.add_(counter.hist.to(total.device))
+        self._counters = []
+        return None if total is None else total.view(len(self.ranks), bins)
+
+    def _bit_rows(self, parts: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """int32 bit patterns of |parts|: one (streams x n) tensor, or one 1-D tensor per stream."""
+        if isinstance(parts, torch.Tensor) and parts.dim() == 2:
+            rows = _bits(parts.abs())
+        else:
+            rows = [_bits(part.reshape(-1).abs()) for part in parts]
+        if len(rows) != len(self.ranks):
+            raise ValueError(f"{len(rows)} parts for {len(self.ranks)} streams")
+        return rows
+
+    def add_high(self, parts: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+        """Count one block in pass 1; returns whether all its entries are finite."""
+        if self._bins is not None:
+            raise RuntimeError("add_high after choose_bins")
+        rows = self._bit_rows(parts)
+        if isinstance(rows, torch.Tensor):
+            if rows.numel() == 0:
+                return True
+            finite = int(rows.max()) < _NONFINITE_BITS
+            keys = torch.bitwise_right_shift(rows, 16).add_(_offsets(len(rows), _HIGH_BINS, rows.device))
+        else:
+            finite = all(int(r.max()) < _NONFINITE_BITS for r in rows if r.numel())
+            keys = torch.cat([torch.bitwise_right_shift(r, 16).add_(i * _HIGH_BINS) for i, r in enumerate(rows)])
+        self._add_keys(keys, _HIGH_BINS)
+        return finite
+
+    def choose_bins(self) -> None:
+        """End pass 1: find, per stream, the high half-word bin holding its ranked element."""
+        self._high = self._end_pass(_HIGH_BINS)
+        high = self._high.cpu() if self._high is not None else torch.zeros(len(self.ranks), _HIGH_BINS, dtype=torch.int64)
+        bins, self._inner = [], []
+        for i, rank in enumerate(self.ranks):
+            if rank <= 0:
+                bins.append(-1)  # no element is selected for this stream
+                self._inner.append(0)
+                continue
+            if int(high[i].sum()) < rank:
+                raise ValueError(f"rank {rank} exceeds the number of elements of stream {i}")
+            index, inner = _pick_bin(high[i], rank)
+            bins.append(index)
+            self._inner.append(inner)
+        self._bins = torch.tensor(bins, dtype=torch.int32)
+
+    def add_low(self, parts: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Count one block in pass 2 (the same blocks as pass 1)."""
+        if self._bins is None:
+            raise RuntimeError("add_low before choose_bins")
+        rows = self._bit_rows(parts)
+        if isinstance(rows, torch.Tensor):
+            bins = self._bins.to(rows.device).view(-1, 1)
+            inside = torch.bitwise_right_shift(rows, 16) == bins
+            keys = torch.bitwise_and(rows, 0xFFFF).add_(_offsets(len(rows), _LOW_BINS, rows.device))[inside]
+        else:
+            keys = torch.cat(
+                [torch.bitwise_and(r, 0xFFFF).add_(i * _LOW_BINS)[torch.bitwise_right_shift(r, 16) == int(self._bins[i])]
+                 for i, r in enumerate(rows)]
+            )
+        if keys.numel():
+            self._add_keys(keys, _LOW_BINS)
+
+    def values(self) -> list[float]:
+        """The kth smallest magnitude of every stream (0.0 where its rank is <= 0)."""
+        if self._bins is None:
+            raise RuntimeError("values before choose_bins")
+        low = self._end_pass(_LOW_BINS)
+        low = low.cpu() if low is not None else None
+        out = []
+        for i, rank in enumerate(self.ranks):
+            if rank <= 0:
+                out.append(0.0)
+                continue
+            low_bin, _ = _pick_bin(low[i], self._inner[i])
+            pattern = torch.tensor([(int(self._bins[i]) << 16) | low_bin], dtype=torch.int32)
+            out.append(float(pattern.view(torch.float32).item()))
+        return out
 
 
 def kth_smallest_magnitudes(
@@ -57,15 +227,32 @@ def kth_smallest_magnitudes(
     ``chunks()`` must return a fresh iterator (it is called twice) whose items are lists with one
     1-D float32 tensor per stream; ``ranks[i]`` is the 1-based rank wanted for stream ``i``.
     """
+    selector = KthMagnitudes(ranks)
+    for parts in chunks():
+        selector.add_high(parts)
+    selector.choose_bins()
+    for parts in chunks():
+        selector.add_low(parts)
+    return selector.values()
+
+
+def kth_smallest_values(
+    chunks: Callable[[], Iterator[list[torch.Tensor]]], ranks: list[int]
+) -> list[float]:
+    """Exact kth smallest float32 value (signed) for several streams at once.
+
+    ``chunks()`` must return a fresh iterator (it is called twice) whose items are lists with one
+    1-D float32 tensor per stream; ``ranks[i]`` is the 1-based rank wanted for stream ``i`` (0 or less
+    gives 0.0 without looking at the stream).
+    """
     n = len(ranks)
     high_hist = [None] * n
     for parts in chunks():
         for i, part in enumerate(parts):
             if ranks[i] <= 0 or part.numel() == 0:
                 continue
-            high = torch.bitwise_right_shift(_bits(part.abs()), 16)
-            counts = torch.bincount(high, minlength=_HIGH_BINS)
-            high_hist[i] = counts if high_hist[i] is None else high_hist[i] + counts
+            high = torch.bitwise_right_shift(_ordered_keys(part), 16) + _SIGN_OFFSET
+            high_hist[i] = _count_into(high_hist[i], high, _SIGNED_HIGH_BINS)
 
     high_bin = [0] * n
     inner_rank = [0] * n
@@ -81,12 +268,11 @@ def kth_smallest_magnitudes(
         for i, part in enumerate(parts):
             if ranks[i] <= 0 or part.numel() == 0:
                 continue
-            bits = _bits(part.abs())
-            selected = bits[torch.bitwise_right_shift(bits, 16) == high_bin[i]]
+            keys = _ordered_keys(part)
+            selected = keys[torch.bitwise_right_shift(keys, 16) + _SIGN_OFFSET == high_bin[i]]
             if selected.numel() == 0:
                 continue
-            counts = torch.bincount(torch.bitwise_and(selected, 0xFFFF), minlength=_LOW_BINS)
-            low_hist[i] = counts if low_hist[i] is None else low_hist[i] + counts
+            low_hist[i] = _count_into(low_hist[i], torch.bitwise_and(selected, 0xFFFF), _LOW_BINS)
 
     values = []
     for i in range(n):
@@ -94,8 +280,8 @@ def kth_smallest_magnitudes(
             values.append(0.0)
             continue
         low_bin, _ = _pick_bin(low_hist[i].cpu(), inner_rank[i])
-        pattern = torch.tensor([(high_bin[i] << 16) | low_bin], dtype=torch.int32)
-        values.append(float(pattern.view(torch.float32).item()))
+        key = torch.tensor([((high_bin[i] - _SIGN_OFFSET) << 16) | low_bin], dtype=torch.int64).to(torch.int32)
+        values.append(float(_ordered_keys(key.view(torch.float32)).view(torch.float32).item()))
     return values
 
 

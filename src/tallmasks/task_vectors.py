@@ -8,16 +8,22 @@ row blocks, so that memory grows with one block times the number of tasks, never
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 
 from tallmasks.checkpoints import LazyStateDict, load_state_dict
+from tallmasks.coefficients import key_coefficient, scaling_of
 from tallmasks.errors import CheckpointError
+from tallmasks.reduction import stacked_sum, stacked_tail
 
 StateDictLike = Union[str, Path, Mapping[str, torch.Tensor]]
 
@@ -45,14 +51,17 @@ def _label(source: StateDictLike, fallback: str) -> str:
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if isinstance(state, LazyStateDict):
-        return state.shape(key)
+    """Shape of ``key`` without reading its data when the mapping can tell (lazy or computed views)."""
+    shape = getattr(state, "shape", None)
+    if callable(shape):
+        return tuple(shape(key))
     return tuple(state[key].shape)
 
 
 def _dtype(state: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
-    if isinstance(state, LazyStateDict):
-        return state.dtype(key)
+    dtype = getattr(state, "dtype", None)
+    if callable(dtype):
+        return dtype(key)
     return state[key].dtype
 
 
@@ -66,18 +75,90 @@ def _read_rows(state: Mapping[str, torch.Tensor], key: str, start: int, stop: in
     return tensor if whole_rows else tensor[start:stop]
 
 
+_local = threading.local()
+
+
+def _workspace(size: int, device: torch.device) -> torch.Tensor:
+    """This thread's reused float32 buffer of ``size`` entries on ``device``."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[device] = torch.empty(size, dtype=torch.float32, device=device)
+    return buffer[:size]
+
+
 @dataclass
 class Block:
-    """One row block of one tensor: theta_0 and every theta_t, flattened, in float32."""
+    """One row block of one tensor: theta_0 and every theta_t, flattened, in float32.
+
+    ``offset`` is the block's position in the whole flat vector (floating-point keys in sorted
+    order, the paper's ``state_dict_to_vector``); ``tail`` is how many of its trailing entries fall
+    in the whole vector's last ``stacked_tail(d)`` entries, which the stacked sum adds differently.
+    """
 
     key: str
     start: int  # first element (flat index) of the block inside the tensor
     stop: int
     pretrained: torch.Tensor  # 1-D float32
     finetuned: list[torch.Tensor]  # one 1-D float32 per task
+    offset: int = 0
+    tail: int = 0
+    labels: Sequence[str] = ()  # pretrained label, then one per task (for error messages)
+    unchecked: bool = False  # inputs not yet known to be free of NaN/Inf
 
     def task_vectors(self) -> list[torch.Tensor]:
+        """tau_t = theta_t - theta_0 for every task, as new tensors."""
         return [theta_t - self.pretrained for theta_t in self.finetuned]
+
+    def taus(self) -> torch.Tensor:
+        """(tasks x n) task vectors in this thread's buffer, which its next block overwrites."""
+        n = self.pretrained.numel()
+        taus = _workspace(len(self.finetuned) * n, self.pretrained.device).view(len(self.finetuned), n)
+        for t, theta_t in enumerate(self.finetuned):
+            torch.sub(theta_t, self.pretrained, out=taus[t])
+        return taus
+
+    def sum(self, parts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over tasks of per-task block values, bit for bit as the paper's stacked ``.sum(0)``."""
+        return stacked_sum(parts, self.tail, out)
+
+    def verify(self, evidence: torch.Tensor | bool) -> None:
+        """Check the inputs for NaN/Inf through ``evidence``: values computed from every input entry
+        in which a non-finite input shows up as non-finite (a sum of task vectors), or a bool saying
+        whether they are all finite. Only when it is not are the inputs checked one by one."""
+        if not self.unchecked:
+            return
+        if isinstance(evidence, torch.Tensor) and evidence.dtype.is_floating_point:
+            finite = bool(torch.isfinite(evidence).all())
+        else:
+            finite = bool(evidence)
+        if not finite:
+            self.check_inputs()
+        self.unchecked = False
+
+    def check_inputs(self) -> None:
+        """Raise naming the first input whose block holds NaN or Inf."""
+        for label, tensor in zip(self.labels, [self.pretrained, *self.finetuned]):
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{label}: tensor {self.key!r} contains NaN or Inf")
+        self.unchecked = False
+
+
+@dataclass
+class _Walk:
+    """One pass over the checkpoints: which tasks and keys, the block size, the files to map, a progress bar."""
+
+    tasks: list[int]
+    block_elems: int
+    keys: list[str]
+    lazy_states: list[LazyStateDict]
+    bar: Any = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class CheckpointSet:
@@ -115,6 +196,16 @@ class CheckpointSet:
         self.shapes = {k: _shape(self.pretrained, k) for k in self.keys}
         self.dtypes = {k: _dtype(self.pretrained, k) for k in self.keys}
         self._checked: set[str] = set()
+        self._offsets: dict[str, int] | None = None
+        #: applied to every block of every walk, in walk order: ``transform(block, tasks) -> Block``
+        self.block_transform: Callable[[Block, Sequence[int]], Block] | None = None
+
+    def transformed(self, transform: Callable[[Block, Sequence[int]], Block]) -> CheckpointSet:
+        """The same checkpoints seen through ``transform``, which every walk (``blocks``, ``map_blocks``)
+        applies to its blocks in order, in the walking thread (so it may draw from sequential streams)."""
+        view = copy.copy(self)
+        view.block_transform = transform
+        return view
 
     @property
     def num_tasks(self) -> int:
@@ -154,50 +245,135 @@ class CheckpointSet:
         tasks: Sequence[int] | None = None,
         device: torch.device | str = "cpu",
         block_elems: int | None = None,
+        keys: Sequence[str] | None = None,
     ) -> Iterator[Block]:
-        """Walk the floating-point tensors in sorted key order, in row blocks of about ``block_elems``."""
+        """Walk the floating-point tensors (or ``keys``) in sorted key order, in row blocks of about
+        ``block_elems``. Inputs are checked for NaN/Inf once per tensor: through ``Block.verify``
+        where the caller computes something that shows them, else after the block is used."""
+        walk = self._start_walk(tasks, block_elems, keys)
+        try:
+            for block in self._walk(walk, device):
+                yield block
+                self._block_done(walk, block)
+        finally:
+            walk.close()
+
+    def map_blocks(
+        self,
+        fn: Callable[[Block], Any],
+        tasks: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        block_elems: int | None = None,
+        keys: Sequence[str] | None = None,
+        workers: int | None = None,
+    ) -> Iterator[tuple[Block, Any]]:
+        """(block, fn(block)) for the blocks of a walk, in order. On the CPU, ``workers`` threads
+        (default: torch's thread count) each run ``fn`` on whole blocks with torch single-threaded,
+        which keeps both cores busy without a thread barrier in every operation."""
+        workers = torch.get_num_threads() if workers is None else int(workers)
+        if workers <= 1 or torch.device(device).type != "cpu":
+            for block in self.blocks(tasks, device, block_elems, keys):
+                yield block, fn(block)
+            return
+        walk = self._start_walk(tasks, block_elems, keys)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        pending: deque = deque()
+        try:
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                try:
+                    for block in self._walk(walk, device):
+                        pending.append((block, pool.submit(fn, block)))
+                        if len(pending) > 2 * workers:
+                            yield self._collect(walk, pending)
+                    while pending:
+                        yield self._collect(walk, pending)
+                finally:
+                    for _, future in pending:
+                        future.cancel()
+        finally:
+            torch.set_num_threads(threads)
+            walk.close()
+
+    def _collect(self, walk: _Walk, pending: deque) -> tuple[Block, Any]:
+        block, future = pending.popleft()
+        result = future.result()
+        self._block_done(walk, block)
+        return block, result
+
+    def _start_walk(self, tasks, block_elems, keys) -> _Walk:
         tasks = list(range(self.num_tasks)) if tasks is None else list(tasks)
         block_elems = self.block_elems if block_elems is None else int(block_elems)
+        walk_keys = self.float_keys if keys is None else [k for k in self.float_keys if k in set(keys)]
         self.passes += 1
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.num_float_params, unit="param", unit_scale=True, leave=False,
+            bar = tqdm(total=sum(self.numel(k) for k in walk_keys), unit="param", unit_scale=True, leave=False,
                        desc=f"pass {self.passes} over {self.num_tasks} checkpoints")
-        try:
-            yield from self._walk(tasks, device, block_elems, bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        states = [self.pretrained, *(self.finetuned[t] for t in tasks)]
+        return _Walk(tasks, block_elems, walk_keys, [s for s in states if isinstance(s, LazyStateDict)], bar)
 
-    def _walk(self, tasks, device, block_elems, bar) -> Iterator[Block]:
-        for key in self.float_keys:
+    def _block_done(self, walk: _Walk, block: Block) -> None:
+        """After a block is used: check its inputs if nothing showed them, and close its tensor after its last block."""
+        if block.unchecked:  # the caller computed nothing that shows NaN/Inf: look at the inputs
+            block.check_inputs()
+        if block.stop == self.numel(block.key):
+            for state in walk.lazy_states:
+                state.release(block.key)
+            if len(walk.tasks) == self.num_tasks:
+                self._checked.add(block.key)
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Position of every floating-point key in the whole flat vector (sorted key order)."""
+        if self._offsets is None:
+            self._offsets, position = {}, 0
+            for key in self.float_keys:
+                self._offsets[key] = position
+                position += self.numel(key)
+        return self._offsets
+
+    def _walk(self, walk: _Walk, device) -> Iterator[Block]:
+        total = self.num_float_params
+        tail_start = total - stacked_tail(total)
+        labels = [self.pretrained_label, *(self.finetuned_labels[t] for t in walk.tasks)]
+        for key in walk.keys:
             shape = self.shapes[key]
             numel = self.numel(key)
             whole = len(shape) == 0 or numel == 0
             rows = 1 if whole else shape[0]
             row_elems = 1 if whole else numel // max(rows, 1)
-            rows_per_block = max(1, block_elems // max(row_elems, 1))
+            rows_per_block = max(1, walk.block_elems // max(row_elems, 1))
+            unchecked = key not in self._checked
+            for state in walk.lazy_states:
+                state.prefetch(key)
             for row in range(0, rows, rows_per_block):
                 row_stop = min(rows, row + rows_per_block)
-                theta0 = self._read(self.pretrained, self.pretrained_label, key, row, row_stop, whole, device)
-                thetas = [
-                    self._read(self.finetuned[t], self.finetuned_labels[t], key, row, row_stop, whole, device)
-                    for t in tasks
-                ]
+                theta0 = self._read(self.pretrained, key, row, row_stop, whole, device)
+                thetas = [self._read(self.finetuned[t], key, row, row_stop, whole, device) for t in walk.tasks]
                 start = row * row_elems
-                if bar is not None:
-                    bar.update(theta0.numel())
-                yield Block(key, start, start + theta0.numel(), theta0, thetas)
-            if len(tasks) == self.num_tasks:
-                self._checked.add(key)
+                offset = self.offsets[key] + start
+                tail = max(0, offset + theta0.numel() - max(offset, tail_start))
+                if walk.bar is not None:
+                    walk.bar.update(theta0.numel())
+                block = Block(key, start, start + theta0.numel(), theta0, thetas, offset, tail, labels, unchecked)
+                yield block if self.block_transform is None else self.block_transform(block, walk.tasks)
 
-    def _read(self, state, label, key, row, row_stop, whole, device) -> torch.Tensor:
-        tensor = _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
-        if key not in self._checked and not bool(torch.isfinite(tensor).all()):
+    def _read(self, state, key, row, row_stop, whole, device) -> torch.Tensor:
+        return _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
+
+    def tensor(self, key: str, task: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One whole floating-point tensor in float32 and its own shape: theta_0[key], or theta_task[key]."""
+        if task is None:
+            state, label = self.pretrained, self.pretrained_label
+        else:
+            state, label = self.finetuned[task], self.finetuned_labels[task]
+        tensor = self._read(state, key, 0, 1, True, device)
+        if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{label}: tensor {key!r} contains NaN or Inf")
-        return tensor
+        return tensor.reshape(self.shapes[key])
 
     def passthrough(self) -> dict[str, torch.Tensor]:
         """The non-floating-point entries of theta_0 (integer buffers), untouched."""
@@ -298,8 +474,10 @@ def apply_vector(
     alpha: float = 1.0,
     mask: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """theta_0 + alpha * (mask * tau), in float32, cast back to theta_0's dtypes; other keys untouched."""
+    """theta_0 + alpha * (mask * tau), in float32, cast back to theta_0's dtypes; other keys untouched
+    (a ScaledVector applies each key with its own coefficient at alpha)."""
     out: dict[str, torch.Tensor] = {}
+    scaling = scaling_of(vector)
     for key in pretrained.keys():
         theta0 = pretrained[key]
         if key not in vector:
@@ -312,7 +490,7 @@ def apply_vector(
             raise CheckpointError(f"shape mismatch for {key!r}: {list(tau.shape)} vs {list(theta0.shape)}")
         if mask is not None:
             tau = tau * mask[key].to(torch.bool)
-        out[key] = (theta0.to(torch.float32) + alpha * tau).to(theta0.dtype)
+        out[key] = (theta0.to(torch.float32) + key_coefficient(scaling, key, alpha) * tau).to(theta0.dtype)
     extra = [k for k in vector if k not in pretrained]
     if extra:
         raise CheckpointError(f"task vector has key {extra[0]!r} that the pre-trained model lacks")

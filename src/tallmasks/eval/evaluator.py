@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -11,33 +10,13 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from tallmasks.coefficients import KeyScaling, key_coefficient, scaling_of
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.eval.cache import SplitData
 from tallmasks.eval.distributed import DistInfo
+from tallmasks.precision import PRECISIONS, check_precision, precision_context  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """fp32: exact float32 matmuls; tf32: TensorFloat-32 matmuls on CUDA; bf16: autocast to bfloat16."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    old_matmul = torch.backends.cuda.matmul.allow_tf32
-    old_cudnn = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
-        if precision == "bf16":
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_matmul
-        torch.backends.cudnn.allow_tf32 = old_cudnn
 
 
 class Evaluator:
@@ -52,8 +31,7 @@ class Evaluator:
         batch_size: int = 128,
         dist: DistInfo | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = torch.device(device)
@@ -83,6 +61,7 @@ class Evaluator:
                 if target.dtype.is_floating_point:
                     self.theta0[key] = target.data.clone()
         self.vector: dict[str, torch.Tensor] = {}
+        self.scaling: KeyScaling | None = None
         self.setting: tuple | None = None
         mean = getattr(encoder, "mean", (0.0, 0.0, 0.0))
         std = getattr(encoder, "std", (1.0, 1.0, 1.0))
@@ -99,6 +78,7 @@ class Evaluator:
         if unknown:
             raise CheckpointError(f"merged vector has key {unknown[0]!r} that the encoder lacks")
         self.vector = {k: v.to(self.device, torch.float32) for k, v in vector.items()}
+        self.scaling = scaling_of(vector)  # a ScaledVector's per-key coefficients
         self.setting = None
 
     @torch.no_grad()
@@ -116,7 +96,8 @@ class Evaluator:
 
     @torch.no_grad()
     def set_weights(self, alpha: float, mask: Mapping[str, torch.Tensor] | None = None, tag: object = None) -> None:
-        """Encoder weights := theta_0 + alpha * (mask * tau), in place (``tag`` skips a repeat of the same setting)."""
+        """Encoder weights := theta_0 + alpha * (mask * tau), in place (``tag`` skips a repeat of the same setting);
+        a ScaledVector's keys take their own coefficient at alpha."""
         setting = (float(alpha), tag if mask is not None else None)
         if tag is not None and setting == self.setting:
             return
@@ -124,11 +105,12 @@ class Evaluator:
             target = self.targets[key]
             target.copy_(base)
             tau = self.vector.get(key)
-            if tau is None or alpha == 0:
+            coefficient = key_coefficient(self.scaling, key, alpha)
+            if tau is None or coefficient == 0:
                 continue
             if mask is not None:
                 tau = tau * mask[key].to(self.device, torch.bool)
-            target.add_(tau.to(target.dtype) * float(alpha))  # product rounded, then added (as theta_0 + alpha * tau)
+            target.add_(tau.to(target.dtype) * coefficient)  # product rounded, then added (as theta_0 + alpha * tau)
         self.setting = setting if tag is not None else None
 
     # -- evaluation -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tallmasks.errors import TallmasksError
 from tallmasks.eval.results import read_json
@@ -86,16 +87,21 @@ def select_alpha(val_metrics: Mapping[float, Mapping[str, float]], metric: str =
     return float(best)
 
 
-def select_lambdas(val_top1: Mapping[float, Mapping[str, float]], datasets: Sequence[str]) -> dict[str, float]:
-    """Per task, the lambda with the highest validation accuracy of that task (first one on ties)."""
-    chosen: dict[str, float] = {}
+def select_per_task(val_top1: Mapping[Any, Mapping[str, float]], datasets: Sequence[str]) -> dict[str, Any]:
+    """Per task, the setting with the highest validation accuracy of that task (first one on ties)."""
+    chosen: dict[str, Any] = {}
     for dataset in datasets:
         best, best_value = None, None
-        for lam, accs in val_top1.items():
+        for setting, accs in val_top1.items():
             value = float(accs[dataset])
             if best is None or value > best_value:
-                best, best_value = lam, value
+                best, best_value = setting, value
         if best is None:
             raise ValueError(f"no validation results for {dataset}")
-        chosen[dataset] = float(best)
+        chosen[dataset] = best
     return chosen
+
+
+def select_lambdas(val_top1: Mapping[float, Mapping[str, float]], datasets: Sequence[str]) -> dict[str, float]:
+    """Per task, the TALL lambda with the highest validation accuracy of that task (first one on ties)."""
+    return {dataset: float(lam) for dataset, lam in select_per_task(val_top1, datasets).items()}

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from tallmasks.masks import magnitude_masks
 from tallmasks.merging.base import COEF_ONE, Vector, register, task_arithmetic
+from tallmasks.merging.per_task import TaskModels
 from tallmasks.schema import Percent
 from tallmasks.selection import check_k
 from tallmasks.task_vectors import CheckpointSet
 
 
-@register("mag_masking", COEF_ONE, "Magnitude masking: sum of task vectors, per-task top-k (k=10) magnitude masks")
+def magnitude_task_models(cs: CheckpointSet, vector: Vector, *, k: Percent = 10, device: str = "cpu") -> TaskModels:
+    """Per task, the top-k% magnitudes of its own task vector over the shared sum."""
+    k = check_k(k)
+    return TaskModels.fixed(magnitude_masks(cs, k=k, device=device), "mag_mask", lambda chosen: {"alpha": 1.0, "k": k})
+
+
+@register(
+    "mag_masking",
+    COEF_ONE,
+    "Magnitude masking: sum of task vectors, per-task top-k (k=10) magnitude masks",
+    task_models=magnitude_task_models,
+)
 def mag_masking_method(cs: CheckpointSet, *, k: Percent = 10, device: str = "cpu") -> Vector:
     """The shared vector (untrimmed sum); the masks come from masks.magnitude_masks(cs, k)."""
     check_k(k)

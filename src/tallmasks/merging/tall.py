@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from tallmasks.errors import ConfigError
-from tallmasks.masks import MaskSet, check_prun_thre_k, consensus_mask
-from tallmasks.merging.base import COEF_GRID, COEF_ONE, Vector, base_vector, register
+from tallmasks.masks import MaskSet, check_prun_thre_k, consensus_mask, tall_mask, tall_masks
+from tallmasks.merging.base import COEF_GRID, COEF_ONE, TALL_LAMBDAS, Vector, base_vector, register
+from tallmasks.merging.per_task import TaskModels
 from tallmasks.merging.ties import TiesAgg
 from tallmasks.schema import Percent, TaskCount
 from tallmasks.task_vectors import CheckpointSet
 
 
-@register("tall_mask", COEF_ONE, "TALL masks: per-task masks over the shared multi-task vector (TA or TIES)")
+def tall_task_models(cs: CheckpointSet, vector: Vector, *, device: str = "cpu") -> TaskModels:
+    """TALL masks m_t(lambda) over ``vector``, lambda chosen per task from TALL_LAMBDAS."""
+
+    def describe(chosen: Mapping[str, str]) -> dict:
+        return {"lambdas": {name: float(label) for name, label in chosen.items()}}
+
+    return TaskModels(
+        names=cs.names,
+        choices={f"{lam:.6g}": lam for lam in TALL_LAMBDAS},
+        mask=lambda task, lam: tall_mask(cs, task, vector, lam, device=device),
+        masks=lambda lambdas: tall_masks(cs, vector, list(lambdas), device=device),
+        describe=describe,
+    )
+
+
+def uses_saved_masks(params: Mapping) -> bool:
+    return True
+
+
+@register(
+    "tall_mask",
+    COEF_ONE,
+    "TALL masks: per-task masks over the shared multi-task vector (TA or TIES)",
+    task_models=tall_task_models,
+    saves_masks=True,
+)
 def tall_mask_method(
     cs: CheckpointSet, *, k: Percent = 100, use_ties: bool = False, ties_agg: TiesAgg = "sum", device: str = "cpu"
 ) -> Vector:
@@ -20,7 +48,9 @@ def tall_mask_method(
     return base_vector(cs, k=k, use_ties=use_ties, ties_agg=ties_agg, device=device)
 
 
-@register("consensus", COEF_GRID, "Consensus merging: keep weights that at least prun_thre_k TALL masks select")
+@register(
+    "consensus", COEF_GRID, "Consensus merging: keep weights that at least prun_thre_k TALL masks select", needs_masks=uses_saved_masks
+)
 def consensus_method(
     cs: CheckpointSet,
     *,

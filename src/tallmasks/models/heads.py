@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from tallmasks.errors import CheckpointError
 from tallmasks.models.paths import head_path, val_name
+from tallmasks.precision import precision_context
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def build_zeroshot_head(
     rows = []
     for classname in tqdm(classnames, desc="zero-shot head", leave=False, disable=len(classnames) < 50):
         tokens = tokenize([template(classname) for template in templates]).to(device)
-        embeddings = clip_model.encode_text(tokens).float()
+        with precision_context("fp32", device):  # float32 and the standard attention path, as the paper's
+            embeddings = clip_model.encode_text(tokens).float()
         embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
         mean = embeddings.mean(dim=0)
         rows.append(mean / mean.norm())

@@ -1,0 +1,101 @@
+"""The offline non-local experiment (``python -m tallmasks.demo --nonlocal``) on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tallmasks.datasets import DEMO_DATASETS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_nonlocal_experiment_end_to_end(tmp_path):
+    """Two quick foundations, their experts, every variant through the runner: the JSON has the issue's
+    structure, accuracies are fractions that agree with the runner's results files, theta_0 of the unaligned
+    merge is the foundations' mean, and the variance-collapse table and figure are written."""
+    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.demo import DemoConfig
+    from tallmasks.models import DEMO_MODEL, zeroshot_path
+    from tallmasks.non_local.offline import FIGURE_NAME, NONLOCAL_VARIANTS, RESULTS_NAME, NonLocalSettings, format_tables, run_nonlocal
+
+    tasks = DEMO_DATASETS[:2]
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out)
+    settings = NonLocalSettings(methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000), alpha_points=2)
+    returned = run_nonlocal(cfg, settings)
+    summary = json.loads((out / RESULTS_NAME).read_text())
+    assert summary == json.loads(json.dumps(returned)) and "align_tact" in format_tables(summary)
+    assert set(summary["zeroshot"]) == {"nonlocal_none", "nonlocal_align", "local"}
+    assert set(summary["nonlocal"]) == set(summary["local"]) == set(summary["long"]) == {"sum"}
+    assert set(summary["nonlocal"]["sum"]) == set(NONLOCAL_VARIANTS)
+    assert set(summary["local"]["sum"]) == set(summary["long"]["sum"]) == {"none", "tact"}
+    assert summary["foundations"]["reference"]["tasks"] == tasks[:1] and summary["foundations"]["other"]["tasks"] == tasks[1:]
+
+    for label, run in summary["runs"].items():
+        if label.startswith("zeroshot/"):
+            assert 0.0 <= run["avg_top1"] <= 1.0 and summary["zeroshot"][label.split("/")[1]] == run["avg_normalized_top1"]
+            continue
+        setting, method, variant = label.split("/")[-3:]
+        result = json.loads(open(run["results_path"]).read())
+        assert 0.0 <= run["avg_top1"] <= 1.0, label
+        # normalized accuracy: the mean over tasks of the merged model's top-1 over its own expert's
+        expected = sum(result["per_task"][t]["top1"] / result["finetuned_accuracies"][t] for t in tasks) / len(tasks)
+        assert run["avg_normalized_top1"] == pytest.approx(expected), label
+        if not label.startswith("calibration/"):
+            assert summary[setting][method][variant] == run["avg_normalized_top1"], label
+        assert ("alignment" in run) == (setting == "nonlocal" and variant != "none"), label
+        assert ("correction" in run) == (variant in ("tact", "align_tact", "align_repair") or label.startswith("calibration/")), label
+        assert 0.0 <= run["val_avg_normalized_top1"]  # alpha chosen on validation
+    for group in ("nonlocal", "local", "long"):
+        for value in summary[group]["sum"].values():
+            assert 0.0 <= summary["runs"]["local/sum/none"]["avg_top1"] <= 1.0 and math.isfinite(value) and value >= 0.0
+    assert summary["runs"]["nonlocal/sum/align_tact"]["correction"]["name"] == "tact"
+    assert summary["runs"]["nonlocal/sum/align_repair"]["correction"]["num_images"] == 8
+
+    calibration = summary["calibration_size"]
+    assert set(calibration["nonlocal"]["sum"]) == set(calibration["local"]["sum"]) == {"8", "4000"}
+    assert calibration["images_used"]["8"] == 8 and 8 < calibration["images_used"]["4000"] < 4000  # capped by the split
+
+    ratios = summary["std_ratio"]
+    assert set(ratios) == {"non-local", "non-local aligned", "local", "long fine-tuning"}
+    for entry in ratios.values():
+        assert entry["sites"] and set(entry["before"]) == set(entry["after"]) == set(entry["sites"])
+        assert all(value > 0 and math.isfinite(value) for value in [*entry["before"].values(), *entry["after"].values()])
+    assert (out / FIGURE_NAME).stat().st_size > 0
+
+    # theta_0 without alignment: the mean of the two foundations as they are
+    theta0 = {name: load_state_dict(zeroshot_path(path, DEMO_MODEL)) for name, path in summary["checkpoints"].items()}
+    for key in ("model.visual.conv1.weight", "model.visual.transformer.resblocks.0.mlp.c_fc.weight"):
+        torch.testing.assert_close(theta0["unaligned"][key], (theta0["local"][key] + theta0["other"][key]) / 2)
+        assert not torch.equal(theta0["local"][key], theta0["other"][key])
+    assert theta0["long"][key].equal(theta0["local"][key])
+
+
+def test_long_regime_follows_the_demo_settings():
+    from tallmasks.demo import FinetuneSettings
+    from tallmasks.non_local.offline import NonLocalSettings
+
+    base = FinetuneSettings(steps=7, lr=1e-3, warmup_steps=2, batch_size=16)
+    long = NonLocalSettings(long_steps_factor=3, long_lr_factor=5).long_finetune(base)
+    assert (long.steps, long.warmup_steps, long.lr, long.batch_size) == (21, 6, pytest.approx(5e-3), 16)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--other-seed", "0"], "--other-seed must differ"),
+    (["--methods", "consensus"], "non-local methods are sum, ties, tall_mask"),
+    (["--tasks", DEMO_DATASETS[0]], "at least 2 tasks"),
+    (["--calibration-sizes", "0"], "--calibration-sizes must be >= 1"),
+    (["--alpha-points", "1"], "--alpha-points must be >= 2"),
+    (["--seed", "0", "2"], "one --seed"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, args, message):
+    from tallmasks.demo import main
+
+    assert main(["--nonlocal", "--quick", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
