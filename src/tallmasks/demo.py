@@ -46,6 +46,12 @@ METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "consensus": ("consensus", {"use_ties": False}),
     "consensus_ties": ("consensus", {"use_ties": True}),
     "mag_masking": ("mag_masking", {}),
+    "lines": ("lines", {}),
+    "tsv": ("tsv", {}),
+    "iso_c": ("iso_c", {}),
+    "iso_cts": ("iso_cts", {}),
+    "emr": ("emr", {}),
+    "dare": ("dare", {}),
     "breadcrumbs": ("breadcrumbs", {}),
     "magmax": ("magmax", {}),
     "model_stock": ("model_stock", {}),
@@ -53,7 +59,11 @@ METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "cart": ("cart", {}),
     "wudi": ("wudi", {}),
 }
-SUMMARY_METHODS: list[str] = [*METHOD_RUNS, "finetuned"]
+#: the paper's methods: what ``make demo`` runs (``--methods all``: every entry of METHOD_RUNS)
+PAPER_METHODS: list[str] = ["zeroshot", "average", "sum", "ties", "tall_mask", "tall_mask_ties", "consensus",
+                            "consensus_ties", "mag_masking"]
+SUMMARY_METHODS: list[str] = [*PAPER_METHODS, "finetuned"]
+ALL_METHODS: list[str] = [*METHOD_RUNS, "finetuned"]
 DEFAULT_NUM_TASKS = 8
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -575,7 +585,8 @@ def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
     parser.add_argument("--num-tasks", type=int, default=DEFAULT_NUM_TASKS, help="the first N tasks of the suite (8, 14, 20)")
     parser.add_argument("--tasks", nargs="+", default=None, help="explicit task names (override --num-tasks)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="pre-training seed(s); several: a table over seeds")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"summary names or registered methods (default: {' '.join(SUMMARY_METHODS)})")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"summary names or registered methods, or 'all' (every method of the project; default: {' '.join(SUMMARY_METHODS)})")
     parser.add_argument("--cache-dir", type=Path, default=Path(".demo_cache"), help="cached models and evaluations")
     parser.add_argument("--output-dir", type=Path, default=Path("results/demo"), help="summaries and plots")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run, not meaningful numbers)")
@@ -585,7 +596,7 @@ def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
     make = DemoConfig.quick if args.quick else DemoConfig
     base = make(cache_dir=args.cache_dir, output_dir=args.output_dir, num_tasks=args.num_tasks, tasks=args.tasks, threads=args.threads)
     if args.methods:
-        base.methods = list(args.methods)
+        base.methods = list(ALL_METHODS) if args.methods == ["all"] else list(args.methods)
     return [replace(base, pretrain=replace(base.pretrain, seed=seed)) for seed in dict.fromkeys(args.seed)]
 
 
