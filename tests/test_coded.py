@@ -174,3 +174,26 @@ def test_a_damaged_payload_is_one_line(tmp_path):
     file._data = np.full(file._data.shape, 0x5A, dtype=np.uint8)  # every payload byte overwritten
     with pytest.raises(CheckpointError, match="damaged chunk of 'w'"):
         file.read("w")
+
+
+def test_model_layout_finds_main_py_masks_of_a_custom_task_list(tmp_path, tiny_checkpoints):
+    """--model with --names other than the paper's first N reads the masks main.py saved for that list
+    (their name carries the list's tag), not a missing untagged file."""
+    from tallmasks.eval.runner import datasets_tag, tall_mask_path
+
+    pt, fts, _ = tiny_checkpoints
+    names = ["MNIST", "Cars", "DTD"]
+    cs = CheckpointSet(pt, fts, names=names)
+    masks = tall_masks(cs, merge(cs, "sum"), 0.3)
+    location = tmp_path / "models" / "checkpoints"
+    for path in [pt, *fts]:
+        (location / "tiny" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (location / "tiny" / path.parent.name / path.name).write_bytes(path.read_bytes())
+    tag = datasets_tag(names)
+    assert tag  # not the paper's first three
+    masks.save(tall_mask_path(location, "tiny", 3, False, tag=tag))
+    out = tmp_path / "coded"
+    res = run_cli("-q", "compress", "--model", "tiny", "--model-location", location, "--names", *names, "--out", out)
+    assert res.returncode == 0, res.stderr
+    back = collection_masks(out)
+    assert all(np.array_equal(back.packed[n], masks.packed[n]) for n in names)

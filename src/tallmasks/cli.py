@@ -159,7 +159,7 @@ def cmd_merge(args) -> int:
 def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
     """theta_0, fine-tuned checkpoints, task names and mask file of --model in the released layout."""
     from tallmasks.datasets import resolve_datasets
-    from tallmasks.eval.runner import released_mask_paths, tall_mask_path
+    from tallmasks.eval.runner import datasets_tag, released_mask_paths, tall_mask_path
     from tallmasks.models.paths import finetuned_path, zeroshot_path
 
     if args.pretrained or args.finetuned:
@@ -169,11 +169,12 @@ def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
     finetuned = [str(finetuned_path(location, args.model, d)) for d in datasets]
     masks = args.masks_file
     if masks is None:
-        ours = tall_mask_path(location, args.model, len(datasets), args.use_ties)
-        candidates = [ours, *released_mask_paths(location, args.model, len(datasets), args.use_ties)]
+        tag = datasets_tag(datasets)  # main.py's masks of a task list other than the paper's first N carry it
+        ours = [tall_mask_path(location, args.model, len(datasets), args.use_ties, tag=t) for t in dict.fromkeys((tag, ""))]
+        candidates = [*ours, *released_mask_paths(location, args.model, len(datasets), args.use_ties)]
         found = [p for p in candidates if p.is_file()]
         if not found:
-            raise ConfigError(f"no TALL masks at {candidates[0]} or {candidates[1]} (download_checkpoints.py --kind tall_masks)")
+            raise ConfigError(f"no TALL masks at {' or '.join(map(str, candidates[:2]))} (main.py method=tall_mask, or download_checkpoints.py --kind tall_masks)")
         masks = str(found[0])
     return str(zeroshot_path(location, args.model)), finetuned, datasets, masks
 

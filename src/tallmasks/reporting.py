@@ -390,11 +390,10 @@ def method_table(rows: Mapping[str, Mapping[str, Any]], datasets: Sequence[str] 
 
 def summary_table(summary: Mapping[str, Any], tasks: Sequence[str], fmt: str = "text") -> str:
     """The demo's method x task table (test accuracy, %), average and normalized average."""
-    short = [t.removeprefix("Digits") for t in tasks]
     rows = []
     for name, entry in summary["methods"].items():
         rows.append([name] + [pct(entry["per_task"][t]["top1"]) for t in tasks] + [pct(entry["avg_top1"]), pct(entry["avg_normalized_top1"])])
-    return render_table(["method", *short, "avg", "normalized"], rows, fmt)
+    return render_table(["method", *tasks, "avg", "normalized"], rows, fmt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
+def datasets_tag(datasets: list[str]) -> str:
+    """The part of result and mask file names that names the task list: "" for the first N of the
+    paper's list, else "_" and a short hash of the list."""
+    from tallmasks.datasets import ALL_DATASETS
+
+    if list(datasets) == ALL_DATASETS[: len(datasets)]:
+        return ""
+    return "_" + hashlib.sha1(",".join(datasets).encode()).hexdigest()[:8]
+
+
 def tall_mask_path(
     model_location: str | Path, model: str, num_tasks: int, use_ties: bool, ties_agg: str = "sum", k: float = 100,
     precision: str = "fp32", tag: str = "",
@@ -184,11 +194,7 @@ class Experiment:
 
     def datasets_tag(self) -> str:
         """"" for the first N of the paper's list, else a short hash of the task list."""
-        from tallmasks.datasets import ALL_DATASETS
-
-        if self.datasets == ALL_DATASETS[: self.num_tasks]:
-            return ""
-        return "_" + hashlib.sha1(",".join(self.datasets).encode()).hexdigest()[:8]
+        return datasets_tag(self.datasets)
 
     def results_path(self, chosen: dict[str, Any] | None = None) -> Path:
         """<results_dir>/<model>_<N>tasks_<full_name>[_<hyperparameter>=<value> ...][_grid-...].json: every
