@@ -16,7 +16,7 @@ Collections:
   joint mask statistics at real size, without the spatial structure of real checkpoints.
 
     python benchmarks/collection_bench.py --demo --json benchmarks/results/collection_bench_demo.json
-    flock /tmp/tallmasks-heavy.lock python benchmarks/collection_bench.py --synthetic ViT-B-32 --tasks 8
+    python benchmarks/collection_bench.py --synthetic ViT-B-32 --tasks 8
 """
 
 from __future__ import annotations
