@@ -96,7 +96,6 @@ PositiveInt = Annotated[int, Interval(ge=1)]
 NonNegativeInt = Annotated[int, Interval(ge=0)]
 TaskCount = Annotated[int, Interval(ge=0), AtMostTasks()]
 Port = Annotated[int, Interval(ge=1, le=65535)]
-Fraction = Annotated[float, Interval(ge=0, le=1)]
 PositiveFraction = Annotated[float, Interval(gt=0, le=1)]
 Positive = Annotated[float, Interval(gt=0)]
 

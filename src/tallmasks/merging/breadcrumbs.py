@@ -15,8 +15,8 @@ import torch
 
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register
-from tallmasks.merging.layers import TensorTasks, blockwise, check_fraction, running_sum
-from tallmasks.schema import Fraction
+from tallmasks.merging.layers import TensorTasks, blockwise, running_sum
+from tallmasks.schema import Fraction, coerce
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -35,7 +35,7 @@ def breadcrumb_mask(tau: torch.Tensor, beta: float, gamma: float) -> torch.Tenso
 
 
 def check_cuts(beta: float, gamma: float) -> tuple[float, float]:
-    beta, gamma = check_fraction(beta, "beta"), check_fraction(gamma, "gamma")
+    beta, gamma = coerce(beta, Fraction, "beta"), coerce(gamma, Fraction, "gamma")
     if not beta < gamma:
         raise ConfigError(f"beta must be below gamma (the kept magnitudes lie between them), got beta={beta}, gamma={gamma}")
     return beta, gamma

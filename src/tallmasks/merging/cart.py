@@ -13,8 +13,8 @@ import torch
 
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_ONE, Vector, register
-from tallmasks.merging.layers import TensorTasks, blockwise, check_fraction, is_layer_matrix, running_sum
-from tallmasks.schema import Fraction
+from tallmasks.merging.layers import TensorTasks, blockwise, is_layer_matrix, running_sum
+from tallmasks.schema import Fraction, coerce
 from tallmasks.task_vectors import Block, CheckpointSet
 
 
@@ -28,7 +28,7 @@ def low_rank(matrix: torch.Tensor, rank_ratio: float) -> torch.Tensor:
 @register("cart", COEF_ONE, "CART: average of the task vectors plus prior x low-rank centred task vectors, at alpha = 1")
 def cart_method(cs: CheckpointSet, *, rank_ratio: Fraction = 0.12, prior: float = 2.0, device: str = "cpu") -> Vector:
     """tau_bar + prior * sum_t LowRank_k(tau_t - tau_bar) per layer matrix (whole centred vectors elsewhere)."""
-    rank_ratio = check_fraction(rank_ratio, "rank_ratio")
+    rank_ratio = coerce(rank_ratio, Fraction, "rank_ratio")
     try:
         prior = float(prior)
     except (TypeError, ValueError):

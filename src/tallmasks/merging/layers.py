@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from tallmasks.errors import ConfigError
 from tallmasks.task_vectors import Block, CheckpointSet
 
 Vector = dict[str, torch.Tensor]
@@ -146,13 +145,3 @@ def is_layer_matrix(key: str, shape: Sequence[int]) -> bool:
     mlp.c_fc.weight, mlp.c_proj.weight), the matrices that CART and WUDI-merging treat as such."""
     return len(shape) == 2 and ("attn" in key or "mlp" in key)
 
-
-def check_fraction(value: float, name: str, low_open: bool = False) -> float:
-    """A number in [0, 1] (or (0, 1] with ``low_open``); ConfigError naming ``name`` otherwise."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not (0.0 <= number <= 1.0) or (low_open and number == 0.0):
-        raise ConfigError(f"{name} must be a fraction in {'(0' if low_open else '[0'}, 1], got {value!r}")
-    return number

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from tallmasks.merging.base import COEF_GRID, Vector, ordered_sum, register
-from tallmasks.merging.layers import blockwise, check_fraction
-from tallmasks.schema import PositiveFraction
+from tallmasks.merging.layers import blockwise
+from tallmasks.schema import PositiveFraction, coerce
 from tallmasks.selection import kth_smallest_magnitudes, kth_smallest_values
 from tallmasks.task_vectors import Block, CheckpointSet
 
@@ -43,7 +43,7 @@ def _scalars(values: list[float], device) -> list[torch.Tensor]:
 @register("pcb", COEF_GRID, "PCB-merging: intra/inter balancing scores, drop the low ones, score-weighted mean; alpha on validation")
 def pcb_method(cs: CheckpointSet, *, pcb_ratio: PositiveFraction = 0.1, device: str = "cpu") -> Vector:
     """Score-weighted mean of the clamped task vectors, keeping each task's top pcb_ratio scores."""
-    pcb_ratio = check_fraction(pcb_ratio, "pcb_ratio", low_open=True)
+    pcb_ratio = coerce(pcb_ratio, PositiveFraction, "pcb_ratio")
     d, count = cs.num_float_params, cs.num_tasks
 
     def taus_twice():
