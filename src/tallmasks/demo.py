@@ -46,24 +46,14 @@ METHOD_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "consensus": ("consensus", {"use_ties": False}),
     "consensus_ties": ("consensus", {"use_ties": True}),
     "mag_masking": ("mag_masking", {}),
-    "lines": ("lines", {}),
-    "tsv": ("tsv", {}),
-    "iso_c": ("iso_c", {}),
-    "iso_cts": ("iso_cts", {}),
-    "emr": ("emr", {}),
-    "dare": ("dare", {}),
-    "breadcrumbs": ("breadcrumbs", {}),
-    "magmax": ("magmax", {}),
-    "model_stock": ("model_stock", {}),
-    "pcb": ("pcb", {}),
-    "cart": ("cart", {}),
-    "wudi": ("wudi", {}),
 }
-#: the paper's methods: what ``make demo`` runs (``--methods all``: every entry of METHOD_RUNS)
-PAPER_METHODS: list[str] = ["zeroshot", "average", "sum", "ties", "tall_mask", "tall_mask_ties", "consensus",
-                            "consensus_ties", "mag_masking"]
+#: the paper's methods: what ``make demo`` runs
+PAPER_METHODS: list[str] = list(METHOD_RUNS)
+#: the later methods, run with their registered defaults (``--methods all`` adds them)
+LATER_METHODS: list[str] = ["lines", "tsv", "iso_c", "iso_cts", "emr", "dare", "breadcrumbs", "magmax", "model_stock",
+                            "pcb", "cart", "wudi"]
 SUMMARY_METHODS: list[str] = [*PAPER_METHODS, "finetuned"]
-ALL_METHODS: list[str] = [*METHOD_RUNS, "finetuned"]
+ALL_METHODS: list[str] = [*PAPER_METHODS, *LATER_METHODS, "finetuned"]
 DEFAULT_NUM_TASKS = 8
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
