@@ -48,7 +48,9 @@ sys.path.insert(0, str(REPO / "src"))
 ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress", "lines", "tsv", "iso_c", "iso_cts", "emr", "dare",
             "magmax", "breadcrumbs", "model_stock", "pcb", "cart", "wudi"]
 #: float32 copies of the (tasks x parameters) matrix a naive job holds at its peak, beyond the default 2T + 3
-NAIVE_COPIES = {"pcb": lambda tasks: 5 * tasks + 3}
+#: (ties and lines: whole checkpoints, stacked fine-tuned weights, task vectors, magnitudes, trimmed and
+#: selected matrices; pcb: its scores on top; both were killed at 24 GB with ViT-B-32 x 8)
+NAIVE_COPIES = {"pcb": lambda tasks: 7 * tasks + 3, "ties": lambda tasks: 6 * tasks + 3, "lines": lambda tasks: 6 * tasks + 3}
 
 
 # ------------------------------------------------------------------------------------------------

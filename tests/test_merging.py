@@ -303,6 +303,93 @@ def test_kth_selection_is_exact_with_ties_zeros_and_subnormals():
         assert kth_smallest_magnitude(parts, rank) == expected
 
 
+def _window_states(num_tasks=3, seed=5):
+    """A model with large, small, zero-vector and heavily quantized tensors (many exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    pt = {"big.weight": torch.randn(300, 40, generator=g), "big.bias": torch.randn(40, generator=g),
+          "frozen.weight": torch.randn(64, 8, generator=g), "scale": torch.randn((), generator=g),
+          "wide.weight": torch.randn(2, 5000, generator=g)}
+    fts = []
+    for t in range(num_tasks):
+        ft = {}
+        for key, value in pt.items():
+            delta = torch.randn(value.shape, generator=g) * (0.01 * (t + 1))
+            if key == "frozen.weight":
+                delta = torch.zeros_like(value)
+            elif t == 1:
+                delta = torch.round(delta * 300) / 300  # ties: many equal magnitudes
+            ft[key] = value + delta
+        fts.append(ft)
+    return pt, fts
+
+
+@pytest.mark.parametrize("k", [20, 10, 50, 99.99, 0.01])
+def test_one_pass_thresholds_equal_kthvalue_and_take_one_pass(k):
+    from tallmasks.masks import topk_thresholds
+
+    pt, fts = _window_states()
+    keys = sorted(pt)
+    taus = torch.stack([flat(ft, keys) - flat(pt, keys) for ft in fts])
+    d = taus.shape[1]
+    rank = d - int(d * (k / 100))
+    expected = [taus[t].abs().kthvalue(rank).values.item() for t in range(len(fts))]
+    cs = CheckpointSet(pt, fts, block_elems=1000)
+    passes = cs.passes
+    assert topk_thresholds(cs, k, window=True) == expected
+    assert cs.passes - passes == 1  # the windows held every threshold
+    assert topk_thresholds(CheckpointSet(pt, fts, block_elems=1000), k, window=False) == expected
+
+
+def test_one_pass_thresholds_fall_back_exactly_where_a_window_misses(monkeypatch):
+    from tallmasks import masks as masks_module
+    from tallmasks.masks import topk_thresholds
+
+    pt, fts = _window_states()
+    keys = sorted(pt)
+    taus = torch.stack([flat(ft, keys) - flat(pt, keys) for ft in fts])
+    d = taus.shape[1]
+    rank = d - int(d * 0.2)
+    expected = [taus[t].abs().kthvalue(rank).values.item() for t in range(len(fts))]
+    real = masks_module.sample_window
+    calls = []
+
+    def misplaced(sample, fraction, slack):  # the second task's window lies above its threshold
+        calls.append(1)
+        lo, hi = real(sample, fraction, slack)
+        return (hi, 2 * hi + 1) if len(calls) == 2 else (lo, hi)
+
+    monkeypatch.setattr(masks_module, "sample_window", misplaced)
+    cs = CheckpointSet(pt, fts, block_elems=1000)
+    passes = cs.passes
+    assert topk_thresholds(cs, 20, window=True) == expected
+    assert cs.passes - passes == 3  # one windowed pass, then two histogram passes for that task alone
+
+
+def test_windowed_selection_cases():
+    from tallmasks.selection import KthInWindows, sample_window
+
+    values = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 2.0, 3.0, 3.0, 4.0])
+    for rank in range(1, 11):
+        expected = values.kthvalue(rank).values.item()
+        for window in [(-1.0, 5.0), (0.0, 0.5), (0.5, 3.0), (0.5, 0.5), (1.0, 2.0), (3.0, 4.0)]:
+            selector = KthInWindows([rank], [window], cap=100)
+            assert selector.add(-values.view(1, -1).clone()) is True
+            got = selector.values()[0]
+            lo, hi = window
+            below, at_most = int((values < lo).sum()), int((values <= lo).sum())
+            shown = below < rank <= int((values <= hi).sum())
+            assert got == (expected if shown else None), (rank, window)
+    selector = KthInWindows([5], [(-1.0, 5.0)], cap=3)  # keeps more than its cap: falls back
+    selector.add(values.view(1, -1).clone())
+    assert selector.values() == [None]
+    selector = KthInWindows([5], [(-1.0, 5.0)], cap=100)
+    assert selector.add(torch.tensor([[1.0, float("nan")]])) is False
+    lo, hi = sample_window(torch.arange(1000.0), 0.5, 0.01)
+    assert lo < 500 <= hi and hi - lo < 40
+    assert sample_window(torch.arange(10.0), 0.999, 0.01)[1] == torch.finfo(torch.float32).max
+    assert sample_window(torch.arange(10.0), 0.001, 0.01)[0] == -1.0
+
+
 def test_integer_buffers_pass_through_and_dtypes_are_kept():
     pt, fts = make_states(2)
     half_pt = {k: (v.half() if v.dtype.is_floating_point else v) for k, v in pt.items()}

@@ -19,7 +19,7 @@ import torch
 from tallmasks.checkpoints import atomic_path
 from tallmasks.errors import CheckpointError, ConfigError
 from tallmasks.guard import require_file
-from tallmasks.selection import KthMagnitudes, check_k, kth_rank
+from tallmasks.selection import KthInWindows, KthMagnitudes, check_k, kth_rank, sample_window
 from tallmasks.task_vectors import CheckpointSet
 
 MASKSET_FORMAT = "tallmasks-maskset-v1"
@@ -304,16 +304,47 @@ def tall_masks(
     return MaskSet(cs.names, layout, [p.finish() for p in packers], meta)
 
 
-def topk_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float]:
-    """Per task, the magnitude threshold keeping its top-k% entries over the whole model."""
+#: models with fewer floating-point entries than this use the two histogram passes directly
+WINDOW_MIN_PARAMS = 1 << 22
+#: 1 / the fraction of the model sampled to place the one-pass selection windows
+WINDOW_SAMPLE_STRIDE = 32
+
+
+def topk_thresholds(cs: CheckpointSet, k: float, device="cpu", window: bool | None = None) -> list[float]:
+    """Per task, the magnitude threshold keeping its top-k% entries over the whole model.
+
+    Exact (equal to ``kthvalue`` over the whole task vector). With ``window`` (default: models of
+    ``WINDOW_MIN_PARAMS`` entries or more, read without a block transform) a sample of about 1/32 of
+    the model places a narrow window around each threshold and ONE pass finds it
+    (``selection.KthInWindows``); tasks whose window missed, and every task otherwise, take the two
+    histogram passes of ``selection.KthMagnitudes``."""
     k = check_k(k)
-    selector = KthMagnitudes([kth_rank(cs.num_float_params, k)] * cs.num_tasks)
-    for _ in cs.map_blocks(lambda block: block.verify(selector.add_high(block.taus())), device=device):
-        pass
-    selector.choose_bins()
-    for _ in cs.map_blocks(lambda block: selector.add_low(block.taus()), device=device):
-        pass
-    return selector.values()
+    d = cs.num_float_params
+    rank = kth_rank(d, k)
+    thresholds: list[float | None] = [None] * cs.num_tasks
+    if window is None:
+        window = d >= WINDOW_MIN_PARAMS and cs.block_transform is None
+    if window:
+        sample = cs.sample_taus(WINDOW_SAMPLE_STRIDE, device=device)
+        fraction = rank / d
+        slack = 0.0025 + 8 * math.sqrt(max(fraction * (1 - fraction), 1e-12) / max(sample.shape[1], 1))
+        windows = [sample_window(row, fraction, slack) for row in sample]
+        del sample
+        selector = KthInWindows([rank] * cs.num_tasks, windows, cap=max(1 << 20, int(4 * slack * d)))
+        for _ in cs.map_blocks(lambda block: block.verify(selector.add(block.taus())), device=device):
+            pass
+        thresholds = selector.values()
+    missed = [t for t, value in enumerate(thresholds) if value is None]
+    if missed:
+        selector = KthMagnitudes([rank] * len(missed))
+        for _ in cs.map_blocks(lambda block: block.verify(selector.add_high(block.taus())), tasks=missed, device=device):
+            pass
+        selector.choose_bins()
+        for _ in cs.map_blocks(lambda block: selector.add_low(block.taus()), tasks=missed, device=device):
+            pass
+        for t, value in zip(missed, selector.values()):
+            thresholds[t] = value
+    return thresholds
 
 
 def magnitude_masks(cs: CheckpointSet, k: float = 10, device="cpu") -> MaskSet:

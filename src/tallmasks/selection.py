@@ -11,11 +11,14 @@ selected the same way after an order-preserving map of their bit patterns (``kth
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
+from tallmasks import kernels
 from tallmasks.errors import ConfigError
 
 _HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes, so the high half-word is < 2**15
@@ -294,3 +297,94 @@ def kth_smallest_magnitude(tensors: Iterable[torch.Tensor], rank: int) -> float:
             yield [tensor.reshape(-1).float()]
 
     return kth_smallest_magnitudes(chunks, [rank])[0]
+
+
+class KthInWindows:
+    """Exact kth smallest |x| of several streams in ONE pass, given per stream a window (lo, hi] that
+    probably holds it (chosen from a sample, see ``sample_window``).
+
+    Per stream the pass counts the entries with |x| < lo and |x| <= lo, and keeps the magnitudes in
+    (lo, hi]. The kth smallest is then lo itself, or the right one of the kept magnitudes, whenever
+    the counts show that it lies in [lo, hi]; ``values()`` gives None for a stream whose window missed
+    (or that kept more than ``cap`` entries), and the caller falls back to ``KthMagnitudes``. The
+    answer is exact either way: the window only decides how much is kept. Blocks may be fed from
+    several threads.
+    """
+
+    def __init__(self, ranks: Sequence[int], windows: Sequence[tuple[float, float]], cap: int):
+        if len(windows) != len(ranks):
+            raise ValueError(f"{len(windows)} windows for {len(ranks)} streams")
+        self.ranks = [int(r) for r in ranks]
+        self.cap = int(cap)
+        self._lo = torch.tensor([w[0] for w in windows], dtype=torch.float32).view(-1, 1)
+        self._hi = torch.tensor([w[1] for w in windows], dtype=torch.float32).view(-1, 1)
+        self._below = torch.zeros(len(ranks), dtype=torch.int64)  # |x| < lo
+        self._at_most = torch.zeros(len(ranks), dtype=torch.int64)  # |x| <= lo
+        self._kept: list[list[torch.Tensor]] = [[] for _ in ranks]
+        self._count = [0] * len(ranks)
+        self._lock = threading.Lock()
+
+    def add(self, parts: torch.Tensor) -> bool:
+        """Count one (streams x n) block; returns whether all its entries are finite. ``parts`` is
+        overwritten (with its magnitudes)."""
+        if parts.dim() != 2 or len(parts) != len(self.ranks):
+            raise ValueError(f"expected a ({len(self.ranks)} x n) block, got shape {tuple(parts.shape)}")
+        if parts.numel() == 0:
+            return True
+        if kernels.usable(parts):
+            below, at_most = np.zeros(len(self.ranks), dtype=np.int64), np.zeros(len(self.ranks), dtype=np.int64)
+            kept, finite = kernels.window_counts(parts, self._lo.view(-1).numpy(), self._hi.view(-1).numpy(), below, at_most)
+            below, at_most = torch.from_numpy(below), torch.from_numpy(at_most)
+        else:
+            magnitudes = parts.abs_()
+            lo, hi = self._lo.to(parts.device), self._hi.to(parts.device)
+            finite = bool(int(_bits(magnitudes).max()) < _NONFINITE_BITS)
+            below = (magnitudes < lo).sum(1)
+            at_most = (magnitudes <= lo).sum(1)
+            inside = (magnitudes > lo) & (magnitudes <= hi)
+            kept = [magnitudes[i][inside[i]].cpu() for i in range(len(self.ranks))]
+        with self._lock:
+            self._below += below.cpu()
+            self._at_most += at_most.cpu()
+            for i, values in enumerate(kept):
+                if values.numel() == 0:
+                    continue
+                self._count[i] += values.numel()
+                if self._count[i] > self.cap:
+                    self._kept[i] = []  # too many: this stream falls back to the two-pass selection
+                else:
+                    self._kept[i].append(values)
+        return finite
+
+    def values(self) -> list[float | None]:
+        """Per stream: its kth smallest magnitude, or None where the window did not show it."""
+        out: list[float | None] = []
+        for i, rank in enumerate(self.ranks):
+            below, at_most, count = int(self._below[i]), int(self._at_most[i]), self._count[i]
+            if rank <= 0:
+                out.append(0.0)
+            elif below < rank <= at_most:
+                out.append(float(self._lo[i, 0]))
+            elif at_most < rank <= at_most + count and count <= self.cap:
+                kept = torch.cat(self._kept[i])
+                out.append(float(kept.kthvalue(rank - at_most).values))
+            else:
+                out.append(None)
+        return out
+
+
+def sample_window(sample: torch.Tensor, fraction: float, slack: float) -> tuple[float, float]:
+    """A magnitude window (lo, hi] around the ``fraction`` quantile of |sample| that holds the whole
+    population's quantile with high probability: the sample's quantiles at fraction -+ slack (lo = -1
+    and hi = the largest float32 where those fall outside the sample)."""
+    magnitudes = sample.reshape(-1).abs()
+    magnitudes = magnitudes[torch.isfinite(magnitudes)]
+    n = magnitudes.numel()
+    top = float(torch.finfo(torch.float32).max)
+    if n == 0:
+        return -1.0, top
+    low_rank = int(math.floor((fraction - slack) * n))  # 1-based ranks in the sample
+    high_rank = int(math.ceil((fraction + slack) * n)) + 1
+    lo = float(magnitudes.kthvalue(low_rank).values) if low_rank >= 1 else -1.0
+    hi = float(magnitudes.kthvalue(high_rank).values) if high_rank <= n else top
+    return lo, hi

@@ -364,6 +364,25 @@ class CheckpointSet:
     def _read(self, state, key, row, row_stop, whole, device) -> torch.Tensor:
         return _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
 
+    def sample_taus(self, stride: int = 32, chunk_elems: int = 4096, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(tasks x m) task-vector entries: from every floating-point tensor, one run of about
+        ``chunk_elems`` entries (whole rows) in every ``stride`` runs, a stratified sample of about
+        1/stride of the model. Reads only those rows; checks nothing and marks nothing checked; the
+        block transform, if any, is not applied."""
+        parts = []
+        for key in self.float_keys:
+            shape, numel = self.shapes[key], self.numel(key)
+            if numel == 0:
+                continue
+            whole = len(shape) == 0
+            rows = 1 if whole else shape[0]
+            chunk_rows = max(1, int(chunk_elems) // (numel // rows))
+            for row in range(0, rows, chunk_rows * max(1, int(stride))):
+                stop = min(rows, row + chunk_rows)
+                theta0 = self._read(self.pretrained, key, row, stop, whole, device)
+                parts.append(torch.stack([self._read(state, key, row, stop, whole, device) - theta0 for state in self.finetuned]))
+        return torch.cat(parts, 1)
+
     def tensor(self, key: str, task: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """One whole floating-point tensor in float32 and its own shape: theta_0[key], or theta_task[key]."""
         if task is None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tallmasks import kernels
 from tallmasks.errors import ConfigError
 from tallmasks.masks import topk_thresholds
 from tallmasks.selection import check_k
@@ -231,12 +232,13 @@ def task_arithmetic(cs: CheckpointSet, k: float = 100, device="cpu") -> Vector:
     return _shaped(cs, out)
 
 
-def _ties_block(block: Block, thresholds: list[float] | None, agg: str, zero_sign: float):
-    """One block of TIES: merged values, the summed sign (zero signs unresolved), and where anything was kept.
+def _ties_block(block: Block, taus: torch.Tensor, thresholds: list[float] | None, agg: str, zero_sign: float):
+    """One block of TIES (``taus``: its task vectors, overwritten): merged values, the summed sign
+    (zero signs unresolved), and where anything was kept.
 
     Entries agreeing with the elected sign e (+1 or -1) are those with t * e > 0; the paper's tie
     sign 0 keeps negative entries (its torch.where), as -1 does."""
-    trimmed = _trimmed_taus(block, thresholds)
+    trimmed = _trim_(taus, None if thresholds is None else _column(thresholds, taus))
     total = block.sum(trimmed)
     block.verify(total)
     sign = torch.sign(total)
@@ -261,7 +263,13 @@ def ties_merge(cs: CheckpointSet, k: float = 20, agg: str = "mean", device="cpu"
     out = _empty(cs)
 
     def work(block: Block, zero_sign: float = 1.0) -> tuple[int, bool]:
-        merged, sign, kept = _ties_block(block, thresholds, agg, zero_sign)
+        taus = block.taus()
+        if kernels.usable(taus):  # the same operations, fused (tallmasks.kernels)
+            signs, fill_mattered, finite = kernels.ties_block(
+                taus, thresholds, block.tail, agg == "mean", zero_sign, _destination(out, block))
+            block.verify(finite)
+            return signs, fill_mattered
+        merged, sign, kept = _ties_block(block, taus, thresholds, agg, zero_sign)
         _store(out, block, merged)
         # the sign total is exact (signs are -1, 0, 1); a zero sum with non-zero entries: the fill mattered
         return int(sign.sum(dtype=torch.float64)), bool(((sign == 0) & kept).any())

@@ -1,0 +1,98 @@
+"""The fused CPU kernels give, bit for bit, what the torch code gives (every task count 1-20, tails, ties)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tallmasks import kernels
+from tallmasks.merging import merge
+from tallmasks.merging.base import _ties_block
+from tallmasks.reduction import stacked_tail
+from tallmasks.selection import KthInWindows
+from tallmasks.task_vectors import Block, CheckpointSet
+
+
+def bits(tensor):
+    return tensor.contiguous().view(torch.int32)
+
+
+def quantized_taus(count, n, seed):
+    """Task vectors with many exact ties, zeros, and columns whose summed sign is zero."""
+    g = torch.Generator().manual_seed(seed)
+    taus = torch.round(torch.randn(count, n, generator=g) * 3) / 8
+    taus[:, : n // 10] = 0.0
+    if count >= 2:
+        taus[0, n // 10 : n // 5] = 0.5
+        taus[1, n // 10 : n // 5] = -0.5  # opposite signs that cancel
+    return taus
+
+
+def test_kernels_are_available():
+    assert kernels.kernels() is not None  # numba is a dependency: a broken build must fail here
+
+
+@pytest.mark.parametrize("count", list(range(1, 21)) + [33])
+def test_ties_kernel_equals_the_torch_block(count):
+    n = 301
+    taus = quantized_taus(count, n, seed=count)
+    thresholds = taus.abs().quantile(0.6, dim=1).tolist()
+    for tail in (0, stacked_tail(n), n):
+        for agg in ("mean", "sum"):
+            for zero_sign in (1.0, -1.0):
+                for th in (thresholds, None):
+                    block = Block("k", 0, n, torch.zeros(n), [], tail=tail)
+                    expected, sign, kept = _ties_block(block, taus.clone(), th, agg, zero_sign)
+                    out = torch.empty(n)
+                    signs, mattered, finite = kernels.ties_block(taus.clone(), th, tail, agg == "mean", zero_sign, out)
+                    assert torch.equal(bits(out), bits(expected)), (tail, agg, zero_sign, th is None)
+                    assert signs == int(sign.sum()) and finite
+                    assert mattered == bool(((sign == 0) & kept).any())
+
+
+def test_ties_kernel_reports_non_finite_sums():
+    taus = torch.tensor([[1.0, float("nan")], [2.0, 1.0]])
+    _, _, finite = kernels.ties_block(taus, [0.5, 0.5], 0, True, 1.0, torch.empty(2))
+    assert not finite
+    taus = torch.tensor([[1.0, float("nan")], [2.0, 1.0]])  # NaN below its threshold still shows
+    _, _, finite = kernels.ties_block(taus, [0.5, 100.0], 0, True, 1.0, torch.empty(2))
+    assert not finite
+
+
+def test_window_kernel_equals_the_torch_counts(monkeypatch):
+    taus = quantized_taus(5, 5000, seed=7)
+    windows = [(-1.0, 0.25), (0.0, 0.375), (0.125, 0.125), (0.25, 1.0), (3.0, 4.0)]
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        selector = KthInWindows([2500] * 5, windows, cap=10_000)
+        for start in range(0, 5000, 700):
+            assert selector.add(taus[:, start : start + 700].clone())
+        results.append((selector.values(), selector._below.tolist(), selector._at_most.tolist(), selector._count))
+    assert results[0] == results[1]
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    dense = torch.full((1, 4000), 0.5)  # every entry in the window: more than the kernel's buffer
+    selector = KthInWindows([10], [(0.0, 1.0)], cap=10_000)
+    selector.add(dense.clone())
+    assert selector.values() == [0.5] and selector._count == [4000]
+
+
+def _states(count, seed):
+    g = torch.Generator().manual_seed(seed)
+    pt = {"a.weight": torch.randn(40, 9, generator=g), "b.bias": torch.randn(31, generator=g), "c": torch.randn((), generator=g)}
+    fts = [{k: v + torch.round(torch.randn(v.shape, generator=g) * 3) / 64 - 0.02 for k, v in pt.items()}
+           for _ in range(count)]
+    return pt, fts
+
+
+@pytest.mark.parametrize("count", [1, 2, 8, 17, 18, 20])
+def test_ties_merges_agree_with_and_without_kernels(count, monkeypatch):
+    pt, fts = _states(count, seed=count)
+    for k, agg in [(20, "mean"), (100, "sum"), (50, "mean")]:
+        merged = []
+        for enabled in (True, False):
+            monkeypatch.setattr(kernels, "ENABLED", enabled)
+            merged.append(merge(CheckpointSet(pt, fts, block_elems=37), "ties", k=k, ties_agg=agg))
+        for key in merged[0]:
+            assert torch.equal(bits(merged[0][key]), bits(merged[1][key])), (k, agg, key)
