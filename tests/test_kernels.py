@@ -96,3 +96,12 @@ def test_ties_merges_agree_with_and_without_kernels(count, monkeypatch):
             merged.append(merge(CheckpointSet(pt, fts, block_elems=37), "ties", k=k, ties_agg=agg))
         for key in merged[0]:
             assert torch.equal(bits(merged[0][key]), bits(merged[1][key])), (k, agg, key)
+
+
+def test_window_kernel_keeps_exactly_a_full_buffer():
+    # 1024 magnitudes inside the window (the kernel's buffer for a 2048-column block), then outside ones
+    inside = torch.linspace(0.5, 0.9, 1024)
+    block = torch.cat([inside, torch.full((1024,), 2.0)]).view(1, -1)
+    below, at_most = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    kept, finite = kernels.window_counts(block.clone(), np.array([0.1], np.float32), np.array([1.0], np.float32), below, at_most)
+    assert finite and torch.equal(kept[0], inside) and below[0] == at_most[0] == 0

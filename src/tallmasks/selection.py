@@ -366,8 +366,8 @@ class KthInWindows:
             elif below < rank <= at_most:
                 out.append(float(self._lo[i, 0]))
             elif at_most < rank <= at_most + count and count <= self.cap:
-                kept = torch.cat(self._kept[i])
-                out.append(float(kept.kthvalue(rank - at_most).values))
+                kept = torch.cat(self._kept[i]).numpy()
+                out.append(float(np.partition(kept, rank - at_most - 1)[rank - at_most - 1]))
             else:
                 out.append(None)
         return out
@@ -385,6 +385,8 @@ def sample_window(sample: torch.Tensor, fraction: float, slack: float) -> tuple[
         return -1.0, top
     low_rank = int(math.floor((fraction - slack) * n))  # 1-based ranks in the sample
     high_rank = int(math.ceil((fraction + slack) * n)) + 1
-    lo = float(magnitudes.kthvalue(low_rank).values) if low_rank >= 1 else -1.0
-    hi = float(magnitudes.kthvalue(high_rank).values) if high_rank <= n else top
+    wanted = [r - 1 for r in (low_rank, high_rank) if 1 <= r <= n]
+    picked = np.partition(magnitudes.cpu().numpy(), wanted) if wanted else None
+    lo = float(picked[low_rank - 1]) if low_rank >= 1 else -1.0
+    hi = float(picked[high_rank - 1]) if high_rank <= n else top
     return lo, hi

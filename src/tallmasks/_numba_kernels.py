@@ -1,0 +1,245 @@
+"""The numba kernels of ``tallmasks.kernels`` (imported only when numba is installed; compiled once and
+cached beside this file)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+njit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+f32 = np.float32
+
+_LEVELS = 4
+_ROWS_PER_LEVEL_MIN = 4
+_ILP = 4
+_FLOAT_MAX = f32(np.finfo(np.float32).max)
+
+
+@njit
+def chain(values, first, stop, step):
+    # values[first], values[first + step], ... summed left to right from the first one
+    total = values[first]
+    i = first + step
+    while i < stop:
+        total = total + values[i]
+        i += step
+    return total
+
+
+@njit
+def ceil_log2(n):
+    bits = 0
+    while (1 << bits) < n:
+        bits += 1
+    return bits
+
+
+@njit
+def cascade(values, count):
+    # reduction._cascade on scalars: rows in runs of 2**power, accumulated in levels
+    power = max(_ROWS_PER_LEVEL_MIN, ceil_log2(count) // _LEVELS)
+    step = 1 << power
+    if count <= step + 1:
+        return chain(values, 0, count, 1)
+    mask = step - 1
+    levels = np.zeros(_LEVELS, dtype=f32)
+    present = np.zeros(_LEVELS, dtype=np.bool_)
+    i = 0
+    while i + step <= count:
+        levels[0] = chain(values, i, i + step, 1)
+        present[0] = True
+        i += step
+        for j in range(1, _LEVELS):
+            if present[j]:
+                levels[j] = levels[j] + levels[j - 1]
+            else:
+                levels[j] = levels[j - 1]
+                present[j] = True
+            present[j - 1] = False
+            if i & (mask << (j * power)):
+                break
+    have = i < count
+    result = chain(values, i, count, 1) if have else f32(0.0)
+    for j in range(1, _LEVELS):
+        if present[j]:
+            if have:
+                result = result + levels[j]
+            else:
+                result = levels[j]
+                have = True
+    return result
+
+
+@njit
+def interleaved(values, count, scratch):
+    # reduction._interleaved: four interleaved cascades, leftovers added to the first
+    whole = count // _ILP
+    if whole == 0:
+        return chain(values, 0, count, 1)
+    sums = np.empty(_ILP, dtype=f32)
+    for k in range(_ILP):
+        m = 0
+        for i in range(k, _ILP * whole, _ILP):
+            scratch[m] = values[i]
+            m += 1
+        sums[k] = cascade(scratch, m)
+    first = sums[0]
+    for i in range(_ILP * whole, count):
+        first = first + values[i]
+    for k in range(1, _ILP):
+        first = first + sums[k]
+    return first
+
+
+@njit
+def _copy_row(source, lo, hi, out):
+    for col in range(lo, hi):
+        out[col] = source[col]
+
+
+@njit
+def _add_row(source, lo, hi, out):
+    for col in range(lo, hi):
+        out[col] = out[col] + source[col]
+
+
+@njit
+def _chain_rows(matrix, first, stop, lo, hi, out):
+    # rows first .. stop-1 summed left to right from the first one, columns lo .. hi-1
+    _copy_row(matrix[first], lo, hi, out)
+    for i in range(first + 1, stop):
+        _add_row(matrix[i], lo, hi, out)
+
+
+@njit
+def cascade_rows(matrix, count, lo, hi, out, levels):
+    # reduction._cascade over whole rows (columns lo .. hi-1); levels: a (4, n) scratch
+    power = max(_ROWS_PER_LEVEL_MIN, ceil_log2(count) // _LEVELS)
+    step = 1 << power
+    if count <= step + 1:
+        _chain_rows(matrix, 0, count, lo, hi, out)
+        return
+    mask = step - 1
+    present = np.zeros(_LEVELS, dtype=np.bool_)
+    i = 0
+    while i + step <= count:
+        _chain_rows(matrix, i, i + step, lo, hi, levels[0])
+        present[0] = True
+        i += step
+        for j in range(1, _LEVELS):
+            if present[j]:
+                _add_row(levels[j - 1], lo, hi, levels[j])
+            else:
+                _copy_row(levels[j - 1], lo, hi, levels[j])
+                present[j] = True
+            present[j - 1] = False
+            if i & (mask << (j * power)):
+                break
+    have = i < count
+    if have:
+        _chain_rows(matrix, i, count, lo, hi, out)
+    for j in range(1, _LEVELS):
+        if present[j]:
+            if have:
+                _add_row(levels[j], lo, hi, out)
+            else:
+                _copy_row(levels[j], lo, hi, out)
+                have = True
+
+
+@njit
+def _stacked_rows(matrix, tail, out, levels, column, scratch):
+    # the stacked sum of every column of ``matrix`` into out: whole rows for the main columns, one
+    # column at a time for the last ``tail`` (the kernel's interleaved order)
+    count, n = matrix.shape
+    main = n - tail
+    if main > 0:
+        cascade_rows(matrix, count, 0, main, out, levels)
+    for col in range(main, n):
+        for t in range(count):
+            column[t] = matrix[t, col]
+        out[col] = interleaved(column, count, scratch)
+    for col in range(n):
+        out[col] = out[col] + f32(0.0)  # the kernel's output starts at +0.0: a zero sum is never -0.0
+
+
+@njit
+def ties_block(taus, thresholds, tail, mean, zero_sign, out):
+    # One block of TIES, in place on taus (tasks x n): trim, elect, disjoint mean or sum into out.
+    # Returns (sign total, whether a zero-sign fill mattered, whether the trimmed sums are finite).
+    count, n = taus.shape
+    one, zero = f32(1.0), f32(0.0)
+    for t in range(count):
+        row, threshold = taus[t], thresholds[t]
+        for col in range(n):
+            value = row[col]
+            row[col] = value * (one if abs(value) >= threshold else zero)
+    levels = np.empty((_LEVELS, n), dtype=f32)
+    column = np.empty(count, dtype=f32)
+    scratch = np.empty(count, dtype=f32)
+    total = np.empty(n, dtype=f32)
+    _stacked_rows(taus, tail, total, levels, column, scratch)
+    elected = np.empty(n, dtype=f32)
+    sign_total = 0
+    finite = True
+    for col in range(n):
+        value = total[col]
+        sign = 1 if value > 0 else (-1 if value < 0 else 0)
+        sign_total += sign
+        elected[col] = f32(sign) if sign != 0 else zero_sign
+        if not (abs(value) <= _FLOAT_MAX):
+            finite = False
+    kept = np.zeros(n, dtype=np.int32)
+    for t in range(count):
+        row = taus[t]
+        for col in range(n):
+            value = row[col]
+            agrees = value * elected[col] > 0
+            row[col] = value if agrees else zero
+            kept[col] += 1 if agrees else 0
+    _stacked_rows(taus, tail, out, levels, column, scratch)
+    fill_mattered = False
+    for col in range(n):
+        if mean:
+            out[col] = out[col] / f32(max(kept[col], 1))
+        if total[col] == 0 and kept[col] > 0:
+            fill_mattered = True
+    return sign_total, fill_mattered, finite
+
+
+@njit
+def _count_at_most(row, value):
+    count = 0
+    for col in range(row.shape[0]):
+        count += 1 if abs(row[col]) <= value else 0
+    return count
+
+
+@njit
+def _count_below(row, value):
+    count = 0
+    for col in range(row.shape[0]):
+        count += 1 if abs(row[col]) < value else 0
+    return count
+
+
+@njit
+def window_counts(taus, lows, highs, below, at_most, kept, kept_counts):
+    # per row: counts of |x| < lo and |x| <= lo, the magnitudes in (lo, hi] (the first of them, up to
+    # kept's width less one, a slot that takes the others), and whether every entry is finite
+    count, n = taus.shape
+    limit = kept.shape[1] - 1
+    finite = True
+    for t in range(count):
+        row, lo, hi = taus[t], lows[t], highs[t]
+        if _count_at_most(row, _FLOAT_MAX) != n:
+            finite = False
+        below[t] += _count_below(row, lo)
+        at_most[t] += _count_at_most(row, lo)
+        m = 0  # branch-free: every magnitude is written at the next free slot, kept if inside
+        for col in range(n):
+            magnitude = abs(row[col])
+            kept[t, min(m, limit)] = magnitude
+            m += 1 if (magnitude > lo) & (magnitude <= hi) else 0
+        kept_counts[t] = m
+    return finite
