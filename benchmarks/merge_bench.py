@@ -113,8 +113,11 @@ def synthesize(model: str, tasks: int, root: Path, seed: int = 0, largest: int |
 
 
 def _naive(job: str, pt: Path, fts: list[Path], device: str, params: dict | None = None) -> None:
-    """The stack-everything baseline: whole checkpoints in memory, a (T x d) matrix, kthvalue."""
+    """The stack-everything baseline: whole checkpoints in memory, a (T x d) matrix, kthvalue. SVDs go
+    through the same retrying helper as ours (LAPACK's default driver fails on some Iso-CTS residuals)."""
     import torch
+
+    from tallmasks.merging.layers import svd
 
     theta0 = torch.load(pt, map_location="cpu", weights_only=True)
     finetuned = [torch.load(p, map_location="cpu", weights_only=True) for p in fts]
@@ -191,17 +194,17 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str, params: dict | None
                 continue
             if job == "tsv":
                 rank, kept = min(stack[0].shape), int(min(stack[0].shape) / len(stack))
-                parts = [torch.linalg.svd(m, full_matrices=False) for m in stack]
+                parts = [svd(m) for m in stack]
                 u = torch.cat([p[0][:, :kept] for p in parts] + [torch.zeros(stack[0].shape[0], rank - kept * len(stack), device=device)], 1)
                 v = torch.cat([p[2][:kept] for p in parts] + [torch.zeros(rank - kept * len(stack), stack[0].shape[1], device=device)], 0)
-                torch.linalg.svd(u, full_matrices=False), torch.linalg.svd(v, full_matrices=False)
+                svd(u), svd(v)
             else:
                 total = sum(stack)
-                u, s_, vh = torch.linalg.svd(total, full_matrices=False)
+                u, s_, vh = svd(total)
                 if job == "iso_cts":
                     common = u[:, : int(0.8 * len(s_))]
                     for m in stack:
-                        torch.linalg.svd(m - common @ (common.T @ m), full_matrices=False)
+                        svd(m - common @ (common.T @ m))
     else:
         raise SystemExit(f"unknown job {job}")
     if device == "cuda":
@@ -262,6 +265,8 @@ def _naive_pcb(taus, per_key, shapes, ratio=0.1, clamp_ratio=1e-4):
 def _naive_cart(taus, per_key, shapes, rank_ratio=0.12, prior=2.0):
     import torch
 
+    from tallmasks.merging.layers import svd
+
     def cart(key, rows):
         mean = rows.mean(0)
         centred = rows - mean
@@ -269,7 +274,7 @@ def _naive_cart(taus, per_key, shapes, rank_ratio=0.12, prior=2.0):
         if len(shape) == 2 and ("attn" in key or "mlp" in key):
             total = torch.zeros(shape)
             for c in centred:
-                u, s, vh = torch.linalg.svd(c.reshape(shape), full_matrices=False)
+                u, s, vh = svd(c.reshape(shape))
                 r = max(1, int(rank_ratio * len(s)))
                 total += (u[:, :r] * s[:r]) @ vh[:r]
             return mean + prior * total.reshape(-1)

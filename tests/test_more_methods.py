@@ -313,3 +313,26 @@ def test_cli_param_sets_a_hyperparameter(tmp_path, tiny_checkpoints, capsys):
     for bad, message in [("bogus=1", "--param bogus: method 'breadcrumbs' has no hyperparameter"), ("beta=2", "--param beta must be"), ("beta", "NAME=VALUE")]:
         assert main([*args, "--param", bad]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_svd_retries_where_lapack_fails_to_converge(monkeypatch, failures):
+    from tallmasks.merging import layers
+
+    real = torch.linalg.svd
+    calls = []
+
+    def flaky(matrix, full_matrices=True):
+        calls.append(matrix.dtype)
+        if len(calls) <= failures:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(12, 5, generator=g) @ torch.randn(5, 9, generator=g)  # rank 5: repeated zero values
+    u, s, vh = layers.svd(matrix)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (12, 9) and vh.shape == (9, 9)
+    assert torch.allclose(u @ torch.diag(s) @ vh, matrix, atol=1e-5)
+    assert calls[:2] == [torch.float32, torch.float64][: len(calls[:2])]
+    assert torch.allclose(u.T @ u, torch.eye(9), atol=1e-5)

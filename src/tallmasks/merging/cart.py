@@ -13,14 +13,14 @@ import torch
 
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_ONE, Vector, register
-from tallmasks.merging.layers import TensorTasks, blockwise, is_layer_matrix, running_sum
+from tallmasks.merging.layers import TensorTasks, blockwise, is_layer_matrix, running_sum, svd
 from tallmasks.schema import Fraction, coerce
 from tallmasks.task_vectors import Block, CheckpointSet
 
 
 def low_rank(matrix: torch.Tensor, rank_ratio: float) -> torch.Tensor:
     """Truncated SVD of a 2-D tensor keeping max(1, int(rank_ratio * min(shape))) singular values."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = svd(matrix)
     rank = max(1, int(rank_ratio * s.shape[0]))
     return (u[:, :rank] * s[:rank]) @ vh[:rank, :]
 

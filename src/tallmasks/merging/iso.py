@@ -13,14 +13,14 @@ import torch
 
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register, task_arithmetic
-from tallmasks.merging.layers import is_matrix, layer_keys, merge_layers, orthogonalize, task_tensors
+from tallmasks.merging.layers import is_matrix, layer_keys, merge_layers, orthogonalize, svd, task_tensors
 from tallmasks.schema import Fraction
 from tallmasks.task_vectors import CheckpointSet
 
 
 def flat_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     """U (mean(S) I) V^T of the thin SVD U S V^T."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = svd(matrix)
     return torch.linalg.multi_dot((u, torch.diag(torch.ones_like(s) * s.mean()), vh))
 
 
@@ -58,7 +58,7 @@ def iso_cts_layer(cs: CheckpointSet, key: str, total: torch.Tensor, common_space
     rank = min(rows, cols)
     num_tasks = cs.num_tasks
     common, per_task = split_rank(rank, num_tasks, common_space_fraction, key)
-    u, s, vh = torch.linalg.svd(total.to(device), full_matrices=False)
+    u, s, vh = svd(total.to(device))
     common_u, common_s, common_v = u[:, :common], s[:common], vh[:common, :]
     basis_u = torch.zeros(rows, rank, device=device)
     values = torch.zeros(rank, device=device)
@@ -66,7 +66,7 @@ def iso_cts_layer(cs: CheckpointSet, key: str, total: torch.Tensor, common_space
     for t, tau in enumerate(task_tensors(cs, key, device)):
         # the part of tau_t outside the common space; (U U^T) tau as U (U^T tau), never a rows x rows matrix
         specific = tau - common_u @ (common_u.T @ tau)
-        u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+        u_t, s_t, vh_t = svd(specific)
         basis_u[:, t * per_task : (t + 1) * per_task] = u_t[:, :per_task]
         values[t * per_task : (t + 1) * per_task] = s_t[:per_task]
         basis_v[t * per_task : (t + 1) * per_task, :] = vh_t[:per_task, :]

@@ -44,9 +44,28 @@ def all_zero(cs: CheckpointSet, key: str, device="cpu") -> bool:
     return not any(bool(tau.any()) for tau in task_tensors(cs, key, device))
 
 
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``torch.linalg.svd(matrix, full_matrices=False)``. Where LAPACK's divide-and-conquer
+    driver (torch's on the CPU) fails to converge, as it does on some rank-deficient matrices with many
+    repeated singular values, it is retried in float64 and then with the QR-iteration driver (gesvd,
+    through scipy), and the factors returned in the input's dtype and device."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        import scipy.linalg
+
+        factors = scipy.linalg.svd(matrix.detach().cpu().double().numpy(), full_matrices=False, lapack_driver="gesvd")
+        u, s, vh = (torch.from_numpy(f) for f in factors)
+    return tuple(f.to(device=matrix.device, dtype=matrix.dtype) for f in (u, s, vh))
+
+
 def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (or rows): U V^T of the thin SVD U S V^T (Procrustes)."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, _, vh = svd(matrix)
     return u @ vh
 
 

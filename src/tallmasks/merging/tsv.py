@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tallmasks.merging.base import COEF_GRID, Vector, register
-from tallmasks.merging.layers import merge_layers, task_tensors
+from tallmasks.merging.layers import merge_layers, svd, task_tensors
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -24,12 +24,12 @@ def tsv_layer(cs: CheckpointSet, key: str, device="cpu") -> torch.Tensor:
     sum_s = torch.zeros(rank, device=device)
     sum_v = torch.zeros(rank, cols, device=device)
     for t, tau in enumerate(task_tensors(cs, key, device)):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = svd(tau)
         sum_u[:, t * kept : (t + 1) * kept] = u[:, :kept]
         sum_s[t * kept : (t + 1) * kept] = s[:kept]
         sum_v[t * kept : (t + 1) * kept, :] = vh[:kept, :]
-    u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
-    u_v, _, vh_v = torch.linalg.svd(sum_v, full_matrices=False)
+    u_u, _, vh_u = svd(sum_u)
+    u_v, _, vh_v = svd(sum_v)
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_v, vh_v))
 
 
