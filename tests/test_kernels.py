@@ -105,3 +105,51 @@ def test_window_kernel_keeps_exactly_a_full_buffer():
     below, at_most = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     kept, finite = kernels.window_counts(block.clone(), np.array([0.1], np.float32), np.array([1.0], np.float32), below, at_most)
     assert finite and torch.equal(kept[0], inside) and below[0] == at_most[0] == 0
+
+
+@pytest.mark.parametrize("count, values", [(8, [3e38, -3e38, 0.0, 0.0, 3e38, -3e38, 0.0, 0.0]), (18, [3e38] * 16 + [-3e38] * 2)])
+def test_a_nan_sum_of_finite_inputs_takes_the_majority_sign_as_in_torch(count, values, monkeypatch):
+    # opposite float32 overflows make the trimmed sum NaN, whose torch.sign is 0: the key is merged again
+    # with the majority sign (-1 here) on both paths
+    pt = {"z": torch.zeros(64)}
+    fts = [{"z": torch.full((64,), v)} for v in values]
+    fts[0]["z"][:40] = -1.0  # a negative majority of signs
+    merged = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        merged.append(merge(CheckpointSet(pt, fts), "ties", k=100, ties_agg="sum")["z"])
+    assert torch.equal(bits(merged[0]), bits(merged[1]))
+
+
+def test_sample_reads_about_one_entry_in_stride_from_torch_and_safetensors_files(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    pt = {"wide": torch.randn(1, 20000, generator=g), "tall": torch.randn(3000, 7, generator=g),
+          "bias": torch.randn(5000, generator=g), "cube": torch.randn(30, 20, 10, generator=g), "s": torch.randn((), generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in pt.items()} for _ in range(2)]
+    keys = sorted(pt)
+    taus = torch.stack([torch.cat([ft[k].reshape(-1) - pt[k].reshape(-1) for k in keys]) for ft in fts])
+    samples = []
+    for suffix in (".pt", ".safetensors"):
+        paths = []
+        for i, state in enumerate([pt, *fts]):
+            path = tmp_path / f"m{i}{suffix}"
+            torch.save(state, path) if suffix == ".pt" else save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            paths.append(path)
+        samples.append(CheckpointSet(paths[0], paths[1:]).sample_taus(stride=8, chunk_elems=100))
+    assert torch.equal(samples[0], samples[1])
+    expected, offset = [], 0
+    for k in keys:
+        n = pt[k].numel()
+        expected += [taus[:, offset + a : offset + min(n, a + 100)] for a in range(0, n, 800)]
+        offset += n
+    assert torch.equal(samples[0], torch.cat(expected, 1))
+    assert samples[0].shape[1] <= taus.shape[1] / 8 + 5 * 100
+
+
+def test_thresholds_of_a_model_without_entries():
+    from tallmasks.masks import topk_thresholds
+
+    pt = {"empty": torch.zeros(0, 3)}
+    assert topk_thresholds(CheckpointSet(pt, [pt, pt]), 20, window=True) == [0.0, 0.0]

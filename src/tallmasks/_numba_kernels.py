@@ -202,7 +202,8 @@ def ties_block(taus, thresholds, tail, mean, zero_sign, out):
     for col in range(n):
         if mean:
             out[col] = out[col] / f32(max(kept[col], 1))
-        if total[col] == 0 and kept[col] > 0:
+        value = total[col]
+        if not (value > 0 or value < 0) and kept[col] > 0:  # sign 0, which torch.sign also gives NaN
             fill_mattered = True
     return sign_total, fill_mattered, finite
 

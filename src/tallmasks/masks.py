@@ -324,7 +324,7 @@ def topk_thresholds(cs: CheckpointSet, k: float, device="cpu", window: bool | No
     thresholds: list[float | None] = [None] * cs.num_tasks
     if window is None:
         window = d >= WINDOW_MIN_PARAMS and cs.block_transform is None
-    if window:
+    if window and d > 0:
         sample = cs.sample_taus(WINDOW_SAMPLE_STRIDE, device=device)
         fraction = rank / d
         slack = 0.0025 + 8 * math.sqrt(max(fraction * (1 - fraction), 1e-12) / max(sample.shape[1], 1))

@@ -365,23 +365,35 @@ class CheckpointSet:
         return _read_rows(state, key, row, row_stop, whole).reshape(-1).to(device=device, dtype=torch.float32)
 
     def sample_taus(self, stride: int = 32, chunk_elems: int = 4096, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(tasks x m) task-vector entries: from every floating-point tensor, one run of about
-        ``chunk_elems`` entries (whole rows) in every ``stride`` runs, a stratified sample of about
-        1/stride of the model. Reads only those rows; checks nothing and marks nothing checked; the
-        block transform, if any, is not applied."""
+        """(tasks x m) task-vector entries: from every floating-point tensor (flattened), one run of
+        ``chunk_elems`` entries in every ``stride`` runs, a stratified sample of about 1/stride of the
+        model. Reads only those entries (whole rows where a run spans rows); checks nothing and marks
+        nothing checked; the block transform, if any, is not applied."""
+        step = max(1, int(chunk_elems)) * max(1, int(stride))
         parts = []
         for key in self.float_keys:
-            shape, numel = self.shapes[key], self.numel(key)
-            if numel == 0:
-                continue
-            whole = len(shape) == 0
-            rows = 1 if whole else shape[0]
-            chunk_rows = max(1, int(chunk_elems) // (numel // rows))
-            for row in range(0, rows, chunk_rows * max(1, int(stride))):
-                stop = min(rows, row + chunk_rows)
-                theta0 = self._read(self.pretrained, key, row, stop, whole, device)
-                parts.append(torch.stack([self._read(state, key, row, stop, whole, device) - theta0 for state in self.finetuned]))
+            numel = self.numel(key)
+            for start in range(0, numel, step):
+                stop = min(numel, start + int(chunk_elems))
+                theta0 = self._read_flat(self.pretrained, key, start, stop, device)
+                parts.append(torch.stack([self._read_flat(state, key, start, stop, device) - theta0 for state in self.finetuned]))
+        if not parts:
+            return torch.zeros(self.num_tasks, 0, device=device)
         return torch.cat(parts, 1)
+
+    def _read_flat(self, state, key: str, start: int, stop: int, device) -> torch.Tensor:
+        """Entries [start, stop) of the flattened ``key`` in float32, reading little beyond them."""
+        shape = self.shapes[key]
+        if isinstance(state, LazyStateDict) and state._handle is not None and len(shape) >= 1:
+            row_elems = math.prod(shape[1:])
+            first, last = start // row_elems, (stop - 1) // row_elems + 1
+            piece = state._handle.get_slice(key)
+            if last == first + 1 and len(shape) == 2:  # inside one row: its columns only
+                values = piece[first:last, start - first * row_elems : stop - first * row_elems]
+                return values.reshape(-1).to(device=device, dtype=torch.float32)
+            values = piece[first:last].reshape(-1)
+            return values[start - first * row_elems : stop - first * row_elems].to(device=device, dtype=torch.float32)
+        return state[key].reshape(-1)[start:stop].to(device=device, dtype=torch.float32)
 
     def tensor(self, key: str, task: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """One whole floating-point tensor in float32 and its own shape: theta_0[key], or theta_task[key]."""
