@@ -16,79 +16,11 @@ _FLOAT_MAX = f32(np.finfo(np.float32).max)
 
 
 @njit
-def chain(values, first, stop, step):
-    # values[first], values[first + step], ... summed left to right from the first one
-    total = values[first]
-    i = first + step
-    while i < stop:
-        total = total + values[i]
-        i += step
-    return total
-
-
-@njit
 def ceil_log2(n):
     bits = 0
     while (1 << bits) < n:
         bits += 1
     return bits
-
-
-@njit
-def cascade(values, count):
-    # reduction._cascade on scalars: rows in runs of 2**power, accumulated in levels
-    power = max(_ROWS_PER_LEVEL_MIN, ceil_log2(count) // _LEVELS)
-    step = 1 << power
-    if count <= step + 1:
-        return chain(values, 0, count, 1)
-    mask = step - 1
-    levels = np.zeros(_LEVELS, dtype=f32)
-    present = np.zeros(_LEVELS, dtype=np.bool_)
-    i = 0
-    while i + step <= count:
-        levels[0] = chain(values, i, i + step, 1)
-        present[0] = True
-        i += step
-        for j in range(1, _LEVELS):
-            if present[j]:
-                levels[j] = levels[j] + levels[j - 1]
-            else:
-                levels[j] = levels[j - 1]
-                present[j] = True
-            present[j - 1] = False
-            if i & (mask << (j * power)):
-                break
-    have = i < count
-    result = chain(values, i, count, 1) if have else f32(0.0)
-    for j in range(1, _LEVELS):
-        if present[j]:
-            if have:
-                result = result + levels[j]
-            else:
-                result = levels[j]
-                have = True
-    return result
-
-
-@njit
-def interleaved(values, count, scratch):
-    # reduction._interleaved: four interleaved cascades, leftovers added to the first
-    whole = count // _ILP
-    if whole == 0:
-        return chain(values, 0, count, 1)
-    sums = np.empty(_ILP, dtype=f32)
-    for k in range(_ILP):
-        m = 0
-        for i in range(k, _ILP * whole, _ILP):
-            scratch[m] = values[i]
-            m += 1
-        sums[k] = cascade(scratch, m)
-    first = sums[0]
-    for i in range(_ILP * whole, count):
-        first = first + values[i]
-    for k in range(1, _ILP):
-        first = first + sums[k]
-    return first
 
 
 @njit
@@ -148,17 +80,37 @@ def cascade_rows(matrix, count, lo, hi, out, levels):
 
 
 @njit
-def _stacked_rows(matrix, tail, out, levels, column, scratch):
-    # the stacked sum of every column of ``matrix`` into out: whole rows for the main columns, one
-    # column at a time for the last ``tail`` (the kernel's interleaved order)
+def _interleaved_rows(matrix, count, lo, hi, out, levels):
+    # reduction._interleaved over whole rows (columns lo .. hi-1): four interleaved cascades of rows
+    # k, k + 4, ..., the leftover rows added to the first, then the other three in order
+    whole = count // _ILP
+    if whole == 0:
+        _chain_rows(matrix, 0, count, lo, hi, out)
+        return
+    width = hi - lo
+    subset = np.empty((whole, width), dtype=f32)
+    sums = np.empty((_ILP, width), dtype=f32)
+    for k in range(_ILP):
+        for m in range(whole):
+            _copy_row(matrix[k + _ILP * m, lo:hi], 0, width, subset[m])
+        cascade_rows(subset, whole, 0, width, sums[k], levels)
+    for i in range(_ILP * whole, count):
+        _add_row(matrix[i, lo:hi], 0, width, sums[0])
+    for k in range(1, _ILP):
+        _add_row(sums[k], 0, width, sums[0])
+    _copy_row(sums[0], 0, width, out[lo:hi])
+
+
+@njit
+def _stacked_rows(matrix, tail, out, levels):
+    # the stacked sum of every column of ``matrix`` into out: the main columns in the cascade's
+    # order, the last ``tail`` in the kernel's interleaved order
     count, n = matrix.shape
     main = n - tail
     if main > 0:
         cascade_rows(matrix, count, 0, main, out, levels)
-    for col in range(main, n):
-        for t in range(count):
-            column[t] = matrix[t, col]
-        out[col] = interleaved(column, count, scratch)
+    if tail > 0:
+        _interleaved_rows(matrix, count, main, n, out, levels)
     for col in range(n):
         out[col] = out[col] + f32(0.0)  # the kernel's output starts at +0.0: a zero sum is never -0.0
 
@@ -175,10 +127,8 @@ def ties_block(taus, thresholds, tail, mean, zero_sign, out):
             value = row[col]
             row[col] = value * (one if abs(value) >= threshold else zero)
     levels = np.empty((_LEVELS, n), dtype=f32)
-    column = np.empty(count, dtype=f32)
-    scratch = np.empty(count, dtype=f32)
     total = np.empty(n, dtype=f32)
-    _stacked_rows(taus, tail, total, levels, column, scratch)
+    _stacked_rows(taus, tail, total, levels)
     elected = np.empty(n, dtype=f32)
     sign_total = 0
     finite = True
@@ -197,7 +147,7 @@ def ties_block(taus, thresholds, tail, mean, zero_sign, out):
             agrees = value * elected[col] > 0
             row[col] = value if agrees else zero
             kept[col] += 1 if agrees else 0
-    _stacked_rows(taus, tail, out, levels, column, scratch)
+    _stacked_rows(taus, tail, out, levels)
     fill_mattered = False
     for col in range(n):
         if mean:

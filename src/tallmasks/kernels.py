@@ -1,10 +1,11 @@
 """Fused CPU kernels (numba) for the passes that dominate TIES and top-k selection.
 
 A streamed block is a (tasks x n) float32 matrix of task vectors. The torch code runs about ten
-whole-block operations on it per pass (abs, compare, multiply, sum, sign, ...), each a trip through
-memory; the kernels here make one trip, column by column, with the same float32 operations in the
-same order, so their results are bit for bit those of the torch code (tests compare both on every
-task count from 1 to 20, where the stacked sum's order changes). They are used on the CPU when numba
+whole-block operations on it per pass (abs, compare, multiply, sum, sign, ...), each a separate
+vectorized loop with its own temporaries; the kernels here fuse them into a few loops over the rows,
+with the same float32 operations in the same order, so their results are bit for bit those of the
+torch code (tests compare both on every task count from 1 to 20, where the stacked sum's order
+changes, and beyond). They are used on the CPU when numba
 is installed and ``ENABLED`` is true; everything else, and every GPU run, takes the torch code.
 """
 

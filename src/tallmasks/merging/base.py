@@ -200,9 +200,8 @@ def trim_thresholds(cs: CheckpointSet, k: float, device="cpu") -> list[float] | 
     return None if k >= 100 else topk_thresholds(cs, k, device)
 
 
-def _trimmed_taus(block: Block, thresholds: list[float] | None) -> torch.Tensor:
-    """The block's task vectors, trimmed, in the walk's reused buffer."""
-    taus = block.taus()
+def _trimmed_taus(taus: torch.Tensor, thresholds: list[float] | None) -> torch.Tensor:
+    """A block's (tasks x n) task vectors trimmed in place (the walk's reused buffer)."""
     return _trim_(taus, None if thresholds is None else _column(thresholds, taus))
 
 
@@ -223,7 +222,7 @@ def task_arithmetic(cs: CheckpointSet, k: float = 100, device="cpu") -> Vector:
     on_cpu = torch.device(device).type == "cpu"
 
     def work(block: Block) -> None:
-        total = block.sum(_trimmed_taus(block, thresholds), out=_destination(out, block) if on_cpu else None)
+        total = block.sum(_trimmed_taus(block.taus(), thresholds), out=_destination(out, block) if on_cpu else None)
         block.verify(total)
         _store(out, block, total)
 
@@ -238,7 +237,7 @@ def _ties_block(block: Block, taus: torch.Tensor, thresholds: list[float] | None
 
     Entries agreeing with the elected sign e (+1 or -1) are those with t * e > 0; the paper's tie
     sign 0 keeps negative entries (its torch.where), as -1 does."""
-    trimmed = _trim_(taus, None if thresholds is None else _column(thresholds, taus))
+    trimmed = _trimmed_taus(taus, thresholds)
     total = block.sum(trimmed)
     block.verify(total)
     sign = torch.sign(total)
