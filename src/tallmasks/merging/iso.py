@@ -14,7 +14,7 @@ import torch
 from tallmasks.errors import ConfigError
 from tallmasks.merging.base import COEF_GRID, Vector, register, task_arithmetic
 from tallmasks.merging.layers import is_matrix, layer_keys, merge_layers, orthogonalize, svd, task_tensors
-from tallmasks.schema import Fraction
+from tallmasks.schema import Fraction, coerce
 from tallmasks.task_vectors import CheckpointSet
 
 
@@ -87,11 +87,6 @@ def iso_cts_layer(cs: CheckpointSet, key: str, total: torch.Tensor, common_space
 )
 def iso_cts_method(cs: CheckpointSet, *, common_space_fraction: Fraction = 0.8, device: str = "cpu") -> Vector:
     """Iso-CTS merged vector, layer by layer."""
-    try:
-        fraction = float(common_space_fraction)
-    except (TypeError, ValueError):
-        fraction = float("nan")
-    if isinstance(common_space_fraction, bool) or not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"common_space_fraction must be a number in [0, 1], got {common_space_fraction!r}")
+    fraction = coerce(common_space_fraction, Fraction, "common_space_fraction")
     total = task_arithmetic(cs, k=100, device=device)
     return merge_layers(cs, lambda key: iso_cts_layer(cs, key, total.pop(key), fraction, device), "Iso-CTS layers", device)
