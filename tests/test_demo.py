@@ -209,6 +209,40 @@ def test_experts_are_cached_and_reused_across_task_counts(tmp_path, monkeypatch)
     assert (tmp_path / "out" / "summary_2tasks.json").is_file() and (tmp_path / "out" / "summary_3tasks.json").is_file()
 
 
+def test_experts_fine_tuned_in_worker_processes_equal_those_fine_tuned_in_turn(tmp_path):
+    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.demo import DemoConfig, finetune_experts, pretrain_foundation
+    from tallmasks.models import DEMO_MODEL, finetuned_path
+
+    cfg = DemoConfig.quick()
+    tasks = DEMO_DATASETS[:3]
+    files = {}
+    for workers in (1, 2):
+        foundation = pretrain_foundation(cfg.pretrain, tmp_path / f"cache{workers}")
+        location = finetune_experts(foundation, tasks, cfg.finetune, workers=workers)
+        files[workers] = {t: load_state_dict(finetuned_path(location, DEMO_MODEL, t)) for t in tasks}
+    for task in tasks:
+        one, two = files[1][task], files[2][task]
+        assert one.keys() == two.keys()
+        assert all(torch.equal(one[k], two[k]) for k in one), task
+
+
+@needs_runner
+def test_methods_evaluated_in_worker_processes_give_the_sequential_results(tmp_path):
+    from tallmasks.demo import DemoConfig, run_demo
+
+    methods = ["zeroshot", "sum", "tall_mask", "consensus", "finetuned"]  # consensus reads tall_mask's saved masks
+    summaries = []
+    for workers in (1, 2):
+        cfg = DemoConfig.quick(num_tasks=2, cache_dir=tmp_path / f"cache{workers}", output_dir=tmp_path / f"out{workers}",
+                               methods=methods, workers=workers)
+        summaries.append(run_demo(cfg))
+    one, two = summaries
+    assert list(two["methods"]) == methods
+    assert one["methods"] == two["methods"] and one["selection"] == two["selection"]
+    assert one["validation_avg_normalized_top1"] == two["validation_avg_normalized_top1"]
+
+
 def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
     from tallmasks.demo import DemoConfig, main, parse_args
 
@@ -222,4 +256,7 @@ def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
     assert main(["--methods", "no_such_method", "--cache-dir", str(tmp_path)]) == 2
     assert "no_such_method" in capsys.readouterr().err
     assert main(["--num-tasks", "99", "--cache-dir", str(tmp_path)]) == 2
+    assert parse_args(["--workers", "3"])[0].workers == 3 and DemoConfig.quick().workers == 1
+    assert main(["--workers", "0", "--cache-dir", str(tmp_path)]) == 2
+    assert "--workers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written before the inputs are checked

@@ -58,6 +58,14 @@ DEFAULT_NUM_TASKS = 8
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _default_workers() -> int:
+    """Experts fine-tuned (and methods evaluated) at a time by default: one per core this process may use, at most 2."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
 def _fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -119,6 +127,7 @@ class DemoConfig:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     n_eval_points: int = 21
     threads: int = 1  # one thread: small matrices gain little from two, and lose much when a core is busy
+    workers: int = field(default_factory=lambda: _default_workers())  # experts fine-tuned / methods run at a time (processes)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -127,6 +136,7 @@ class DemoConfig:
             pretrain=PretrainSettings(steps=4, batch_size=32, images_per_task=16),
             finetune=FinetuneSettings(steps=3, batch_size=32, warmup_steps=1),
             n_eval_points=4,
+            workers=1,
         )
         return replace(base, **overrides)
 
@@ -309,11 +319,13 @@ def experts_location(foundation: Foundation, settings: FinetuneSettings) -> Path
     return foundation.directory / f"experts-{settings.fingerprint()}" / "checkpoints"
 
 
-def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: FinetuneSettings) -> Path:
+def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: FinetuneSettings, workers: int = 1) -> Path:
     """Fine-tune one expert per task from ``foundation`` (each cached; the loop of finetune.py); returns the
-    checkpoint folder, which also holds theta_0 and the zero-shot heads."""
-    from tallmasks.datasets import DEMO_DATASETS, load_split
-    from tallmasks.finetuning import FinetuneConfig, finetune
+    checkpoint folder, which also holds theta_0 and the zero-shot heads.
+
+    ``workers`` > 1 fine-tunes that many experts at a time, each in its own process with one thread; every
+    expert depends only on its task and ``settings`` (its seed included), so the checkpoints are the same
+    bits as one after the other."""
     from tallmasks.models import DEMO_MODEL, finetuned_path, get_classification_head, zeroshot_path
 
     location = experts_location(foundation, settings)
@@ -321,31 +333,66 @@ def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: Fin
     if not theta0.is_file():
         save_state_dict(image_encoder_from(foundation.clip).state_dict(), theta0)
     atomic_write_json(location.parent / "settings.json", asdict(settings))
+    todo = []
     for task in tasks:
-        head = get_classification_head(DEMO_MODEL, task, location, clip_model=foundation.clip)
-        if finetuned_path(location, DEMO_MODEL, task).is_file():
-            continue
-        train = load_split(task, "train", location)
-        batches_per_epoch = math.ceil(len(train) / settings.batch_size)
-        ft_cfg = FinetuneConfig(
-            model_name=DEMO_MODEL,
-            dataset=task,
-            model_location=str(location),
-            data_location=str(location),
-            pretrained=None,
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            batch_size=settings.batch_size,
-            warmup_steps=settings.warmup_steps,
-            epochs=max(1, math.ceil(settings.steps / batches_per_epoch)),
-            max_steps=settings.steps,
-            checkpoint_every=0,
-            num_workers=0,
-            seed=settings.seed + DEMO_DATASETS.index(task),
-            device="cpu",
-        )
-        finetune(ft_cfg, encoder=image_encoder_from(foundation.clip), train_dataset=train, head=head)
+        get_classification_head(DEMO_MODEL, task, location, clip_model=foundation.clip)  # built once, cached
+        if not finetuned_path(location, DEMO_MODEL, task).is_file():
+            todo.append(task)
+    workers = max(1, min(int(workers), len(todo)))
+    if workers == 1:
+        for task in todo:
+            _finetune_expert(foundation.clip, task, settings, location)
+        return location
+    clip_file = str(foundation.directory / "clip.safetensors")
+    with tqdm(total=len(todo), desc=f"experts ({workers} processes)", unit="expert", leave=False) as bar:
+        _in_processes(_finetune_expert_in_worker, [(clip_file, task, settings, str(location)) for task in todo], todo, workers, bar)
     return location
+
+
+def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location: Path) -> Path:
+    """One expert: the task's train split, its cached zero-shot head, the loop of finetune.py."""
+    from tallmasks.datasets import DEMO_DATASETS, load_split
+    from tallmasks.finetuning import FinetuneConfig, finetune
+    from tallmasks.models import DEMO_MODEL, get_classification_head
+
+    head = get_classification_head(DEMO_MODEL, task, location, clip_model=clip)
+    train = load_split(task, "train", location)
+    batches_per_epoch = math.ceil(len(train) / settings.batch_size)
+    ft_cfg = FinetuneConfig(
+        model_name=DEMO_MODEL,
+        dataset=task,
+        model_location=str(location),
+        data_location=str(location),
+        pretrained=None,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        warmup_steps=settings.warmup_steps,
+        epochs=max(1, math.ceil(settings.steps / batches_per_epoch)),
+        max_steps=settings.steps,
+        checkpoint_every=0,
+        num_workers=0,
+        seed=settings.seed + DEMO_DATASETS.index(task),
+        device="cpu",
+    )
+    return finetune(ft_cfg, encoder=image_encoder_from(clip), train_dataset=train, head=head)
+
+
+def _quiet_worker() -> None:
+    """A worker process: one thread, no progress bars of its own (the parent counts what is done)."""
+    import os
+
+    torch.set_num_threads(1)
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the worker); errors travel back as exceptions
+
+
+def _finetune_expert_in_worker(clip_file: str, task: str, settings: FinetuneSettings, location: str) -> str:
+    from tallmasks.models import DEMO_MODEL, create_clip
+
+    clip = create_clip(DEMO_MODEL, pretrained=None)
+    clip.load_state_dict(dict(load_state_dict(clip_file).items()))
+    clip.eval()
+    return str(_finetune_expert(clip, task, settings, Path(location)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,18 +538,58 @@ def method_run(name: str) -> tuple[str, dict[str, Any]]:
 
 
 def run_methods(cfg: DemoConfig, location: Path) -> dict[str, dict[str, Any]]:
-    """Every merging method through run_experiment (the code path of main.py); results by summary name."""
+    """Every merging method through run_experiment (the code path of main.py); results by summary name.
+
+    TALL masks run first (consensus reads the masks they save); with ``cfg.workers`` > 1 the methods of each
+    of the two stages run that many at a time, each in its own process with one thread (same results)."""
+    wanted = [m for m in cfg.methods if m != "finetuned"]
+    first = [m for m in wanted if method_run(m)[0] == "tall_mask"]
+    stages = [first, [m for m in wanted if m not in first]]
+    out: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(wanted), desc="methods", leave=False) as bar:
+        for stage in stages:
+            workers = max(1, min(int(cfg.workers), len(stage)))
+            if workers == 1:
+                for name in stage:
+                    log.info("method %s", name)
+                    out[name] = _run_method(cfg, location, name)
+                    bar.update(1)
+                continue
+            log.info("methods %s (%d processes)", ", ".join(stage), workers)
+            out.update(_in_processes(_run_method, [(cfg, location, name) for name in stage], stage, workers, bar))
+    return {name: out[name] for name in wanted}
+
+
+def _run_method(cfg: DemoConfig, location: Path, name: str) -> dict[str, Any]:
     from tallmasks.eval.runner import run_experiment
 
-    wanted = [m for m in cfg.methods if m != "finetuned"]
-    # TALL masks first: consensus reads the masks they save
-    order = sorted(wanted, key=lambda m: (method_run(m)[0] != "tall_mask", wanted.index(m)))
-    out = {}
-    for name in tqdm(order, desc="methods", leave=False):
-        method, overrides = method_run(name)
-        log.info("method %s", name)
-        out[name] = run_experiment(compose_config(cfg, location, method, overrides))
-    return out
+    method, overrides = method_run(name)
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    return run_experiment(compose_config(cfg, location, method, overrides))
+
+
+def _in_processes(function: Any, calls: Sequence[tuple], keys: Sequence[str], workers: int, bar: Any = None) -> dict[str, Any]:
+    """``function(*call)`` for every call, ``workers`` spawned processes at a time (one thread each, no
+    progress bars of their own); results by key. The first failure cancels what has not started and is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # no inherited threads or torch state
+    results: dict[str, Any] = {}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
+        futures = {pool.submit(function, *call): key for call, key in zip(calls, keys)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
+                results[futures[future]] = future.result()
+                if bar is not None:
+                    bar.update(1)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +621,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tasks = cfg.task_names()
     start = time.perf_counter()
     foundation = pretrain_foundation(cfg.pretrain, cfg.cache_dir)
-    location = finetune_experts(foundation, tasks, cfg.finetune)
+    location = finetune_experts(foundation, tasks, cfg.finetune, workers=cfg.workers)
     log.info("checkpoints ready in %.0fs (%s)", time.perf_counter() - start, location)
     single = single_task_accuracies(cfg, location)
     runs = run_methods(cfg, location)
@@ -581,10 +668,16 @@ def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
     parser.add_argument("--output-dir", type=Path, default=Path("results/demo"), help="summaries and plots")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run, not meaningful numbers)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"experts fine-tuned and methods evaluated at a time, one process each (default {_default_workers()}: the cores, at most 2)")
     parser.add_argument("--nonlocal", action="store_true", help="the non-local merging experiment (its options: --nonlocal --help)")
     args = parser.parse_args(argv)
     make = DemoConfig.quick if args.quick else DemoConfig
     base = make(cache_dir=args.cache_dir, output_dir=args.output_dir, num_tasks=args.num_tasks, tasks=args.tasks, threads=args.threads)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+        base.workers = args.workers
     if args.methods:
         base.methods = list(ALL_METHODS) if args.methods == ["all"] else list(args.methods)
     return [replace(base, pretrain=replace(base.pretrain, seed=seed)) for seed in dict.fromkeys(args.seed)]

@@ -319,9 +319,9 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
     reference = pretrain_foundation(cfg.pretrain, cfg.cache_dir)
     other = pretrain_foundation(replace(cfg.pretrain, seed=settings.other_seed), cfg.cache_dir)
     long_ft = settings.long_finetune(cfg.finetune)
-    local = finetune_experts(reference, tasks, cfg.finetune)
-    far = finetune_experts(other, second, cfg.finetune)
-    long = finetune_experts(reference, tasks, long_ft)
+    local = finetune_experts(reference, tasks, cfg.finetune, workers=cfg.workers)
+    far = finetune_experts(other, second, cfg.finetune, workers=cfg.workers)
+    long = finetune_experts(reference, tasks, long_ft, workers=cfg.workers)
     single = {
         "local": single_task_accuracies(cfg, local),
         "other": single_task_accuracies(replace(cfg, tasks=list(second)), far),
@@ -433,7 +433,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
 
     defaults = NonLocalSettings()
     parser = argparse.ArgumentParser(prog="python -m tallmasks.demo --nonlocal", description=__doc__.splitlines()[0],
-                                     epilog="The demo's options apply too (--quick, --seed, --num-tasks, --tasks, --cache-dir, --output-dir, --threads).")
+                                     epilog="The demo's options apply too (--quick, --seed, --num-tasks, --tasks, --cache-dir, --output-dir, --threads, --workers).")
     parser.add_argument("--other-seed", type=int, default=defaults.other_seed, help="pre-training seed of the second foundation (1)")
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), help="merging methods (sum ties tall_mask)")
     parser.add_argument("--tact-images", type=int, default=defaults.tact_images, help="TACT images per task (200, capped by the split)")
