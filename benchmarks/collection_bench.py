@@ -6,8 +6,9 @@ per task, the bytes beyond theta_0 and their ratio to the paper's scheme, and th
 task beside the time to read one fine-tuned checkpoint (in the same run, as a ratio).
 
 Collections:
-- ``--demo [CACHE]``: every TALL-mask file the demo saved (``.demo_cache/run-*/tall_masks/...``: 8 tasks
-  today, 14 and 20 once the demo has them), with the demo's own checkpoints and chosen masks;
+- ``--demo [CACHE]``: every TALL-mask file the demo saved beside its newest experts
+  (``.demo_cache/foundation-*/experts-*/tall_masks/...``: 8 tasks after ``make demo``, 14 and 20 after
+  ``--num-tasks 14`` / ``20``), with the demo's own checkpoints and chosen masks;
 - ``--synthetic MODEL --tasks 8 14 20``: real-size checkpoints of the open_clip architecture with random
   task vectors (``merge_bench.synthesize``; a worst case: no structure to find), TA masks at lambda 0.4;
 - ``--resampled MODEL --tasks 8 14 20``: real-size checkpoints whose task-vector tuples are drawn, tensor
@@ -116,10 +117,10 @@ def demo_collections(cache: Path) -> list[dict]:
     from tallmasks.masks import MaskSet
     from tallmasks.models.paths import finetuned_path, zeroshot_path
 
-    runs = sorted(cache.glob("run-*/tall_masks/*/TALL_mask_*task*.safetensors"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(cache.glob("foundation-*/experts-*/tall_masks/*/TALL_mask_*task*.safetensors"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise SystemExit(f"{cache}: no demo masks (run `make demo` first)")
-    newest = runs[-1].parents[2]
+    newest = runs[-1].parents[2]  # the experts folder of the newest masks
     found = []
     for mask_file in sorted(newest.glob("tall_masks/*/TALL_mask_*task*.safetensors")):
         model = mask_file.parent.name

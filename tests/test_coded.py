@@ -89,6 +89,50 @@ def test_coded_file_holds_the_masks_and_the_kept_vector(tmp_path, monkeypatch, n
     )
 
 
+def _magnitude_masks(num_tasks: int, n: int, seed: int = 0) -> tuple[MaskSet, dict]:
+    """TALL-like masks: task t keeps a weight when its own share of the merged value dominates, so a large
+    merged value is kept by few tasks and a small one by many (the structure the context coder models)."""
+    g = torch.Generator().manual_seed(seed)
+    taus = torch.randn(num_tasks, n, generator=g) * torch.rand(num_tasks, 1, generator=g)
+    merged = taus.sum(0)
+    keep = taus.abs() >= 0.4 * (merged - taus).abs()
+    layout = Layout(("w",), ((n,),))
+    masks = MaskSet.from_dicts({f"T{t}": {"w": keep[t]} for t in range(num_tasks)}, layout, {"kind": "tall"})
+    return masks, {"w": merged}
+
+
+@pytest.mark.parametrize("num_tasks", [4, 20])
+def test_patterns_coded_in_context_of_the_kept_values(tmp_path, num_tasks):
+    masks, vector = _magnitude_masks(num_tasks, 30000)
+    patterns = tensor_patterns(masks, 0, 30000)
+    kept = patterns != 0
+    kept_values = vector["w"][torch.from_numpy(kept)]
+    spec, blob = coded.encode_in_context(patterns, kept_values)
+    assert spec["coder"] == "context" and len(spec["groups"]) > 1
+    assert len(blob) < len(encode_stream(patterns)[1])  # the context pays on such masks
+    bits = coded.decode_kept(spec, blob, patterns.size)
+    assert np.array_equal(bits, kept)
+    assert np.array_equal(coded.decode_in_context(spec, blob, bits, kept_values, patterns.dtype), patterns)
+    write_coded(tmp_path / "c.safetensors", masks, vector)  # the writer picks it and the reader undoes it
+    file = CodedFile(tmp_path / "c.safetensors")
+    assert file.index["w"]["chunks"][0]["patterns"]["coder"] == "context"
+    assert all(np.array_equal(file.masks().packed[n], masks.packed[n]) for n in masks.names)
+    damaged = {**spec, "groups": spec["groups"][:-1]}  # a group lost: one line, not a wrong mask
+    with pytest.raises(CheckpointError, match="context groups"):
+        coded.decode_in_context(damaged, blob, bits, kept_values, patterns.dtype)
+
+
+def test_wide_patterns_are_coded_byte_by_byte_when_their_joint_table_does_not_pay():
+    rng = np.random.default_rng(2)
+    low = rng.choice(256, size=20000, p=np.r_[0.9, np.full(255, 0.1 / 255)])  # each byte skewed, 65k joint values
+    high = rng.choice(256, size=20000, p=np.r_[0.9, np.full(255, 0.1 / 255)])
+    symbols = (low | (high << 8)).astype(np.uint32)
+    spec, blob = encode_stream(symbols)
+    assert spec["coder"] == "bytes" and [p["coder"] for p in spec["planes"]][2:] == ["const", "const"]
+    assert np.array_equal(decode_stream(spec, blob, symbols.size, symbols.dtype), symbols)
+    assert len(blob) < 0.5 * symbols.size  # about 1.3 bits for each of the two live bytes
+
+
 def test_patterns_are_the_tasks_bits():
     masks = _random_masks(11, {"w": (4, 9)}, density=0.4, seed=5)
     patterns = tensor_patterns(masks, 3, 30)

@@ -12,9 +12,18 @@ stored with whichever coder makes it smallest:
   distribution of the chunk, plus a small table;
 - ``zstd``: Zstandard (the ``zstandard`` library) on the symbols' bytes, which also catches runs and
   repeated rows that an order-0 model cannot see;
-- ``raw``: the bytes as they are; ``const``: a chunk whose symbols are all equal stores that symbol.
+- ``raw``: the bytes as they are; ``const``: a chunk whose symbols are all equal stores that symbol;
+- ``bytes``, for symbols wider than a byte (patterns of more than 8 tasks): each byte of the symbols
+  coded on its own as above (8 tasks at a time), when the joint table of the wide patterns would cost
+  more than it saves.
 
 A slower coder is kept only when it saves more than ``SLOWER`` of the bytes (rANS decodes slowest).
+
+A chunk's patterns may instead be coded in context (``context``), when that is smaller: first one bit per
+weight (kept by some task or by none), then, after the kept values, the patterns of the kept weights split
+by the magnitude of their merged value (its float32 exponent and first mantissa bit: half-octaves, the
+extremes pooled), each group coded as above. A large |tau_MTL| tends to be one task's weight, which that
+task alone keeps; a small one is kept by most tasks, so each group has its own, narrower distribution.
 
 Task t is rebuilt as theta_0 where its bit is 0 and theta_0 + tau_MTL (float32 arithmetic, cast back
 to theta_0's dtype, as ``apply_vector``) where it is 1, one tensor at a time.
@@ -40,9 +49,11 @@ CHUNK = 1 << 22
 ZSTD_LEVEL = 6
 #: a slower coder is chosen only when it saves more than this share of the faster one's bytes
 #: (measured: rANS decodes at 3 to 45 ns per symbol, zstd at about 1 ns per byte, raw is a copy)
-SLOWER = {"raw": 0.0, "zstd": 0.01, "ans": 0.10}
+SLOWER = {"raw": 0.0, "zstd": 0.01, "ans": 0.10, "bytes": 0.0}
 MAX_TASKS = 64
-_CODERS = ("const", "raw", "zstd", "ans")
+#: chunks with fewer kept weights code their patterns as one stream (context groups' tables would not pay)
+CONTEXT_MIN = 4096
+_CODERS = ("const", "raw", "zstd", "ans", "bytes")
 
 
 def pattern_dtype(num_tasks: int) -> np.dtype:
@@ -109,6 +120,11 @@ def encode_stream(symbols: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[dict, b
     values, counts, index = _distinct(symbols)
     if values.size < symbols.size // 4:  # a table as long as the data cannot pay off
         candidates.append(({"coder": "ans", "values": int(values.size)}, _encode_ans(values, counts, index)))
+    if symbols.dtype.itemsize > 1:  # wide symbols (patterns of 9+ tasks): also each byte on its own
+        little_bytes = symbols.astype(symbols.dtype.newbyteorder("<")).view(np.uint8).reshape(-1, symbols.dtype.itemsize)
+        planes = [encode_stream(np.ascontiguousarray(little_bytes[:, j]), level) for j in range(symbols.dtype.itemsize)]
+        candidates.append(({"coder": "bytes", "planes": [{**spec, "bytes": len(blob)} for spec, blob in planes]},
+                           b"".join(blob for _, blob in planes)))
     return min(candidates, key=lambda c: len(c[1]) * (1 + SLOWER[c[0]["coder"]]))
 
 
@@ -125,6 +141,14 @@ def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.
         data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n * dtype.itemsize)
     elif coder == "ans":
         return _decode_ans(payload, n, int(spec["values"]), dtype)
+    elif coder == "bytes":
+        planes, position = [], 0
+        for plane in spec["planes"]:
+            planes.append(decode_stream(plane, payload[position : position + plane["bytes"]], n, np.dtype(np.uint8)))
+            position += plane["bytes"]
+        if len(planes) != dtype.itemsize:
+            raise CheckpointError(f"coded chunk has {len(planes)} byte planes for {dtype.itemsize}-byte symbols")
+        return np.ascontiguousarray(np.stack(planes, axis=1)).view(dtype.newbyteorder("<")).reshape(-1).astype(dtype)
     else:
         raise CheckpointError(f"unknown coder {coder!r} in a coded collection (known: {', '.join(_CODERS)})")
     out = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
@@ -158,6 +182,70 @@ def byte_planes(values: torch.Tensor) -> list[np.ndarray]:
 def from_planes(planes: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
     stacked = np.ascontiguousarray(np.stack(planes, axis=1)) if planes else np.zeros((0, 1), np.uint8)
     return torch.from_numpy(stacked.reshape(-1)).view(dtype)
+
+
+def value_contexts(values: torch.Tensor) -> np.ndarray:
+    """Half-octave of each |value| (float32 exponent and first mantissa bit): integer ops on the bits, so the
+    decoder computes exactly what the encoder did."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32).numpy()
+    return ((bits & np.int32(0x7FFFFFFF)) >> np.int32(22)).astype(np.int16)  # 0..511; int16 sorts by radix
+
+
+#: the context groups' share of kept weights pooled at each extreme
+CONTEXT_TAIL = 0.01
+
+
+def encode_in_context(patterns: np.ndarray, kept_values: torch.Tensor, level: int = ZSTD_LEVEL) -> tuple[dict, bytes]:
+    """(spec, payload) of the patterns of a chunk coded in context of the kept values (``context`` above)."""
+    kept = patterns != 0
+    contexts = value_contexts(kept_values)
+    lo, hi = (int(q) for q in np.quantile(contexts, [CONTEXT_TAIL, 1 - CONTEXT_TAIL], method="nearest"))
+    contexts = np.clip(contexts, lo, hi)
+    spec: dict = {"coder": "context", "lo": lo, "hi": hi}
+    blobs = []
+    kept_spec, blob = encode_stream(kept.astype(np.uint8), level)
+    spec["kept"] = {**kept_spec, "bytes": len(blob)}
+    blobs.append(blob)
+    order = np.argsort(contexts, kind="stable")
+    grouped, sorted_contexts = patterns[kept][order], contexts[order]
+    starts = np.flatnonzero(np.r_[True, sorted_contexts[1:] != sorted_contexts[:-1]])
+    groups = []
+    for begin, end in zip(starts, [*starts[1:], sorted_contexts.size]):
+        group_spec, blob = encode_stream(grouped[begin:end], level)
+        groups.append({**group_spec, "context": int(sorted_contexts[begin]), "bytes": len(blob)})
+        blobs.append(blob)
+    spec["groups"] = groups
+    return spec, b"".join(blobs)
+
+
+def decode_kept(spec: Mapping, payload: bytes | np.ndarray, n: int) -> np.ndarray:
+    """The kept bits (bool, n) of patterns coded in context."""
+    kept_spec = spec["kept"]
+    return decode_stream(kept_spec, payload[: kept_spec["bytes"]], n, np.dtype(np.uint8)).astype(bool)
+
+
+def decode_in_context(spec: Mapping, payload: bytes | np.ndarray, kept: np.ndarray, kept_values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """The patterns coded by ``encode_in_context``, given the kept bits and the kept values."""
+    contexts = np.clip(value_contexts(kept_values), int(spec["lo"]), int(spec["hi"]))
+    order = np.argsort(contexts, kind="stable")
+    counts = {int(c): int(n) for c, n in zip(*np.unique(contexts, return_counts=True))}
+    values = np.empty(contexts.size, dtype=dtype)
+    position, filled = spec["kept"]["bytes"], 0
+    for group in spec["groups"]:
+        count = counts.pop(int(group["context"]), 0)
+        blob = payload[position : position + group["bytes"]]
+        values[filled : filled + count] = decode_stream(group, blob, count, dtype)
+        position += group["bytes"]
+        filled += count
+    if counts or filled != contexts.size:
+        raise CheckpointError("damaged context groups (their sizes do not match the kept values)")
+    kept_patterns = np.empty_like(values)
+    kept_patterns[order] = values
+    if kept_patterns.size and not kept_patterns.all():
+        raise CheckpointError("damaged context groups (a kept weight with an empty pattern)")
+    out = np.zeros(kept.size, dtype=dtype)
+    out[kept] = kept_patterns
+    return out
 
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -194,9 +282,14 @@ def write_coded(path: str | Path, masks: MaskSet, vector: Mapping[str, torch.Ten
             stop = min(numel, start + CHUNK)
             patterns = tensor_patterns(masks, offset + start, stop - start)
             kept = torch.from_numpy(patterns != 0)
-            entry = {"n": stop - start, "kept": int(kept.sum()), "patterns": data.add(*encode_stream(patterns))}
-            planes = byte_planes(flat[start:stop][kept]) if entry["kept"] else []
-            entry["planes"] = [data.add(*encode_stream(plane)) for plane in planes]
+            kept_values = flat[start:stop][kept]
+            coded_patterns = encode_stream(patterns)
+            if kept_values.numel() >= CONTEXT_MIN:
+                in_context = encode_in_context(patterns, kept_values)
+                if len(in_context[1]) < len(coded_patterns[1]):
+                    coded_patterns = in_context
+            entry = {"n": stop - start, "kept": int(kept_values.numel()), "patterns": data.add(*coded_patterns)}
+            entry["planes"] = [data.add(*encode_stream(plane)) for plane in (byte_planes(kept_values) if entry["kept"] else [])]
             chunks.append(entry)
         index[key] = {"shape": list(shape), "dtype": str(flat.dtype).replace("torch.", ""), "chunks": chunks}
         offset += numel
@@ -322,15 +415,27 @@ class CodedFile:
         patterns, values = [], []
         try:
             for chunk in entry["chunks"]:
-                p = decode_stream(chunk["patterns"], self._payload(chunk["patterns"]), chunk["n"], self.pattern_dtype)
-                kept = int(np.count_nonzero(p))
+                spec = chunk["patterns"]
+                in_context = spec.get("coder") == "context"
+                if in_context:
+                    kept_bits = decode_kept(spec, self._payload(spec), chunk["n"])
+                    kept = int(np.count_nonzero(kept_bits))
+                else:
+                    p = decode_stream(spec, self._payload(spec), chunk["n"], self.pattern_dtype)
+                    kept = int(np.count_nonzero(p))
                 if kept != chunk["kept"]:
                     raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
                 planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
                 if len(planes) != (dtype.itemsize if kept else 0):
                     raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
+                kept_values = from_planes(planes, dtype)
+                if in_context:
+                    try:
+                        p = decode_in_context(spec, self._payload(spec), kept_bits, kept_values, self.pattern_dtype)
+                    except CheckpointError as exc:
+                        raise CheckpointError(f"{self.path}: chunk of {key!r}: {exc}") from None
                 patterns.append(p)
-                values.append(from_planes(planes, dtype))
+                values.append(kept_values)
         except CheckpointError:
             raise
         except Exception as exc:  # a corrupt payload: zstd, rANS or numpy complain in their own words
