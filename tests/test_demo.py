@@ -227,22 +227,6 @@ def test_experts_fine_tuned_in_worker_processes_equal_those_fine_tuned_in_turn(t
         assert all(torch.equal(one[k], two[k]) for k in one), task
 
 
-@needs_runner
-def test_methods_evaluated_in_worker_processes_give_the_sequential_results(tmp_path):
-    from tallmasks.demo import DemoConfig, run_demo
-
-    methods = ["zeroshot", "sum", "tall_mask", "consensus", "finetuned"]  # consensus reads tall_mask's saved masks
-    summaries = []
-    for workers in (1, 2):
-        cfg = DemoConfig.quick(num_tasks=2, cache_dir=tmp_path / f"cache{workers}", output_dir=tmp_path / f"out{workers}",
-                               methods=methods, workers=workers)
-        summaries.append(run_demo(cfg))
-    one, two = summaries
-    assert list(two["methods"]) == methods
-    assert one["methods"] == two["methods"] and one["selection"] == two["selection"]
-    assert one["validation_avg_normalized_top1"] == two["validation_avg_normalized_top1"]
-
-
 def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
     from tallmasks.demo import DemoConfig, main, parse_args
 
