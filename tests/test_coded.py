@@ -155,6 +155,29 @@ def test_decode_task_equals_the_formula_bit_for_bit(tmp_path, tiny_checkpoints):
         assert all(torch.equal(_bits(got[k]), _bits(expected[k])) for k in expected), name
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_context_groups_and_task_weights_with_and_without_the_fused_kernels(tmp_path, monkeypatch, fused):
+    """Ungrouping the context groups and adding a task's kept values: the kernels' single passes and the
+    numpy/torch code give the formula's bits, special values included."""
+    from tallmasks import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", fused)
+    masks, vector = _magnitude_masks(6, 30000, seed=4)
+    vector["w"][:4] = torch.tensor([float("nan"), float("inf"), -0.0, 3e38])
+    write_coded(tmp_path / "c.safetensors", masks, vector)
+    file = CodedFile(tmp_path / "c.safetensors")
+    assert file.index["w"]["chunks"][0]["patterns"]["coder"] == "context"
+    assert all(np.array_equal(file.masks().packed[n], masks.packed[n]) for n in masks.names)
+    g = torch.Generator().manual_seed(5)
+    theta0 = {"w": torch.randn(30000, generator=g)}
+    theta0["w"][:6] = torch.tensor([1.0, float("-inf"), 0.0, 3e38, -0.0, float("nan")])
+    for name in masks.names:
+        got = decode_task(file, theta0, name)["w"]
+        kept = masks.get(name)["w"]
+        expected = torch.where(kept, theta0["w"] + vector["w"], theta0["w"])
+        assert torch.equal(_bits(got), _bits(expected)), name
+
+
 def test_coded_and_packbits_collections_decompress_alike(tmp_path, tiny_checkpoints):
     pt, fts, _ = tiny_checkpoints
     compress(pt, fts, tmp_path / "p", storage="packbits", use_ties=True, lambdas=[0.3, 0.4, 0.5])

@@ -194,3 +194,35 @@ def window_counts(taus, lows, highs, below, at_most, kept, kept_counts):
             m += 1 if (magnitude > lo) & (magnitude <= hi) else 0
         kept_counts[t] = m
     return finite
+
+
+# ---------------------------------------------------------------------------------------------
+# the coded collection format (tallmasks.coded)
+
+
+@njit
+def ungroup(contexts, grouped, starts, out):
+    """out[i] = the next symbol of context contexts[i]'s group in ``grouped`` (groups laid one after the
+    other, group c from starts[c]): the inverse of a stable sort by context, in one pass."""
+    cursor = starts.copy()
+    for i in range(contexts.size):
+        c = contexts[i]
+        out[i] = grouped[cursor[c]]
+        cursor[c] += 1
+
+
+@njit
+def apply_bit(theta, patterns, kept_values, task, out):
+    """out = theta where bit ``task`` of the pattern is 0, theta + the weight's kept value (float32)
+    where it is 1; kept values are those of the non-zero patterns, in order."""
+    k = 0
+    for i in range(patterns.size):
+        p = patterns[i]
+        if p != 0:
+            if (p >> task) & 1:
+                out[i] = theta[i] + kept_values[k]
+            else:
+                out[i] = theta[i]
+            k += 1
+        else:
+            out[i] = theta[i]

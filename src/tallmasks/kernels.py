@@ -37,7 +37,7 @@ def _build():
     nk.ties_block(taus, np.zeros(2, dtype=f32), 1, True, f32(1.0), np.empty(3, dtype=f32))
     nk.window_counts(taus, np.zeros(2, dtype=f32), np.ones(2, dtype=f32), np.zeros(2, dtype=np.int64),
                      np.zeros(2, dtype=np.int64), np.empty((2, 4), dtype=f32), np.zeros(2, dtype=np.int64))
-    return {"ties_block": nk.ties_block, "window_counts": nk.window_counts}
+    return {"ties_block": nk.ties_block, "window_counts": nk.window_counts, "ungroup": nk.ungroup, "apply_bit": nk.apply_bit}
 
 
 def kernels():
@@ -93,3 +93,24 @@ def window_counts(taus: torch.Tensor, lows: np.ndarray, highs: np.ndarray, below
             magnitudes = taus[t].abs()
             values.append(magnitudes[(magnitudes > float(lows[t])) & (magnitudes <= float(highs[t]))])
     return values, bool(finite)
+
+
+def ungroup(contexts: np.ndarray, grouped: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
+    """Symbols in weight order from their groups by context (``tallmasks.coded``); None without the kernels."""
+    compiled = kernels()
+    if compiled is None:
+        return None
+    out = np.empty(contexts.size, dtype=grouped.dtype)
+    compiled["ungroup"](contexts, grouped, starts.astype(np.int64), out)
+    return out
+
+
+def apply_bit(theta: torch.Tensor, patterns: np.ndarray, kept_values: torch.Tensor, task: int) -> torch.Tensor | None:
+    """theta + (bit ``task`` of the patterns) * kept values, float32 on the CPU, in one pass; None where the
+    kernels do not apply (then ``CodedTensor.apply``'s torch code runs)."""
+    if not (usable(theta) and kept_values.dtype == torch.float32 and kept_values.device.type == "cpu"):
+        return None
+    flat = theta.reshape(-1).contiguous()
+    out = torch.empty_like(flat)
+    kernels()["apply_bit"](flat.numpy(), patterns, kept_values.contiguous().numpy(), patterns.dtype.type(task), out.numpy())
+    return out.reshape(theta.shape)
