@@ -16,7 +16,7 @@ Collections:
   task count, further tasks come from independent draws), masks with the demo's chosen lambdas; realistic
   joint mask statistics at real size, without the spatial structure of real checkpoints.
 
-    python benchmarks/collection_bench.py --demo --json benchmarks/results/collection_bench_demo.json
+    python benchmarks/collection_bench.py --demo --synthetic ViT-B-32 --tasks 8 --json benchmarks/results/collection_bench_scenes_2cpu.json
     python benchmarks/collection_bench.py --synthetic ViT-B-32 --tasks 8
 """
 
