@@ -227,6 +227,16 @@ def test_experts_fine_tuned_in_worker_processes_equal_those_fine_tuned_in_turn(t
         assert all(torch.equal(one[k], two[k]) for k in one), task
 
 
+def test_a_worker_process_that_dies_is_one_clear_error():
+    import os
+
+    from tallmasks.demo import _in_processes
+    from tallmasks.errors import TallmasksError
+
+    with pytest.raises(TallmasksError, match="worker process for Shapes died.*workers=1"):
+        _in_processes(os._exit, [(3,)], ["Shapes"], 2)
+
+
 def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
     from tallmasks.demo import DemoConfig, main, parse_args
 
@@ -241,6 +251,7 @@ def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
     assert "no_such_method" in capsys.readouterr().err
     assert main(["--num-tasks", "99", "--cache-dir", str(tmp_path)]) == 2
     assert parse_args(["--workers", "3"])[0].workers == 3 and DemoConfig.quick().workers == 1
+    assert DemoConfig().workers == 1 and parse_args([])[0].workers >= 1 and parse_args(["--quick"])[0].workers == 1
     assert main(["--workers", "0", "--cache-dir", str(tmp_path)]) == 2
     assert "--workers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written before the inputs are checked

@@ -127,7 +127,7 @@ class DemoConfig:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     n_eval_points: int = 21
     threads: int = 1  # one thread: small matrices gain little from two, and lose much when a core is busy
-    workers: int = field(default_factory=lambda: _default_workers())  # experts fine-tuned at a time (processes)
+    workers: int = 1  # experts fine-tuned at a time, each in its own process (the command line: the cores, at most 2)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -136,7 +136,6 @@ class DemoConfig:
             pretrain=PretrainSettings(steps=4, batch_size=32, images_per_task=16),
             finetune=FinetuneSettings(steps=3, batch_size=32, warmup_steps=1),
             n_eval_points=4,
-            workers=1,
         )
         return replace(base, **overrides)
 
@@ -561,6 +560,8 @@ def _in_processes(function: Any, calls: Sequence[tuple], keys: Sequence[str], wo
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from concurrent.futures.process import BrokenProcessPool
+
     context = multiprocessing.get_context("spawn")  # no inherited threads or torch state
     results: dict[str, Any] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
@@ -569,10 +570,17 @@ def _in_processes(function: Any, calls: Sequence[tuple], keys: Sequence[str], wo
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                if future.exception() is not None:
+                error = future.exception()
+                if isinstance(error, BrokenProcessPool):
+                    raise TallmasksError(
+                        f"a worker process for {futures[future]} died (out of memory, killed, or a script that starts "
+                        "the demo without an `if __name__ == \"__main__\":` guard, which spawned workers re-run); "
+                        "use workers=1 (--workers 1) to stay in one process"
+                    ) from None
+                if error is not None:
                     for other in pending:
                         other.cancel()
-                    raise future.exception()
+                    raise error
                 results[futures[future]] = future.result()
                 if bar is not None:
                     bar.update(1)
@@ -661,10 +669,10 @@ def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
     args = parser.parse_args(argv)
     make = DemoConfig.quick if args.quick else DemoConfig
     base = make(cache_dir=args.cache_dir, output_dir=args.output_dir, num_tasks=args.num_tasks, tasks=args.tasks, threads=args.threads)
-    if args.workers is not None:
-        if args.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-        base.workers = args.workers
+    workers = _default_workers() if args.workers is None else args.workers
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    base.workers = 1 if args.quick and args.workers is None else workers
     if args.methods:
         base.methods = list(ALL_METHODS) if args.methods == ["all"] else list(args.methods)
     return [replace(base, pretrain=replace(base.pretrain, seed=seed)) for seed in dict.fromkeys(args.seed)]
