@@ -153,3 +153,28 @@ def test_thresholds_of_a_model_without_entries():
 
     pt = {"empty": torch.zeros(0, 3)}
     assert topk_thresholds(CheckpointSet(pt, [pt, pt]), 20, window=True) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_coded_format_kernels_on_every_pattern_width(dtype):
+    """ungroup inverts a stable sort by context; apply_bit adds the kept values where the task's bit is set
+    (theta_0's bits elsewhere), for patterns of 8, 16, 32 and 64 tasks."""
+    if kernels.kernels() is None:
+        pytest.skip("numba kernels unavailable")
+    rng = np.random.default_rng(0)
+    bits = np.dtype(dtype).itemsize * 8
+    patterns = rng.integers(0, 2**62, 5000, dtype=np.uint64).astype(dtype)
+    patterns[::7] = 0
+    kept = patterns != 0
+    values = torch.from_numpy(rng.standard_normal(int(kept.sum())).astype(np.float32))
+    theta = torch.from_numpy(rng.standard_normal(5000).astype(np.float32))
+    full = torch.zeros(5000)
+    full[torch.from_numpy(kept)] = values
+    for task in (0, bits // 2, bits - 1):
+        bit = torch.from_numpy(((patterns >> dtype(task)) & dtype(1)).astype(bool))
+        assert torch.equal(kernels.apply_bit(theta, patterns, values, task), torch.where(bit, theta + full, theta))
+    contexts = rng.integers(0, 512, 5000).astype(np.int16)
+    counts = np.bincount(contexts, minlength=512)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    grouped = patterns[np.argsort(contexts, kind="stable")]
+    assert np.array_equal(kernels.ungroup(contexts, grouped, starts), patterns)
