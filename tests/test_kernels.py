@@ -177,4 +177,9 @@ def test_coded_format_kernels_on_every_pattern_width(dtype):
     counts = np.bincount(contexts, minlength=512)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     grouped = patterns[np.argsort(contexts, kind="stable")]
-    assert np.array_equal(kernels.ungroup(contexts, grouped, starts), patterns)
+    kept_here = rng.random(7000) < 5000 / 7000
+    kept_here[np.flatnonzero(kept_here)[5000:]] = False
+    kept_here[np.flatnonzero(~kept_here)[: 5000 - int(kept_here.sum())]] = True  # exactly 5000 kept of 7000
+    expected = np.zeros(7000, dtype=dtype)
+    expected[kept_here] = patterns
+    assert np.array_equal(kernels.ungroup(contexts, grouped, starts, kept_here), expected)

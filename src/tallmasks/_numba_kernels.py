@@ -201,14 +201,20 @@ def window_counts(taus, lows, highs, below, at_most, kept, kept_counts):
 
 
 @njit
-def ungroup(contexts, grouped, starts, out):
-    """out[i] = the next symbol of context contexts[i]'s group in ``grouped`` (groups laid one after the
-    other, group c from starts[c]): the inverse of a stable sort by context, in one pass."""
+def ungroup(contexts, grouped, starts, kept, out):
+    """Patterns of a chunk from their context groups: out[i] = 0 where ``kept[i]`` is false, else the next
+    symbol of the group of the next kept weight's context (groups laid one after the other in ``grouped``,
+    group c from starts[c]): the inverse of the encoder's stable sort by context, in one pass."""
     cursor = starts.copy()
-    for i in range(contexts.size):
-        c = contexts[i]
-        out[i] = grouped[cursor[c]]
-        cursor[c] += 1
+    k = 0
+    for i in range(kept.size):
+        if kept[i]:
+            c = contexts[k]
+            out[i] = grouped[cursor[c]]
+            cursor[c] += 1
+            k += 1
+        else:
+            out[i] = 0
 
 
 @njit
@@ -218,11 +224,8 @@ def apply_bit(theta, patterns, kept_values, task, out):
     k = 0
     for i in range(patterns.size):
         p = patterns[i]
-        if p != 0:
-            if (p >> task) & 1:
-                out[i] = theta[i] + kept_values[k]
-            else:
-                out[i] = theta[i]
-            k += 1
-        else:
-            out[i] = theta[i]
+        x = theta[i]
+        if (p >> task) & 1:
+            x = x + kept_values[k]
+        out[i] = x
+        k += p != 0

@@ -258,14 +258,14 @@ def decode_in_context(spec: Mapping, payload: bytes | np.ndarray, kept: np.ndarr
         filled += count
     if filled != contexts.size:
         raise CheckpointError("damaged context groups (their sizes do not match the kept values)")
-    kept_patterns = kernels.ungroup(contexts, values, starts)
-    if kept_patterns is None:  # without the kernels: the inverse of the encoder's stable sort
+    out = kernels.ungroup(contexts, values, starts, kept)
+    if out is None:  # without the kernels: the inverse of the encoder's stable sort
         kept_patterns = np.empty_like(values)
         kept_patterns[np.argsort(contexts, kind="stable")] = values
-    if kept_patterns.size and not kept_patterns.all():
+        out = np.zeros(kept.size, dtype=dtype)
+        out[kept] = kept_patterns
+    if int(np.count_nonzero(out)) != contexts.size:
         raise CheckpointError("damaged context groups (a kept weight with an empty pattern)")
-    out = np.zeros(kept.size, dtype=dtype)
-    out[kept] = kept_patterns
     return out
 
 

@@ -95,13 +95,14 @@ def window_counts(taus: torch.Tensor, lows: np.ndarray, highs: np.ndarray, below
     return values, bool(finite)
 
 
-def ungroup(contexts: np.ndarray, grouped: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
-    """Symbols in weight order from their groups by context (``tallmasks.coded``); None without the kernels."""
+def ungroup(contexts: np.ndarray, grouped: np.ndarray, starts: np.ndarray, kept: np.ndarray) -> np.ndarray | None:
+    """A chunk's patterns (0 where not ``kept``) from the kept weights' groups by context
+    (``tallmasks.coded``); None without the kernels."""
     compiled = kernels()
     if compiled is None:
         return None
-    out = np.empty(contexts.size, dtype=grouped.dtype)
-    compiled["ungroup"](contexts, grouped, starts.astype(np.int64), out)
+    out = np.empty(kept.size, dtype=grouped.dtype)
+    compiled["ungroup"](contexts, grouped, starts.astype(np.int64), kept, out)
     return out
 
 
