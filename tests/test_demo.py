@@ -230,11 +230,13 @@ def test_experts_fine_tuned_in_worker_processes_equal_those_fine_tuned_in_turn(t
 def test_a_worker_process_that_dies_is_one_clear_error():
     import os
 
+    from tqdm import tqdm
+
     from tallmasks.demo import _in_processes
     from tallmasks.errors import TallmasksError
 
     with pytest.raises(TallmasksError, match="worker process for Shapes died.*workers=1"):
-        _in_processes(os._exit, [(3,)], ["Shapes"], 2)
+        _in_processes(os._exit, [(3,)], ["Shapes"], 2, tqdm(disable=True))
 
 
 def test_command_line_seeds_methods_and_errors(tmp_path, capsys):

@@ -123,11 +123,11 @@ def encode_stream(symbols: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[dict, b
     values, counts, index = _distinct(symbols)
     if values.size < symbols.size // 4:  # a table as long as the data cannot pay off
         candidates.append(({"coder": "ans", "values": int(values.size)}, _encode_ans(values, counts, index)))
-    if symbols.dtype == np.uint8 and int(symbols.max()) <= 1:  # bits (kept or not): 8 to a byte, then zstd
+    if symbols.dtype == np.uint8 and int(values[-1]) <= 1:  # bits (kept or not): 8 to a byte, then zstd
         candidates.append(({"coder": "bits"}, zstandard.ZstdCompressor(level=level).compress(np.packbits(symbols).tobytes())))
     if symbols.dtype.itemsize > 1:  # wide symbols (patterns of 9+ tasks): also each byte on its own
         little_bytes = symbols.astype(symbols.dtype.newbyteorder("<")).view(np.uint8).reshape(-1, symbols.dtype.itemsize)
-        planes = [encode_stream(np.ascontiguousarray(little_bytes[:, j]), level) for j in range(symbols.dtype.itemsize)]
+        planes = [encode_stream(plane, level) for plane in _columns(little_bytes)]
         candidates.append(({"coder": "bytes", "planes": [{**spec, "bytes": len(blob)} for spec, blob in planes]},
                            b"".join(blob for _, blob in planes)))
     return min(candidates, key=lambda c: len(c[1]) * (1 + SLOWER[c[0]["coder"]]))
@@ -150,10 +150,9 @@ def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.
         import zstandard
 
         packed = zstandard.ZstdDecompressor().decompress(payload, max_output_size=(n + 7) // 8)
-        bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n) if len(packed) == (n + 7) // 8 else None
-        if bits is None:
+        if len(packed) != (n + 7) // 8:
             raise CheckpointError(f"coded chunk holds {8 * len(packed)} bits, expected {n}")
-        return bits.astype(dtype)
+        return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n).astype(dtype)
     elif coder == "bytes":
         planes, position = [], 0
         for plane in spec["planes"]:
@@ -161,7 +160,7 @@ def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.
             position += plane["bytes"]
         if len(planes) != dtype.itemsize:
             raise CheckpointError(f"coded chunk has {len(planes)} byte planes for {dtype.itemsize}-byte symbols")
-        return np.ascontiguousarray(np.stack(planes, axis=1)).view(dtype.newbyteorder("<")).reshape(-1).astype(dtype)
+        return _interleave(planes).view(dtype.newbyteorder("<")).reshape(-1).astype(dtype)
     else:
         raise CheckpointError(f"unknown coder {coder!r} in a coded collection (known: {', '.join(_CODERS)})")
     out = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
@@ -186,15 +185,23 @@ def tensor_patterns(masks: MaskSet, offset: int, count: int) -> np.ndarray:
     return out
 
 
-def byte_planes(values: torch.Tensor) -> list[np.ndarray]:
-    """Little-endian byte planes of a 1-D tensor (plane j holds byte j of every value)."""
-    raw = values.contiguous().view(torch.uint8).reshape(-1, values.element_size()).numpy()
+def _columns(raw: np.ndarray) -> list[np.ndarray]:
+    """The columns of an (n x width) byte matrix, each contiguous: byte j of every value."""
     return [np.ascontiguousarray(raw[:, j]) for j in range(raw.shape[1])]
 
 
+def _interleave(planes: list[np.ndarray]) -> np.ndarray:
+    """The (n x len(planes)) byte matrix whose columns are ``planes`` (the inverse of ``_columns``)."""
+    return np.ascontiguousarray(np.stack(planes, axis=1)) if planes else np.zeros((0, 1), np.uint8)
+
+
+def byte_planes(values: torch.Tensor) -> list[np.ndarray]:
+    """Little-endian byte planes of a 1-D tensor (plane j holds byte j of every value)."""
+    return _columns(values.contiguous().view(torch.uint8).reshape(-1, values.element_size()).numpy())
+
+
 def from_planes(planes: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
-    stacked = np.ascontiguousarray(np.stack(planes, axis=1)) if planes else np.zeros((0, 1), np.uint8)
-    return torch.from_numpy(stacked.reshape(-1)).view(dtype)
+    return torch.from_numpy(_interleave(planes).reshape(-1)).view(dtype)
 
 
 def value_contexts(values: torch.Tensor) -> np.ndarray:

@@ -539,7 +539,7 @@ def method_run(name: str) -> tuple[str, dict[str, Any]]:
 def run_methods(cfg: DemoConfig, location: Path) -> dict[str, dict[str, Any]]:
     """Every merging method through run_experiment (the code path of main.py); results by summary name.
 
-    One after the other, in this process: in two worker processes they took longer (49 s against 39 s for
+    One after the other, in this process: in two worker processes they took longer (49 s against 42 s for
     the 9 methods on 8 tasks, and no less on 20) and twice the memory."""
     from tallmasks.eval.runner import run_experiment
 
@@ -554,18 +554,17 @@ def run_methods(cfg: DemoConfig, location: Path) -> dict[str, dict[str, Any]]:
     return {name: out[name] for name in wanted}
 
 
-def _in_processes(function: Any, calls: Sequence[tuple], keys: Sequence[str], workers: int, bar: Any = None) -> dict[str, Any]:
+def _in_processes(function: Any, calls: Sequence[tuple], labels: Sequence[str], workers: int, bar: Any) -> None:
     """``function(*call)`` for every call, ``workers`` spawned processes at a time (one thread each, no
-    progress bars of their own); results by key. The first failure cancels what has not started and is raised."""
+    progress bars of their own; ``bar`` counts the calls done). The first failure cancels what has not
+    started and is raised; ``labels`` name the calls in the error of a worker that died."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")  # no inherited threads or torch state
-    results: dict[str, Any] = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
-        futures = {pool.submit(function, *call): key for call, key in zip(calls, keys)}
+        futures = {pool.submit(function, *call): label for call, label in zip(calls, labels)}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -581,10 +580,7 @@ def _in_processes(function: Any, calls: Sequence[tuple], keys: Sequence[str], wo
                     for other in pending:
                         other.cancel()
                     raise error
-                results[futures[future]] = future.result()
-                if bar is not None:
-                    bar.update(1)
-    return results
+                bar.update(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,10 +665,9 @@ def parse_args(argv: Sequence[str] | None = None) -> list[DemoConfig]:
     args = parser.parse_args(argv)
     make = DemoConfig.quick if args.quick else DemoConfig
     base = make(cache_dir=args.cache_dir, output_dir=args.output_dir, num_tasks=args.num_tasks, tasks=args.tasks, threads=args.threads)
-    workers = _default_workers() if args.workers is None else args.workers
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
-    base.workers = 1 if args.quick and args.workers is None else workers
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    base.workers = args.workers or (1 if args.quick else _default_workers())
     if args.methods:
         base.methods = list(ALL_METHODS) if args.methods == ["all"] else list(args.methods)
     return [replace(base, pretrain=replace(base.pretrain, seed=seed)) for seed in dict.fromkeys(args.seed)]
