@@ -178,6 +178,34 @@ def test_context_groups_and_task_weights_with_and_without_the_fused_kernels(tmp_
         assert torch.equal(_bits(got), _bits(expected)), name
 
 
+@pytest.mark.parametrize("num_tasks", [6, 20])
+def test_one_task_in_fused_passes_is_the_formula_over_chunks_and_threads(tmp_path, monkeypatch, num_tasks):
+    """``apply_task`` (join the value planes, ungroup and add in one pass, never forming every pattern) over
+    chunks coded in context and one coded as a single stream, one and two threads: the formula's bits."""
+    from tallmasks import kernels
+
+    if kernels.kernels() is None:
+        pytest.skip("numba kernels unavailable")
+    monkeypatch.setattr(coded, "CHUNK", 13000)  # chunks of 13000, 13000 and 4000 weights; the last too small for context
+    masks, vector = _magnitude_masks(num_tasks, 30000, seed=6)
+    vector["w"][13000:13004] = torch.tensor([float("nan"), float("inf"), -0.0, 3e38])
+    write_coded(tmp_path / "c.safetensors", masks, vector)
+    file = CodedFile(tmp_path / "c.safetensors")
+    assert [c["patterns"]["coder"] for c in file.index["w"]["chunks"]][:2] == ["context", "context"]
+    assert file.index["w"]["chunks"][2]["patterns"]["coder"] != "context"
+    theta0 = {"w": torch.randn(30000, generator=torch.Generator().manual_seed(7))}
+    theta0["w"][12999:13005] = torch.tensor([1.0, float("-inf"), 0.0, 3e38, -0.0, float("nan")])
+    for t, name in enumerate(masks.names):
+        expected = torch.where(masks.get(name)["w"], theta0["w"] + vector["w"], theta0["w"])
+        assert torch.equal(_bits(file.apply_task("w", theta0["w"], t)), _bits(expected)), name
+        for workers in (1, 2):
+            assert torch.equal(_bits(decode_task(file, theta0, name, workers=workers)["w"]), _bits(expected)), name
+    chunk = file.index["w"]["chunks"][1]["patterns"]
+    chunk["groups"] = chunk["groups"][:-1]  # a group lost: one line, not a wrong task
+    with pytest.raises(CheckpointError, match="damaged context groups"):
+        file.apply_task("w", theta0["w"], 0)
+
+
 def test_coded_and_packbits_collections_decompress_alike(tmp_path, tiny_checkpoints):
     pt, fts, _ = tiny_checkpoints
     compress(pt, fts, tmp_path / "p", storage="packbits", use_ties=True, lambdas=[0.3, 0.4, 0.5])

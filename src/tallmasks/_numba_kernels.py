@@ -218,14 +218,54 @@ def ungroup(contexts, grouped, starts, kept, out):
 
 
 @njit
-def apply_bit(theta, patterns, kept_values, task, out):
+def apply_bit(theta, theta_words, patterns, kept_values, task, out, out_words):
     """out = theta where bit ``task`` of the pattern is 0, theta + the weight's kept value (float32)
-    where it is 1; kept values are those of the non-zero patterns, in order."""
+    where it is 1; kept values are those of the non-zero patterns, in order. Branch-free, as
+    ``apply_task_grouped``; ``*_words`` are uint32 views of ``theta`` and ``out``."""
+    last = kept_values.size - 1
     k = 0
     for i in range(patterns.size):
         p = patterns[i]
-        x = theta[i]
-        if (p >> task) & 1:
-            x = x + kept_values[k]
-        out[i] = x
+        out[i] = theta[i] + kept_values[min(k, last)]
+        m = np.uint32(0) - np.uint32((p >> task) & 1)
+        out_words[i] = (out_words[i] & m) | (theta_words[i] & ~m)
         k += p != 0
+
+
+@njit
+def join_words(p0, p1, p2, p3, lo, hi, words, counts):
+    """words[j] = the little-endian 32-bit word of byte j of the four planes, and counts[c] += 1 for its
+    context c (half-octave of |value|: bits 22-30, clipped to [lo, hi]; ``tallmasks.coded.value_contexts``)."""
+    for j in range(words.size):
+        w = np.uint32(p0[j]) | (np.uint32(p1[j]) << np.uint32(8)) | (np.uint32(p2[j]) << np.uint32(16)) | (np.uint32(p3[j]) << np.uint32(24))
+        words[j] = w
+        c = min(max(np.int64((w & np.uint32(0x7FFFFFFF)) >> np.uint32(22)), lo), hi)
+        counts[c] += 1
+
+
+@njit
+def apply_task_grouped(theta, theta_words, kept, words, values, grouped, starts, lo, hi, task, out, out_words):
+    """One task's weights from patterns coded in context, in one pass: out = theta, plus the next kept value
+    (float32) where the weight is kept (``kept``, 0/1) and bit ``task`` of its pattern (the next symbol of its
+    context's group, ``ungroup``) is 1. Returns how many kept weights had an empty pattern (0 unless damaged).
+
+    Branch-free (a task's bits are close to random, and a mispredicted branch per weight tripled the time):
+    every weight reads a value and a pattern (indices clamped in bounds), stores theta + value, then blends
+    the stored word with theta's word under the bit; ``*_words`` are uint32 views of ``theta`` and ``out``."""
+    cursor = starts.copy()
+    last, last_group = words.size - 1, grouped.size - 1
+    k = 0
+    empty = 0
+    for i in range(theta.size):
+        j = min(k, last)
+        q = np.uint32(kept[i])
+        c = min(max(np.int64((words[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(22)), lo), hi)
+        position = cursor[c]
+        p = grouped[min(position, last_group)]
+        cursor[c] = position + q
+        empty += q & np.uint32(p == 0)
+        out[i] = theta[i] + values[j]
+        m = np.uint32(0) - (((np.uint32(p) >> np.uint32(task)) & np.uint32(1)) & q)
+        out_words[i] = (out_words[i] & m) | (theta_words[i] & ~m)
+        k += q
+    return empty

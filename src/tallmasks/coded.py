@@ -27,14 +27,19 @@ extremes pooled), each group coded as above. A large |tau_MTL| tends to be one t
 task alone keeps; a small one is kept by most tasks, so each group has its own, narrower distribution.
 
 Task t is rebuilt as theta_0 where its bit is 0 and theta_0 + tau_MTL (float32 arithmetic, cast back
-to theta_0's dtype, as ``apply_vector``) where it is 1, one tensor at a time.
+to theta_0's dtype, as ``apply_vector``) where it is 1, one tensor at a time. For float32 tensors with the
+kernels (``CodedFile.apply_task``) the patterns of every weight are never formed: per chunk, one pass joins
+the value planes and counts the contexts, the groups are decoded, and one branch-free pass ungroups the
+patterns and adds the task's kept values; ``decode_task`` runs tensors on a few threads, largest first.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,14 +249,11 @@ def decode_kept(spec: Mapping, payload: bytes | np.ndarray, n: int) -> np.ndarra
     return decode_stream(kept_spec, payload[: kept_spec["bytes"]], n, np.dtype(np.uint8)).astype(bool)
 
 
-def decode_in_context(spec: Mapping, payload: bytes | np.ndarray, kept: np.ndarray, kept_values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """The patterns coded by ``encode_in_context``, given the kept bits and the kept values."""
-    from tallmasks import kernels
-
-    contexts = np.clip(value_contexts(kept_values), int(spec["lo"]), int(spec["hi"]))
-    counts = np.bincount(contexts, minlength=512) if contexts.size else np.zeros(512, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # groups are laid in increasing context
-    values = np.empty(contexts.size, dtype=dtype)
+def _decode_groups(spec: Mapping, payload: bytes | np.ndarray, counts: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(the context groups' patterns laid one after the other in increasing context, where group c starts),
+    given how many kept weights fall in each context (``counts``, 512 entries)."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    values = np.empty(int(counts.sum()), dtype=dtype)
     position, filled, previous = spec["kept"]["bytes"], 0, -1
     for group in spec["groups"]:
         context = int(group["context"])
@@ -263,8 +265,18 @@ def decode_in_context(spec: Mapping, payload: bytes | np.ndarray, kept: np.ndarr
         values[filled : filled + count] = decode_stream(group, blob, count, dtype)
         position += group["bytes"]
         filled += count
-    if filled != contexts.size:
+    if filled != values.size:
         raise CheckpointError("damaged context groups (their sizes do not match the kept values)")
+    return values, starts
+
+
+def decode_in_context(spec: Mapping, payload: bytes | np.ndarray, kept: np.ndarray, kept_values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """The patterns coded by ``encode_in_context``, given the kept bits and the kept values."""
+    from tallmasks import kernels
+
+    contexts = np.clip(value_contexts(kept_values), int(spec["lo"]), int(spec["hi"]))
+    counts = np.bincount(contexts, minlength=512) if contexts.size else np.zeros(512, dtype=np.int64)
+    values, starts = _decode_groups(spec, payload, counts, dtype)
     out = kernels.ungroup(contexts, values, starts, kept)
     if out is None:  # without the kernels: the inverse of the encoder's stable sort
         kept_patterns = np.empty_like(values)
@@ -439,45 +451,102 @@ class CodedFile:
             return b""
         return self._data[spec["offset"] : spec["offset"] + spec["bytes"]]
 
+    @contextmanager
+    def _reading(self, key: str):
+        """Turn a corrupt payload's error (zstd, rANS or numpy, in their own words) into a one-line CheckpointError."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({type(exc).__name__})") from None
+
+    def _chunk(self, key: str, chunk: Mapping, dtype: torch.dtype) -> tuple[Mapping, np.ndarray, list[np.ndarray]]:
+        """(patterns spec, the kept bits where the patterns are coded in context or else the patterns, byte planes
+        of the kept values) of one chunk, their sizes checked against the index."""
+        spec = chunk["patterns"]
+        if spec.get("coder") == "context":
+            head = decode_kept(spec, self._payload(spec), chunk["n"])
+        else:
+            head = decode_stream(spec, self._payload(spec), chunk["n"], self.pattern_dtype)
+        kept = int(np.count_nonzero(head))
+        if kept != chunk["kept"]:
+            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
+        planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
+        if len(planes) != (dtype.itemsize if kept else 0):
+            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
+        return spec, head, planes
+
+    def _dtype(self, key: str) -> torch.dtype:
+        dtype = _DTYPES.get(self.index[key]["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: unknown dtype {self.index[key]['dtype']!r} for {key!r}")
+        return dtype
+
     def read(self, key: str) -> CodedTensor:
         """Decode one tensor; a damaged or inconsistent chunk raises a one-line CheckpointError."""
         entry = self.index[key]
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: unknown dtype {entry['dtype']!r} for {key!r}")
+        dtype = self._dtype(key)
         shape = tuple(entry["shape"])
         patterns, values = [], []
-        try:
+        with self._reading(key):
             for chunk in entry["chunks"]:
-                spec = chunk["patterns"]
-                in_context = spec.get("coder") == "context"
-                if in_context:
-                    kept_bits = decode_kept(spec, self._payload(spec), chunk["n"])
-                    kept = int(np.count_nonzero(kept_bits))
-                else:
-                    p = decode_stream(spec, self._payload(spec), chunk["n"], self.pattern_dtype)
-                    kept = int(np.count_nonzero(p))
-                if kept != chunk["kept"]:
-                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
-                planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
-                if len(planes) != (dtype.itemsize if kept else 0):
-                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
+                spec, p, planes = self._chunk(key, chunk, dtype)
                 kept_values = from_planes(planes, dtype)
-                if in_context:
+                if spec.get("coder") == "context":
                     try:
-                        p = decode_in_context(spec, self._payload(spec), kept_bits, kept_values, self.pattern_dtype)
+                        p = decode_in_context(spec, self._payload(spec), p, kept_values, self.pattern_dtype)
                     except CheckpointError as exc:
                         raise CheckpointError(f"{self.path}: chunk of {key!r}: {exc}") from None
                 patterns.append(p)
                 values.append(kept_values)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # a corrupt payload: zstd, rANS or numpy complain in their own words
-            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({type(exc).__name__})") from None
         flat_patterns = np.concatenate(patterns) if patterns else np.zeros(0, self.pattern_dtype)
         if flat_patterns.size != math.prod(shape):
             raise CheckpointError(f"{self.path}: {key!r} holds {flat_patterns.size} weights, its shape {list(shape)} needs {math.prod(shape)}")
         return CodedTensor(key, shape, flat_patterns, torch.cat(values) if values else torch.zeros(0, dtype=dtype))
+
+    def apply_task(self, key: str, theta0: torch.Tensor, task: int) -> torch.Tensor | None:
+        """``read(key).apply(theta0, task)`` for a float32 tensor, the same bits, chunk by chunk in fused passes
+        that never form the patterns of every weight (one pass joins the value planes and counts the contexts,
+        one ungroups the patterns and adds the task's kept values); None where the kernels do not apply."""
+        from tallmasks import kernels
+
+        entry = self.index[key]
+        if entry["dtype"] != "float32" or not kernels.usable(theta0):
+            return None
+        theta = theta0.reshape(-1).contiguous()
+        out = torch.empty_like(theta)
+        source, target = theta.numpy(), out.numpy()
+        position = 0
+        with self._reading(key):
+            for chunk in entry["chunks"]:
+                spec, head, planes = self._chunk(key, chunk, torch.float32)
+                n = int(chunk["n"])
+                if position + n > source.size:
+                    break
+                base, into = source[position : position + n], target[position : position + n]
+                position += n
+                if not planes:  # no weight kept
+                    into[:] = base
+                    continue
+                in_context = spec.get("coder") == "context"
+                lo, hi = (int(spec["lo"]), int(spec["hi"])) if in_context else (0, 511)
+                if not 0 <= lo <= hi < 512:
+                    raise CheckpointError(f"{self.path}: damaged chunk of {key!r} (context range {lo}..{hi})")
+                words, counts = kernels.join_words(planes, lo, hi)
+                if not in_context:
+                    kernels.apply_bit_into(base, head, words.view(np.float32), task, into)
+                    continue
+                try:
+                    grouped, starts = _decode_groups(spec, self._payload(spec), counts, self.pattern_dtype)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{self.path}: chunk of {key!r}: {exc}") from None
+                if kernels.apply_task_grouped(base, head, words, grouped, starts, lo, hi, task, into):
+                    raise CheckpointError(f"{self.path}: chunk of {key!r}: damaged context groups (a kept weight with an empty pattern)")
+        if position != source.size or sum(int(c["n"]) for c in entry["chunks"]) != source.size:
+            raise CheckpointError(f"{self.path}: {key!r} holds {sum(int(c['n']) for c in entry['chunks'])} weights, "
+                                  f"its shape {list(theta0.shape)} needs {source.size}")
+        return out.reshape(theta0.shape)
 
     def tensors(self) -> Iterator[CodedTensor]:
         for key in self.index:
@@ -527,22 +596,39 @@ class CodedFile:
         }
 
 
-def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """theta_0 + scale * (m_t * tau_MTL) as a full state dict (keys theta_0 has and the file lacks come from theta_0)."""
+def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str, scale: float = 1.0,
+                workers: int | None = None) -> dict[str, torch.Tensor]:
+    """theta_0 + scale * (m_t * tau_MTL) as a full state dict (keys theta_0 has and the file lacks come from theta_0).
+
+    Tensors are decoded by ``workers`` threads (default: the cores, at most 4); the decoders (zstd, the
+    kernels) release the interpreter's lock, and each thread holds one chunk's temporaries at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     t = coded.task_index(task)
     extra = [k for k in coded.index if k not in theta0]
     if extra:
         raise CheckpointError(f"the collection has key {extra[0]!r} that the pre-trained model lacks")
-    out: dict[str, torch.Tensor] = {}
-    for key in theta0.keys():
-        base = theta0[key]
+    bases = {key: theta0[key] for key in theta0.keys()}
+    for key, base in bases.items():
         if key not in coded.index:
             if base.dtype.is_floating_point:
                 raise CheckpointError(f"the collection lacks floating-point key {key!r}")
-            out[key] = base
-            continue
-        tensor = coded.read(key)
-        if tuple(base.shape) != tensor.shape:
-            raise CheckpointError(f"shape mismatch for {key!r}: {list(tensor.shape)} vs {list(base.shape)}")
-        out[key] = tensor.apply(base, t, scale)
-    return out
+        elif tuple(base.shape) != tuple(coded.index[key]["shape"]):
+            raise CheckpointError(f"shape mismatch for {key!r}: {list(coded.index[key]['shape'])} vs {list(base.shape)}")
+
+    def rebuild(key: str) -> torch.Tensor:
+        base = bases[key]
+        if key not in coded.index:
+            return base
+        fused = coded.apply_task(key, base, t) if scale == 1.0 else None
+        return fused if fused is not None else coded.read(key).apply(base, t, scale)
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers == 1:
+        return {key: rebuild(key) for key in bases}
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:  # the largest tensors first, so that no thread is left with a large one at the end
+        futures = {key: pool.submit(rebuild, key) for key in sorted(bases, key=lambda k: -bases[k].numel())}
+        return {key: futures[key].result() for key in bases}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

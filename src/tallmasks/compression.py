@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -267,13 +268,25 @@ def decompress(
     require_file(theta0_path)
     if out is not None:
         check_output(out, [collection, theta0_path], expected_bytes=file_size(theta0_path), label="--out")
-    if sha256_file(theta0_path) != meta["pretrained"]["sha256"]:
-        raise CheckpointError(f"{theta0_path}: differs from the pre-trained checkpoint the collection was made from (SHA-256 mismatch)")
     scale = float((meta["masks"].get("scales") or {}).get(name, 1.0))
-    if coded:
-        model = decode_task(coded_file, load_state_dict(theta0_path), name, scale=scale)
-    else:
-        model = apply_vector(load_state_dict(theta0_path), merged, alpha=scale, mask=masks.get(name))
+    # theta_0's SHA-256 is computed beside the decoding (hashlib releases the interpreter's lock) and checked
+    # before anything is returned or written; a mismatch is the error shown, whatever else went wrong
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_file, theta0_path)
+
+        def check_digest() -> None:
+            if digest.result() != meta["pretrained"]["sha256"]:
+                raise CheckpointError(f"{theta0_path}: differs from the pre-trained checkpoint the collection was made from (SHA-256 mismatch)")
+
+        try:
+            if coded:
+                model = decode_task(coded_file, load_state_dict(theta0_path), name, scale=scale)
+            else:
+                model = apply_vector(load_state_dict(theta0_path), merged, alpha=scale, mask=masks.get(name))
+        except Exception:
+            check_digest()
+            raise
+        check_digest()
     if out is not None:
         save_state_dict(model, out, finite=True)
     return model

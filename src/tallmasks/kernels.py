@@ -37,7 +37,8 @@ def _build():
     nk.ties_block(taus, np.zeros(2, dtype=f32), 1, True, f32(1.0), np.empty(3, dtype=f32))
     nk.window_counts(taus, np.zeros(2, dtype=f32), np.ones(2, dtype=f32), np.zeros(2, dtype=np.int64),
                      np.zeros(2, dtype=np.int64), np.empty((2, 4), dtype=f32), np.zeros(2, dtype=np.int64))
-    return {"ties_block": nk.ties_block, "window_counts": nk.window_counts, "ungroup": nk.ungroup, "apply_bit": nk.apply_bit}
+    return {"ties_block": nk.ties_block, "window_counts": nk.window_counts, "ungroup": nk.ungroup, "apply_bit": nk.apply_bit,
+            "join_words": nk.join_words, "apply_task_grouped": nk.apply_task_grouped}
 
 
 def kernels():
@@ -112,6 +113,34 @@ def apply_bit(theta: torch.Tensor, patterns: np.ndarray, kept_values: torch.Tens
     if not (usable(theta) and kept_values.dtype == torch.float32 and kept_values.device.type == "cpu"):
         return None
     flat = theta.reshape(-1).contiguous()
+    if not kept_values.numel():
+        return flat.clone().reshape(theta.shape)
     out = torch.empty_like(flat)
-    kernels()["apply_bit"](flat.numpy(), patterns, kept_values.contiguous().numpy(), patterns.dtype.type(task), out.numpy())
+    apply_bit_into(flat.numpy(), patterns, kept_values.contiguous().numpy(), task, out.numpy())
     return out.reshape(theta.shape)
+
+
+def apply_bit_into(theta: np.ndarray, patterns: np.ndarray, kept_values: np.ndarray, task: int, out: np.ndarray) -> None:
+    """``apply_bit`` on float32 arrays, written into ``out``; call only with the kernels and a kept value."""
+    kernels()["apply_bit"](theta, theta.view(np.uint32), patterns, kept_values, patterns.dtype.type(task), out, out.view(np.uint32))
+
+
+def join_words(planes: list[np.ndarray], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(32-bit words of four byte planes, count of each context in 0..511 clipped to [lo, hi]) in one pass
+    (``tallmasks.coded``); None without the kernels."""
+    compiled = kernels()
+    if compiled is None or len(planes) != 4:
+        return None
+    words = np.empty(planes[0].size, dtype=np.uint32)
+    counts = np.zeros(512, dtype=np.int64)
+    compiled["join_words"](*planes, lo, hi, words, counts)
+    return words, counts
+
+
+def apply_task_grouped(theta: np.ndarray, kept: np.ndarray, words: np.ndarray, grouped: np.ndarray, starts: np.ndarray,
+                       lo: int, hi: int, task: int, out: np.ndarray) -> int:
+    """One task's float32 weights from patterns coded in context, written into ``out``; the number of kept
+    weights with an empty pattern (damage). Call only with the kernels (``join_words`` not None) and a
+    ``kept`` whose true entries number ``words.size``."""
+    return int(kernels()["apply_task_grouped"](theta, theta.view(np.uint32), kept.view(np.uint8), words, words.view(np.float32),
+                                               grouped, starts, lo, hi, grouped.dtype.type(task), out, out.view(np.uint32)))
