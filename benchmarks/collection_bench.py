@@ -117,12 +117,15 @@ def demo_collections(cache: Path) -> list[dict]:
     from tallmasks.masks import MaskSet
     from tallmasks.models.paths import finetuned_path, zeroshot_path
 
-    runs = sorted(cache.glob("foundation-*/experts-*/tall_masks/*/TALL_mask_*task*.safetensors"), key=lambda p: p.stat().st_mtime)
+    def plain(files):  # the demo's own masks, not those the non-local experiment saves beside them (suffixed)
+        return [f for f in files if re.fullmatch(r"TALL_mask_\d+task(_use_ties_sum)?_[0-9a-f]+\.safetensors", f.name)]
+
+    runs = sorted(plain(cache.glob("foundation-*/experts-*/tall_masks/*/TALL_mask_*task*.safetensors")), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise SystemExit(f"{cache}: no demo masks (run `make demo` first)")
     newest = runs[-1].parents[2]  # the experts folder of the newest masks
     found = []
-    for mask_file in sorted(newest.glob("tall_masks/*/TALL_mask_*task*.safetensors")):
+    for mask_file in sorted(plain(newest.glob("tall_masks/*/TALL_mask_*task*.safetensors"))):
         model = mask_file.parent.name
         location = newest / "checkpoints"
         masks = MaskSet.load(mask_file)
