@@ -54,6 +54,27 @@ def test_ans_over_wide_patterns(dtype):
     assert np.array_equal(decode_stream(spec, blob, symbols.size, np.dtype(dtype)), symbols)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint64])
+@pytest.mark.parametrize("skew", [0.0, 0.5, 0.95, 0.999])
+def test_rans_never_beats_its_lower_bound(dtype, skew):
+    """The writer skips rANS where its lower bound cannot win, so the bound must hold for real encodings."""
+    rng = np.random.default_rng(int(skew * 1000))
+    k = 40
+    p = np.full(k, (1 - skew) / (k - 1))
+    p[0] = skew if skew else p[0]
+    p /= p.sum()
+    values = rng.choice(min(int(np.iinfo(dtype).max), 2**31 - 1), size=k, replace=False).astype(dtype)
+    for n in (50, 3000, 100000):
+        symbols = values[rng.choice(k, size=n, p=p)]
+        distinct, counts = coded._distinct(symbols)
+        if distinct.size < 2:  # one value is the const coder's
+            continue
+        blob = coded._encode_ans(distinct, counts, coded._value_index(symbols, distinct))
+        bound = coded._ans_lower_bound(distinct, counts)
+        assert bound <= len(blob) <= 1.01 * bound + 64  # a bound, and a close one (else rANS would never be skipped)
+        assert np.array_equal(coded._decode_ans(blob, n, distinct.size, np.dtype(dtype)), symbols)
+
+
 def _random_masks(num_tasks: int, shapes: dict, density: float, seed: int = 0) -> MaskSet:
     g = torch.Generator().manual_seed(seed)
     keys = sorted(shapes)

@@ -78,16 +78,32 @@ def pattern_dtype(num_tasks: int) -> np.dtype:
 # one stream of unsigned integer symbols
 
 
-def _distinct(symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct values, their counts, index of each symbol's value)."""
+def _distinct(symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values in increasing order, their counts)."""
     if symbols.dtype.itemsize <= 2:
         counts = np.bincount(symbols, minlength=1 << (8 * symbols.dtype.itemsize))
         values = np.flatnonzero(counts).astype(symbols.dtype)
-        lookup = np.zeros(counts.size, dtype=np.int32)
+        return values, counts[values]
+    return np.unique(symbols, return_counts=True)
+
+
+def _value_index(symbols: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of each symbol's value in the sorted distinct ``values``."""
+    if symbols.dtype.itemsize <= 2:
+        lookup = np.zeros(1 << (8 * symbols.dtype.itemsize), dtype=np.int32)
         lookup[values] = np.arange(values.size, dtype=np.int32)
-        return values, counts[values], lookup[symbols]
-    values, inverse, counts = np.unique(symbols, return_inverse=True, return_counts=True)
-    return values, counts, inverse.astype(np.int32)
+        return lookup[symbols]
+    return np.searchsorted(values, symbols).astype(np.int32)
+
+
+def _ans_lower_bound(values: np.ndarray, counts: np.ndarray) -> float:
+    """Bytes that ``_encode_ans`` cannot go below: its table, and the symbols at the empirical entropy of the
+    chunk (rANS with a model of the chunk's own frequencies spends their cross-entropy, never less, give
+    or take the coder's final state, allowed for with 8 bytes)."""
+    n = float(counts.sum())
+    p = counts / n
+    bits = -float((counts * np.log2(p)).sum())
+    return values.size * (values.dtype.itemsize + 4) + max(0.0, bits / 8 - 8)
 
 
 def _ans_model(counts: np.ndarray):
@@ -125,9 +141,7 @@ def encode_stream(symbols: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[dict, b
         return {"coder": "const", "value": int(symbols[0]) if symbols.size else 0}, b""
     little = symbols.astype(symbols.dtype.newbyteorder("<")).tobytes()
     candidates = [({"coder": "raw"}, little), ({"coder": "zstd"}, zstandard.ZstdCompressor(level=level).compress(little))]
-    values, counts, index = _distinct(symbols)
-    if values.size < symbols.size // 4:  # a table as long as the data cannot pay off
-        candidates.append(({"coder": "ans", "values": int(values.size)}, _encode_ans(values, counts, index)))
+    values, counts = _distinct(symbols)
     if symbols.dtype == np.uint8 and int(values[-1]) <= 1:  # bits (kept or not): 8 to a byte, then zstd
         candidates.append(({"coder": "bits"}, zstandard.ZstdCompressor(level=level).compress(np.packbits(symbols).tobytes())))
     if symbols.dtype.itemsize > 1:  # wide symbols (patterns of 9+ tasks): also each byte on its own
@@ -135,7 +149,15 @@ def encode_stream(symbols: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[dict, b
         planes = [encode_stream(plane, level) for plane in _columns(little_bytes)]
         candidates.append(({"coder": "bytes", "planes": [{**spec, "bytes": len(blob)} for spec, blob in planes]},
                            b"".join(blob for _, blob in planes)))
-    return min(candidates, key=lambda c: len(c[1]) * (1 + SLOWER[c[0]["coder"]]))
+    def cost(spec: dict, size: float) -> float:
+        return size * (1 + SLOWER[spec["coder"]])
+
+    ans = {"coder": "ans", "values": int(values.size)}
+    # rANS is tried only where a table shorter than the data could pay off and, by its lower bound, it could
+    # win (encoding it is the slowest step); it keeps its place in the list, third, for the same ties
+    if values.size < symbols.size // 4 and cost(ans, _ans_lower_bound(values, counts)) <= min(cost(c[0], len(c[1])) for c in candidates):
+        candidates.insert(2, (ans, _encode_ans(values, counts, _value_index(symbols, values))))
+    return min(candidates, key=lambda c: cost(c[0], len(c[1])))
 
 
 def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.ndarray:
