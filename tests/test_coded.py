@@ -199,7 +199,7 @@ def test_context_groups_and_task_weights_with_and_without_the_fused_kernels(tmp_
         assert torch.equal(_bits(got), _bits(expected)), name
 
 
-@pytest.mark.parametrize("num_tasks", [6, 20])
+@pytest.mark.parametrize("num_tasks", [6, 20, 33, 64])  # patterns of 8, 32 and 64 bits; tasks beyond bit 31
 def test_one_task_in_fused_passes_is_the_formula_over_chunks_and_threads(tmp_path, monkeypatch, num_tasks):
     """``apply_task`` (join the value planes, ungroup and add in one pass, never forming every pattern) over
     chunks coded in context and one coded as a single stream, one and two threads: the formula's bits."""

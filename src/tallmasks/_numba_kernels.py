@@ -265,7 +265,7 @@ def apply_task_grouped(theta, theta_words, kept, words, values, grouped, starts,
         cursor[c] = position + q
         empty += q & np.uint32(p == 0)
         out[i] = theta[i] + values[j]
-        m = np.uint32(0) - (((np.uint32(p) >> np.uint32(task)) & np.uint32(1)) & q)
+        m = np.uint32(0) - (np.uint32((p >> task) & 1) & q)  # shift in the pattern's own width (up to 64 tasks)
         out_words[i] = (out_words[i] & m) | (theta_words[i] & ~m)
         k += q
     return empty

@@ -28,9 +28,10 @@ task alone keeps; a small one is kept by most tasks, so each group has its own, 
 
 Task t is rebuilt as theta_0 where its bit is 0 and theta_0 + tau_MTL (float32 arithmetic, cast back
 to theta_0's dtype, as ``apply_vector``) where it is 1, one tensor at a time. For float32 tensors with the
-kernels (``CodedFile.apply_task``) the patterns of every weight are never formed: per chunk, one pass joins
-the value planes and counts the contexts, the groups are decoded, and one branch-free pass ungroups the
-patterns and adds the task's kept values; ``decode_task`` runs tensors on a few threads, largest first.
+kernels (``CodedFile.apply_task``), a chunk whose patterns are coded in context never forms the patterns of
+every weight: one pass joins the value planes and counts the contexts, the groups are decoded, and one
+branch-free pass ungroups the patterns and adds the task's kept values; ``decode_task`` runs tensors on a
+few threads, largest first.
 """
 
 from __future__ import annotations
@@ -481,6 +482,8 @@ class CodedFile:
         except CheckpointError:
             raise
         except Exception as exc:
+            if type(exc).__module__.startswith("numba"):  # the kernels failing to compile here, not the file
+                raise
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({type(exc).__name__})") from None
 
     def _chunk(self, key: str, chunk: Mapping, dtype: torch.dtype) -> tuple[Mapping, np.ndarray, list[np.ndarray]]:
@@ -500,9 +503,9 @@ class CodedFile:
         return spec, head, planes
 
     def _dtype(self, key: str) -> torch.dtype:
-        dtype = _DTYPES.get(self.index[key]["dtype"])
+        dtype = _DTYPES.get(self.index[key].get("dtype"))
         if dtype is None:
-            raise CheckpointError(f"{self.path}: unknown dtype {self.index[key]['dtype']!r} for {key!r}")
+            raise CheckpointError(f"{self.path}: unknown dtype {self.index[key].get('dtype')!r} for {key!r}")
         return dtype
 
     def read(self, key: str) -> CodedTensor:
@@ -534,7 +537,7 @@ class CodedFile:
         from tallmasks import kernels
 
         entry = self.index[key]
-        if entry["dtype"] != "float32" or not kernels.usable(theta0):
+        if self._dtype(key) != torch.float32 or not kernels.usable(theta0):
             return None
         theta = theta0.reshape(-1).contiguous()
         out = torch.empty_like(theta)
@@ -542,10 +545,10 @@ class CodedFile:
         position = 0
         with self._reading(key):
             for chunk in entry["chunks"]:
-                spec, head, planes = self._chunk(key, chunk, torch.float32)
                 n = int(chunk["n"])
-                if position + n > source.size:
+                if not 0 <= n <= source.size - position:  # checked before decoding anything
                     break
+                spec, head, planes = self._chunk(key, chunk, torch.float32)
                 base, into = source[position : position + n], target[position : position + n]
                 position += n
                 if not planes:  # no weight kept
@@ -622,8 +625,8 @@ def decode_task(coded: CodedFile, theta0: Mapping[str, torch.Tensor], task: str,
                 workers: int | None = None) -> dict[str, torch.Tensor]:
     """theta_0 + scale * (m_t * tau_MTL) as a full state dict (keys theta_0 has and the file lacks come from theta_0).
 
-    Tensors are decoded by ``workers`` threads (default: the cores, at most 4); the decoders (zstd, the
-    kernels) release the interpreter's lock, and each thread holds one chunk's temporaries at a time."""
+    Tensors are decoded by ``workers`` threads (default: the cores, at most 4); zstd and the kernels release
+    the interpreter's lock (rANS decoding may not), and each thread holds one chunk's temporaries at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     t = coded.task_index(task)

@@ -37,6 +37,11 @@ def _build():
     nk.ties_block(taus, np.zeros(2, dtype=f32), 1, True, f32(1.0), np.empty(3, dtype=f32))
     nk.window_counts(taus, np.zeros(2, dtype=f32), np.ones(2, dtype=f32), np.zeros(2, dtype=np.int64),
                      np.zeros(2, dtype=np.int64), np.empty((2, 4), dtype=f32), np.zeros(2, dtype=np.int64))
+    plane, words, theta, out = np.ones(2, dtype=np.uint8), np.empty(2, dtype=np.uint32), np.zeros(2, dtype=f32), np.empty(2, dtype=f32)
+    nk.join_words(plane, plane, plane, plane, 0, 511, words, np.zeros(512, dtype=np.int64))
+    nk.apply_task_grouped(theta, theta.view(np.uint32), plane, words, words.view(f32), plane, np.zeros(512, dtype=np.int64),
+                          0, 511, np.uint8(0), out, out.view(np.uint32))
+    nk.apply_bit(theta, theta.view(np.uint32), plane, words.view(f32), np.uint8(0), out, out.view(np.uint32))
     return {"ties_block": nk.ties_block, "window_counts": nk.window_counts, "ungroup": nk.ungroup, "apply_bit": nk.apply_bit,
             "join_words": nk.join_words, "apply_task_grouped": nk.apply_task_grouped}
 
