@@ -525,3 +525,25 @@ def test_a_new_config_group_is_validated_from_its_registered_functions(monkeypat
                               ("+correction.images=8", "unknown config field correction.images for correction 'tact'")):
         with pytest.raises(ConfigError, match=message):
             schema.validate_config(_compose(["device=cpu", "correction.name=tact", override]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_anywhere_is_refused_before_writing(tmp_path, dtype, bad):
+    """save_state_dict(finite=True) finds one NaN or Inf wherever it lies (first, last, inside a long tensor,
+    a scalar), names its tensor and writes nothing; finite, empty and integer tensors pass."""
+    from tallmasks.checkpoints import save_state_dict
+
+    ok = {"empty": torch.zeros(0, dtype=dtype), "ints": torch.arange(5), "scalar": torch.tensor(1.5, dtype=dtype)}
+    save_state_dict({**ok, "w": torch.randn(70001).to(dtype)}, tmp_path / "fine.pt", finite=True)
+    for where in (0, 12345, 70000, None):
+        w = torch.randn(70001).to(dtype)
+        state = {**ok, "w": w}
+        if where is None:
+            state["scalar"] = torch.tensor(bad, dtype=dtype)
+        else:
+            w[where] = bad
+        out = tmp_path / f"bad_{where}.pt"
+        with pytest.raises(CheckpointError, match=f"tensor '{'scalar' if where is None else 'w'}' would hold NaN or Inf"):
+            save_state_dict(state, out, finite=True)
+        assert not out.exists()
