@@ -201,6 +201,21 @@ def window_counts(taus, lows, highs, below, at_most, kept, kept_counts):
 
 
 @njit
+def _context(word, lo, hi):
+    """Half-octave of a float32 |value| from its word (bits 22-30), clipped to [lo, hi]: the context of
+    ``tallmasks.coded.value_contexts``."""
+    return min(max(np.int64((word & np.uint32(0x7FFFFFFF)) >> np.uint32(22)), lo), hi)
+
+
+@njit
+def _select(bit, if_one, if_zero):
+    """``if_one`` where bit (0/1) is 1, else ``if_zero``, on uint32 words without a branch (a task's bits are
+    close to random, and a mispredicted branch per weight tripled the time of the passes below)."""
+    m = np.uint32(0) - np.uint32(bit)
+    return (if_one & m) | (if_zero & ~m)
+
+
+@njit
 def ungroup(contexts, grouped, starts, kept, out):
     """Patterns of a chunk from their context groups: out[i] = 0 where ``kept[i]`` is false, else the next
     symbol of the group of the next kept weight's context (groups laid one after the other in ``grouped``,
@@ -227,8 +242,7 @@ def apply_bit(theta, theta_words, patterns, kept_values, task, out, out_words):
     for i in range(patterns.size):
         p = patterns[i]
         out[i] = theta[i] + kept_values[min(k, last)]
-        m = np.uint32(0) - np.uint32((p >> task) & 1)
-        out_words[i] = (out_words[i] & m) | (theta_words[i] & ~m)
+        out_words[i] = _select((p >> task) & 1, out_words[i], theta_words[i])
         k += p != 0
 
 
@@ -239,8 +253,7 @@ def join_words(p0, p1, p2, p3, lo, hi, words, counts):
     for j in range(words.size):
         w = np.uint32(p0[j]) | (np.uint32(p1[j]) << np.uint32(8)) | (np.uint32(p2[j]) << np.uint32(16)) | (np.uint32(p3[j]) << np.uint32(24))
         words[j] = w
-        c = min(max(np.int64((w & np.uint32(0x7FFFFFFF)) >> np.uint32(22)), lo), hi)
-        counts[c] += 1
+        counts[_context(w, lo, hi)] += 1
 
 
 @njit
@@ -249,9 +262,9 @@ def apply_task_grouped(theta, theta_words, kept, words, values, grouped, starts,
     (float32) where the weight is kept (``kept``, 0/1) and bit ``task`` of its pattern (the next symbol of its
     context's group, ``ungroup``) is 1. Returns how many kept weights had an empty pattern (0 unless damaged).
 
-    Branch-free (a task's bits are close to random, and a mispredicted branch per weight tripled the time):
-    every weight reads a value and a pattern (indices clamped in bounds), stores theta + value, then blends
-    the stored word with theta's word under the bit; ``*_words`` are uint32 views of ``theta`` and ``out``."""
+    Branch-free (``_select``): every weight reads a value and a pattern (indices clamped in bounds), stores
+    theta + value, then keeps that word or theta's under the bit; ``*_words`` are uint32 views of ``theta``
+    and ``out``."""
     cursor = starts.copy()
     last, last_group = words.size - 1, grouped.size - 1
     k = 0
@@ -259,13 +272,13 @@ def apply_task_grouped(theta, theta_words, kept, words, values, grouped, starts,
     for i in range(theta.size):
         j = min(k, last)
         q = np.uint32(kept[i])
-        c = min(max(np.int64((words[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(22)), lo), hi)
+        c = _context(words[j], lo, hi)
         position = cursor[c]
         p = grouped[min(position, last_group)]
         cursor[c] = position + q
         empty += q & np.uint32(p == 0)
         out[i] = theta[i] + values[j]
-        m = np.uint32(0) - (np.uint32((p >> task) & 1) & q)  # shift in the pattern's own width (up to 64 tasks)
-        out_words[i] = (out_words[i] & m) | (theta_words[i] & ~m)
+        # the shift in the pattern's own width (up to 64 tasks), then to 0/1
+        out_words[i] = _select(np.uint32((p >> task) & 1) & q, out_words[i], theta_words[i])
         k += q
     return empty

@@ -401,13 +401,7 @@ class CodedTensor:
 
     def apply(self, theta0: torch.Tensor, task: int, scale: float = 1.0) -> torch.Tensor:
         """theta_0 where the task's bit is 0, (theta_0 + scale * tau) in float32 cast to theta_0's dtype where
-        it is 1; arithmetic on the task's weights only."""
-        if scale == 1.0:  # one fused pass where the kernels apply (float32 on the CPU): the same bits
-            from tallmasks import kernels
-
-            fused = kernels.apply_bit(theta0, self.patterns, self.kept_values, task)
-            if fused is not None:
-                return fused
+        it is 1; arithmetic on the task's weights only (``CodedFile.apply_task`` is the fused path)."""
         out = theta0.reshape(-1).clone()
         kept = np.flatnonzero(self.patterns)
         chosen = _bit(self.patterns[kept], task)
@@ -560,7 +554,7 @@ class CodedFile:
                     raise CheckpointError(f"{self.path}: damaged chunk of {key!r} (context range {lo}..{hi})")
                 words, counts = kernels.join_words(planes, lo, hi)
                 if not in_context:
-                    kernels.apply_bit_into(base, head, words.view(np.float32), task, into)
+                    kernels.apply_bit(base, head, words.view(np.float32), task, into)
                     continue
                 try:
                     grouped, starts = _decode_groups(spec, self._payload(spec), counts, self.pattern_dtype)
@@ -568,9 +562,9 @@ class CodedFile:
                     raise CheckpointError(f"{self.path}: chunk of {key!r}: {exc}") from None
                 if kernels.apply_task_grouped(base, head, words, grouped, starts, lo, hi, task, into):
                     raise CheckpointError(f"{self.path}: chunk of {key!r}: damaged context groups (a kept weight with an empty pattern)")
-        if position != source.size or sum(int(c["n"]) for c in entry["chunks"]) != source.size:
-            raise CheckpointError(f"{self.path}: {key!r} holds {sum(int(c['n']) for c in entry['chunks'])} weights, "
-                                  f"its shape {list(theta0.shape)} needs {source.size}")
+        held = sum(int(c["n"]) for c in entry["chunks"])
+        if position != source.size or held != source.size:
+            raise CheckpointError(f"{self.path}: {key!r} holds {held} weights, its shape {list(theta0.shape)} needs {source.size}")
         return out.reshape(theta0.shape)
 
     def tensors(self) -> Iterator[CodedTensor]:

@@ -112,21 +112,9 @@ def ungroup(contexts: np.ndarray, grouped: np.ndarray, starts: np.ndarray, kept:
     return out
 
 
-def apply_bit(theta: torch.Tensor, patterns: np.ndarray, kept_values: torch.Tensor, task: int) -> torch.Tensor | None:
-    """theta + (bit ``task`` of the patterns) * kept values, float32 on the CPU, in one pass; None where the
-    kernels do not apply (then ``CodedTensor.apply``'s torch code runs)."""
-    if not (usable(theta) and kept_values.dtype == torch.float32 and kept_values.device.type == "cpu"):
-        return None
-    flat = theta.reshape(-1).contiguous()
-    if not kept_values.numel():
-        return flat.clone().reshape(theta.shape)
-    out = torch.empty_like(flat)
-    apply_bit_into(flat.numpy(), patterns, kept_values.contiguous().numpy(), task, out.numpy())
-    return out.reshape(theta.shape)
-
-
-def apply_bit_into(theta: np.ndarray, patterns: np.ndarray, kept_values: np.ndarray, task: int, out: np.ndarray) -> None:
-    """``apply_bit`` on float32 arrays, written into ``out``; call only with the kernels and a kept value."""
+def apply_bit(theta: np.ndarray, patterns: np.ndarray, kept_values: np.ndarray, task: int, out: np.ndarray) -> None:
+    """out = theta + (bit ``task`` of the patterns) * kept values on float32 arrays, in one pass (``tallmasks.coded``,
+    patterns coded as one stream); call only with the kernels and at least one kept value."""
     kernels()["apply_bit"](theta, theta.view(np.uint32), patterns, kept_values, patterns.dtype.type(task), out, out.view(np.uint32))
 
 
