@@ -19,12 +19,16 @@ except ImportError:  # running from a clone without `pip install -e .`
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from tallmasks.precision import PRECISIONS
+    from tallmasks.core.precision import PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--finetuning-mode", choices=["none", "standard"], default="standard",
-                   help="none: the zero-shot model; standard: each dataset's fine-tuned model")
+    p.add_argument(
+        "--finetuning-mode",
+        choices=["none", "standard"],
+        default="standard",
+        help="none: the zero-shot model; standard: each dataset's fine-tuned model",
+    )
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all 20)")
     p.add_argument("--model-location", default="models/checkpoints")
     p.add_argument("--data-location", default="~/data")
@@ -38,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from tallmasks.errors import TallmasksError
+    from tallmasks.core.errors import TallmasksError
     from tallmasks.eval.single_task import evaluate_single_task
 
     args = parse_args(argv)
@@ -46,8 +50,17 @@ def main(argv=None) -> int:
     datasets = [n for part in args.datasets for n in part.split(",") if n] if args.datasets else None
     try:
         evaluate_single_task(
-            args.model, args.finetuning_mode, datasets, args.model_location, args.data_location, args.output_dir,
-            args.batch_size, args.device, args.precision, args.cache_dir, args.num_workers,
+            args.model,
+            args.finetuning_mode,
+            datasets,
+            args.model_location,
+            args.data_location,
+            args.output_dir,
+            args.batch_size,
+            args.device,
+            args.precision,
+            args.cache_dir,
+            args.num_workers,
         )
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)

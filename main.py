@@ -1,9 +1,9 @@
 """Merge fine-tuned checkpoints, choose the coefficient on validation, evaluate on test, record.
 
-    python main.py model=ViT-B-32 method=sum
-    python main.py model=ViT-B-32 method=tall_mask method.use_ties=true
-    torchrun --nproc_per_node=4 main.py model=ViT-L-14 method=ties
-    python main.py model=ViT-L-14 method=ties world_size=4       # the same, ranks spawned here
+python main.py model=ViT-B-32 method=sum
+python main.py model=ViT-B-32 method=tall_mask method.use_ties=true
+torchrun --nproc_per_node=4 main.py model=ViT-L-14 method=ties
+python main.py model=ViT-L-14 method=ties world_size=4       # the same, ranks spawned here
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="config", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from tallmasks.eval.runner import run_main
+    from tallmasks.experiments.runner import run_main
 
     code = run_main(cfg)
     if code:

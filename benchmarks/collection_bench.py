@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def _read_all(path: Path) -> float:
     """Seconds to load a checkpoint into memory (every tensor read, as a model's load_state_dict does)."""
-    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.io.checkpoints import load_state_dict
 
     start = time.perf_counter()
     state = load_state_dict(path)
@@ -56,10 +56,19 @@ def _same_bits(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
 
 
-def measure(label: str, pretrained: Path, finetuned: list[Path], names: list[str], workdir: Path,
-            masks_file: Path | None = None, lambdas=0.4, use_ties: bool = False, check_tasks: int | None = None) -> dict:
+def measure(
+    label: str,
+    pretrained: Path,
+    finetuned: list[Path],
+    names: list[str],
+    workdir: Path,
+    masks_file: Path | None = None,
+    lambdas=0.4,
+    use_ties: bool = False,
+    check_tasks: int | None = None,
+) -> dict:
     """Compress one collection both ways and return sizes, rates and timings."""
-    from tallmasks.compression import collection_report, compress, decompress
+    from tallmasks.storage.collection import collection_report, compress, decompress
 
     row: dict = {"collection": label, "tasks": len(names)}
     out = {}
@@ -67,8 +76,7 @@ def measure(label: str, pretrained: Path, finetuned: list[Path], names: list[str
         target = workdir / f"collection-{storage}"
         shutil.rmtree(target, ignore_errors=True)
         start = time.perf_counter()
-        compress(pretrained, finetuned, target, names=names, use_ties=use_ties, lambdas=lambdas, storage=storage,
-                 masks_file=masks_file)
+        compress(pretrained, finetuned, target, names=names, use_ties=use_ties, lambdas=lambdas, storage=storage, masks_file=masks_file)
         row[f"{storage}_compress_s"] = round(time.perf_counter() - start, 2)
         out[storage] = target
     packbits, coded = collection_report(out["packbits"]), collection_report(out["coded"])
@@ -81,22 +89,24 @@ def measure(label: str, pretrained: Path, finetuned: list[Path], names: list[str
     for storage in ("packbits", "coded"):
         timings[storage] = min(_timed(decompress, out[storage], names[0]) for _ in range(3))
     agreement = coded["agreement"]
-    row.update({
-        "num_params": coded["num_params"],
-        "catastrophic_share": agreement[0] / max(sum(agreement), 1),
-        "finetuned_bytes": sum(Path(p).stat().st_size for p in finetuned),
-        "paper_bytes": coded["paper_bytes"],
-        "packbits_bytes": packbits["total_bytes"],
-        "coded_bytes": coded["total_bytes"],
-        "ratio_to_paper": coded["total_bytes"] / coded["paper_bytes"],
-        "mask_bits_per_weight_per_task": coded["mask_bits_per_weight_per_task"],
-        "kept_share": coded["kept_weights"] / max(coded["num_params"], 1),
-        "identical_tasks_checked": len(tasks) if same else 0,
-        "read_checkpoint_s": round(read, 3),
-        "decompress_packbits_s": round(timings["packbits"], 3),
-        "decompress_coded_s": round(timings["coded"], 3),
-        "coded_vs_read": timings["coded"] / read,
-    })
+    row.update(
+        {
+            "num_params": coded["num_params"],
+            "catastrophic_share": agreement[0] / max(sum(agreement), 1),
+            "finetuned_bytes": sum(Path(p).stat().st_size for p in finetuned),
+            "paper_bytes": coded["paper_bytes"],
+            "packbits_bytes": packbits["total_bytes"],
+            "coded_bytes": coded["total_bytes"],
+            "ratio_to_paper": coded["total_bytes"] / coded["paper_bytes"],
+            "mask_bits_per_weight_per_task": coded["mask_bits_per_weight_per_task"],
+            "kept_share": coded["kept_weights"] / max(coded["num_params"], 1),
+            "identical_tasks_checked": len(tasks) if same else 0,
+            "read_checkpoint_s": round(read, 3),
+            "decompress_packbits_s": round(timings["packbits"], 3),
+            "decompress_coded_s": round(timings["coded"], 3),
+            "coded_vs_read": timings["coded"] / read,
+        }
+    )
     if not same:
         raise SystemExit(f"{label}: coded and packbits collections decompress differently")
     return row
@@ -129,14 +139,16 @@ def demo_collections(cache: Path) -> list[dict]:
         model = mask_file.parent.name
         location = newest / "checkpoints"
         masks = MaskSet.load(mask_file)
-        found.append({
-            "label": f"demo {model}, {len(masks)} tasks, {'TIES' if 'use_ties' in mask_file.name else 'TA'} masks",
-            "pretrained": zeroshot_path(location, model),
-            "finetuned": [finetuned_path(location, model, n) for n in masks.names],
-            "names": masks.names,
-            "masks_file": mask_file,
-            "use_ties": "use_ties" in mask_file.name,
-        })
+        found.append(
+            {
+                "label": f"demo {model}, {len(masks)} tasks, {'TIES' if 'use_ties' in mask_file.name else 'TA'} masks",
+                "pretrained": zeroshot_path(location, model),
+                "finetuned": [finetuned_path(location, model, n) for n in masks.names],
+                "names": masks.names,
+                "masks_file": mask_file,
+                "use_ties": "use_ties" in mask_file.name,
+            }
+        )
     return found
 
 
@@ -149,7 +161,7 @@ def synthesize_resampled(model: str, tasks: int, root: Path, source: dict, seed:
     import torch
     from merge_bench import write_theta0
 
-    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.io.checkpoints import load_state_dict
 
     theta_src = load_state_dict(source["pretrained"])
     fts_src = [load_state_dict(p) for p in source["finetuned"]]
@@ -184,15 +196,19 @@ def synthesize_resampled(model: str, tasks: int, root: Path, source: dict, seed:
 
 
 def _print(rows: list[dict]) -> None:
-    print("| collection | parameters | catastrophic | kept | masks, bits/weight/task | paper's scheme | packbits | coded | "
-          "coded / paper | read one checkpoint | decompress one task (packbits, coded) |")
+    print(
+        "| collection | parameters | catastrophic | kept | masks, bits/weight/task | paper's scheme | packbits | coded | "
+        "coded / paper | read one checkpoint | decompress one task (packbits, coded) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['collection']} | {r['num_params'] / 1e6:.1f}M | {100 * r['catastrophic_share']:.1f}% | "
-              f"{100 * r['kept_share']:.1f}% | {r['mask_bits_per_weight_per_task']:.3f} | {r['paper_bytes'] / 1e6:.1f} MB | "
-              f"{r['packbits_bytes'] / 1e6:.1f} MB | {r['coded_bytes'] / 1e6:.2f} MB | {r['ratio_to_paper']:.3f} | "
-              f"{r['read_checkpoint_s']:.2f} s | {r['decompress_packbits_s']:.2f} s, {r['decompress_coded_s']:.2f} s "
-              f"({r['coded_vs_read']:.1f}x reading) |")
+        print(
+            f"| {r['collection']} | {r['num_params'] / 1e6:.1f}M | {100 * r['catastrophic_share']:.1f}% | "
+            f"{100 * r['kept_share']:.1f}% | {r['mask_bits_per_weight_per_task']:.3f} | {r['paper_bytes'] / 1e6:.1f} MB | "
+            f"{r['packbits_bytes'] / 1e6:.1f} MB | {r['coded_bytes'] / 1e6:.2f} MB | {r['ratio_to_paper']:.3f} | "
+            f"{r['read_checkpoint_s']:.2f} s | {r['decompress_packbits_s']:.2f} s, {r['decompress_coded_s']:.2f} s "
+            f"({r['coded_vs_read']:.1f}x reading) |"
+        )
 
 
 def main() -> None:
@@ -212,8 +228,11 @@ def main() -> None:
     try:
         if args.demo:
             for c in demo_collections(Path(args.demo)):
-                rows.append(measure(c["label"], c["pretrained"], c["finetuned"], c["names"], workdir,
-                                    masks_file=c["masks_file"], use_ties=c["use_ties"]))
+                rows.append(
+                    measure(
+                        c["label"], c["pretrained"], c["finetuned"], c["names"], workdir, masks_file=c["masks_file"], use_ties=c["use_ties"]
+                    )
+                )
                 _print(rows[-1:])
         for kind, model in (("synthetic", args.synthetic), ("resampled", args.resampled)):
             if not model:

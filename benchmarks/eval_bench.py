@@ -96,8 +96,9 @@ def bench_model(name: str, args, device: torch.device) -> dict:
 
     # (a) paper-style: decode + PIL preprocessing in workers on every pass, fp32
     paper_ds = SyntheticJpegs(n, args.width, args.height, num_classes=args.num_classes, transform=encoder.val_preprocess)
-    loader = DataLoader(paper_ds, batch_size=bs, num_workers=args.workers, shuffle=False, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+    loader = DataLoader(
+        paper_ds, batch_size=bs, num_workers=args.workers, shuffle=False, pin_memory=device.type == "cuda", persistent_workers=False
+    )
     correct = 0
     with torch.no_grad(), precision_context("fp32", device):
         sync(device)
@@ -112,8 +113,9 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw = SyntheticJpegs(n, args.width, args.height, num_classes=args.num_classes)
         start = time.perf_counter()
-        data = load_or_build_split(lambda: raw, "Synthetic", "test", tmp, encoder.image_size, encoder.val_preprocess,
-                                   num_workers=args.workers)
+        data = load_or_build_split(
+            lambda: raw, "Synthetic", "test", tmp, encoder.image_size, encoder.val_preprocess, num_workers=args.workers
+        )
         out["cache_build_s"] = time.perf_counter() - start
         data = SplitData(data.images.clone(), data.labels.clone())  # detach from the temporary folder
     resident = data.to(device) if (device.type == "cuda" and not args.stream) else data
@@ -175,7 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.precision is None:
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     rows = []

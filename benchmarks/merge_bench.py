@@ -45,8 +45,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-ALL_JOBS = ["sum", "ties", "tall_mask", "consensus", "mag_masking", "compress", "lines", "tsv", "iso_c", "iso_cts", "emr", "dare",
-            "magmax", "breadcrumbs", "model_stock", "pcb", "cart", "wudi"]
+ALL_JOBS = [
+    "sum",
+    "ties",
+    "tall_mask",
+    "consensus",
+    "mag_masking",
+    "compress",
+    "lines",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "emr",
+    "dare",
+    "magmax",
+    "breadcrumbs",
+    "model_stock",
+    "pcb",
+    "cart",
+    "wudi",
+]
 #: float32 copies of the (tasks x parameters) matrix a naive job holds at its peak, beyond the default 2T + 3
 #: (ties and lines: whole checkpoints, stacked fine-tuned weights, task vectors, magnitudes, trimmed and
 #: selected matrices; pcb: its scores on top; both were killed at 24 GB with ViT-B-32 x 8)
@@ -180,7 +198,6 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str, params: dict | None
         sign = torch.sign(taus.sum(0))
         unified = sign * (taus.abs() * (taus * sign > 0)).max(dim=0).values
         masks = taus * unified > 0
-        scales = taus.abs().sum(1) / (unified.abs() * masks).sum(1)
     elif job == "dare":
         generator = torch.Generator().manual_seed(0)
         merged = (taus * (torch.rand(taus.shape, generator=generator) >= 0.9).to(device) / 0.1).sum(0)
@@ -195,7 +212,9 @@ def _naive(job: str, pt: Path, fts: list[Path], device: str, params: dict | None
             if job == "tsv":
                 rank, kept = min(stack[0].shape), int(min(stack[0].shape) / len(stack))
                 parts = [svd(m) for m in stack]
-                u = torch.cat([p[0][:, :kept] for p in parts] + [torch.zeros(stack[0].shape[0], rank - kept * len(stack), device=device)], 1)
+                u = torch.cat(
+                    [p[0][:, :kept] for p in parts] + [torch.zeros(stack[0].shape[0], rank - kept * len(stack), device=device)], 1
+                )
                 v = torch.cat([p[2][:kept] for p in parts] + [torch.zeros(rank - kept * len(stack), stack[0].shape[1], device=device)], 0)
                 svd(u), svd(v)
             else:
@@ -217,7 +236,6 @@ def _naive_magmax(taus, per_key, shapes):
 
 
 def _naive_breadcrumbs(taus, per_key, shapes, beta=0.85, gamma=0.993):
-    import torch
 
     def crumbs(key, rows):
         n = rows.shape[1]
@@ -238,8 +256,11 @@ def _naive_model_stock(taus, per_key, shapes):
     def stock(key, rows):
         count = rows.shape[0]
         gram = rows.double() @ rows.double().T
-        angles = [math.acos(max(-1.0, min(1.0, float(gram[i, j]) / (math.sqrt(float(gram[i, i] * gram[j, j])) + 1e-8))))
-                  for i in range(count) for j in range(i + 1, count)]
+        angles = [
+            math.acos(max(-1.0, min(1.0, float(gram[i, j]) / (math.sqrt(float(gram[i, i] * gram[j, j])) + 1e-8))))
+            for i in range(count)
+            for j in range(i + 1, count)
+        ]
         cos = math.cos(sum(angles) / len(angles))
         return rows.mean(0) * (count * cos / ((count - 1) * cos + 1 + 1e-8))
 
@@ -304,17 +325,23 @@ def _naive_wudi(taus, per_key, shapes, iterations=300, lr=1e-5):
     return per_key(wudi)
 
 
-NAIVE_PLAIN = {"magmax": _naive_magmax, "breadcrumbs": _naive_breadcrumbs, "model_stock": _naive_model_stock,
-               "pcb": _naive_pcb, "cart": _naive_cart, "wudi": _naive_wudi}
+NAIVE_PLAIN = {
+    "magmax": _naive_magmax,
+    "breadcrumbs": _naive_breadcrumbs,
+    "model_stock": _naive_model_stock,
+    "pcb": _naive_pcb,
+    "cart": _naive_cart,
+    "wudi": _naive_wudi,
+}
 
 
 def _ours(job: str, pt: Path, fts: list[Path], device: str, out: Path, params: dict | None = None) -> None:
-    from tallmasks.compression import compress
+    from tallmasks.algebra.task_vectors import CheckpointSet
+    from tallmasks.io.checkpoints import save_state_dict
     from tallmasks.masks import magnitude_masks, tall_masks
     from tallmasks.merging import merge
-    from tallmasks.checkpoints import save_state_dict
-    from tallmasks.merging.emr import emr_masks
-    from tallmasks.task_vectors import CheckpointSet
+    from tallmasks.merging.methods.emr import emr_masks
+    from tallmasks.storage.collection import compress
 
     if job == "compress":
         compress(pt, fts, out / "collection", device=device)
@@ -386,7 +413,9 @@ def child(args) -> None:
     if args.impl == "startup":  # what an "ours" child imports before it starts work
         import torch  # noqa: F401
 
-        import tallmasks.compression, tallmasks.merging  # noqa: E401, F401
+        import tallmasks.merging
+        import tallmasks.storage.collection  # noqa: E401, F401
+
         print(json.dumps({"seconds": 0.0}))
         return
     if args.impl == "read":
@@ -457,11 +486,21 @@ def measure(cmd: list[str], timeout: float) -> dict:
     stop.set()
     thread.join()
     if proc.returncode != 0:
-        status = "killed (out of memory?)" if proc.returncode < 0 else f"failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+        status = (
+            "killed (out of memory?)"
+            if proc.returncode < 0
+            else f"failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+        )
         return {"status": status, "peak_gb": peak / 1e6, "wall": wall}
     result = json.loads(out.strip().splitlines()[-1])
-    return {"status": "ok", "seconds": result["seconds"], "wall": wall, "cpu": _children_cpu() - cpu,
-            "peak_gb": peak / 1e6, **({"bytes": result["bytes"]} if "bytes" in result else {})}
+    return {
+        "status": "ok",
+        "seconds": result["seconds"],
+        "wall": wall,
+        "cpu": _children_cpu() - cpu,
+        "peak_gb": peak / 1e6,
+        **({"bytes": result["bytes"]} if "bytes" in result else {}),
+    }
 
 
 def measure_floor(base_cmd: list[str], timeout: float) -> dict:
@@ -470,8 +509,13 @@ def measure_floor(base_cmd: list[str], timeout: float) -> dict:
     read = measure(base_cmd + ["--impl", "read"], timeout)
     if startup["status"] != "ok" or read["status"] != "ok":
         return {"status": f"floor {startup['status']} / {read['status']}"}
-    return {"status": "ok", "startup": startup["wall"], "read": read["seconds"], "gb": read["bytes"] / 1e9,
-            "wall": startup["wall"] + read["seconds"]}
+    return {
+        "status": "ok",
+        "startup": startup["wall"],
+        "read": read["seconds"],
+        "gb": read["bytes"] / 1e9,
+        "wall": startup["wall"] + read["seconds"],
+    }
 
 
 def main() -> None:
@@ -510,9 +554,11 @@ def main() -> None:
     folder = f"{args.model}-{args.tasks}" + (f"-largest{args.largest}" if args.largest else "")
     pt, fts = synthesize(args.model, args.tasks, workdir / folder, largest=args.largest)
     n_params = sum(v.numel() for k, v in torch.load(pt, mmap=True, weights_only=True).items() if v.dtype.is_floating_point)
-    print(f"{args.model}, {args.tasks} tasks, {n_params / 1e6:.1f}M parameters per checkpoint, device {device}, "
-          f"{torch.get_num_threads()} threads (checkpoints ready in {time.perf_counter() - t0:.0f} s; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(
+        f"{args.model}, {args.tasks} tasks, {n_params / 1e6:.1f}M parameters per checkpoint, device {device}, "
+        f"{torch.get_num_threads()} threads (checkpoints ready in {time.perf_counter() - t0:.0f} s; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
     naive_estimate_gb = 4 * n_params * (2 * args.tasks + 3) / 1e9
     out_dir = workdir / "out"
     out_dir.mkdir(exist_ok=True)
@@ -520,8 +566,21 @@ def main() -> None:
     rows = []
     for round_ in range(args.repeat):
         for job in args.methods:
-            args_tail = ["--child", "--job", job, "--device", device, "--wudi-iterations", str(args.wudi_iterations),
-                         "--pretrained", str(pt), "--finetuned", *map(str, fts), "--out", str(out_dir)]
+            args_tail = [
+                "--child",
+                "--job",
+                job,
+                "--device",
+                device,
+                "--wudi-iterations",
+                str(args.wudi_iterations),
+                "--pretrained",
+                str(pt),
+                "--finetuned",
+                *map(str, fts),
+                "--out",
+                str(out_dir),
+            ]
             base_cmd = [sys.executable, __file__, *args_tail]
             row = {"job": job, "round": round_, "floor": measure_floor(base_cmd, args.timeout)}
             row["ours"] = measure(base_cmd + ["--impl", "ours"], args.timeout)
@@ -542,10 +601,19 @@ def main() -> None:
         for line in summary:
             print(line["text"], flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "tasks": args.tasks, "device": device,
-                                                "params": n_params, "rows": rows,
-                                                "medians": [{k: v for k, v in line.items() if k != "text"} for line in summary]},
-                                               indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "tasks": args.tasks,
+                    "device": device,
+                    "params": n_params,
+                    "rows": rows,
+                    "medians": [{k: v for k, v in line.items() if k != "text"} for line in summary],
+                },
+                indent=1,
+            )
+        )
 
 
 def _median(values: list[float]) -> float | None:
@@ -571,10 +639,13 @@ def _summary(rows: list[dict], jobs: list[str]) -> list[dict]:
         if line["wall"] is None:
             line["text"] = f"{job:<12} no successful round"
         else:
-            line["text"] = (f"{job:<12} {line['wall']:6.1f} s wall (cpu {line['cpu']:.1f} s), {line['x_floor']:.2f}x the floor "
-                            f"of {line['floor']:.1f} s" + (f", {line['x_sum']:.2f}x sum" if line["x_sum"] is not None else "")
-                            + (f", FusionBench {line['fusionbench']:.1f} s" if line["fusionbench"] is not None else "")
-                            + f", peak RssAnon {line['peak_gb']:.2f} GB")
+            line["text"] = (
+                f"{job:<12} {line['wall']:6.1f} s wall (cpu {line['cpu']:.1f} s), {line['x_floor']:.2f}x the floor "
+                f"of {line['floor']:.1f} s"
+                + (f", {line['x_sum']:.2f}x sum" if line["x_sum"] is not None else "")
+                + (f", FusionBench {line['fusionbench']:.1f} s" if line["fusionbench"] is not None else "")
+                + f", peak RssAnon {line['peak_gb']:.2f} GB"
+            )
         lines.append(line)
     return lines
 
@@ -583,7 +654,9 @@ def _format_row(row: dict) -> str:
     ours, floor = row["ours"], row["floor"]
     text = f"{row['job']:<12} ours: "
     if ours["status"] == "ok":
-        text += f"{ours['wall']:6.1f} s wall (work {ours['seconds']:.1f} s, cpu {ours['cpu']:.1f} s), peak RssAnon {ours['peak_gb']:5.2f} GB"
+        text += (
+            f"{ours['wall']:6.1f} s wall (work {ours['seconds']:.1f} s, cpu {ours['cpu']:.1f} s), peak RssAnon {ours['peak_gb']:5.2f} GB"
+        )
         if floor["status"] == "ok":
             text += f", {ours['wall'] / floor['wall']:.2f}x the floor"
     else:

@@ -106,22 +106,27 @@ def main(argv=None) -> int:
     expert, merged, model = tower(1), tower(2), tower(0)
     size = model.image_size[0] if isinstance(model.image_size, (tuple, list)) else model.image_size
     images = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
-    report = Report(args.out, model=args.model, images=args.images, batch_size=args.batch_size, device=str(device),
-                    threads=torch.get_num_threads())
+    report = Report(
+        args.out, model=args.model, images=args.images, batch_size=args.batch_size, device=str(device), threads=torch.get_num_threads()
+    )
 
     corrector = Corrector(model)
     report["sites"] = len(corrector.sites)
     load_weights(model, expert.state_dict())
-    target, report["expert_statistics_s"] = timed(lambda: corrector.statistics(images, batch_size=args.batch_size), device,
-                                                "expert statistics")
+    target, report["expert_statistics_s"] = timed(
+        lambda: corrector.statistics(images, batch_size=args.batch_size), device, "expert statistics"
+    )
     load_weights(model, merged.state_dict())
-    ours, report["calibrate_ours_s"] = timed(lambda: corrector.calibrate("t", images, target, args.batch_size), device,
-                                                "calibration, ours")
+    ours, report["calibrate_ours_s"] = timed(lambda: corrector.calibrate("t", images, target, args.batch_size), device, "calibration, ours")
 
     with torch.no_grad():
-        _, plain = timed(lambda: [model(images[i : i + args.batch_size].to(device)) for i in range(0, len(images), args.batch_size)], device)
+        _, plain = timed(
+            lambda: [model(images[i : i + args.batch_size].to(device)) for i in range(0, len(images), args.batch_size)], device
+        )
         with corrector.use("t"):
-            _, hooked = timed(lambda: [model(images[i : i + args.batch_size].to(device)) for i in range(0, len(images), args.batch_size)], device)
+            _, hooked = timed(
+                lambda: [model(images[i : i + args.batch_size].to(device)) for i in range(0, len(images), args.batch_size)], device
+            )
     corrector.remove()
     with torch.no_grad():
         _, bare = timed(lambda: [model(images[i : i + args.batch_size].to(device)) for i in range(0, len(images), args.batch_size)], device)
@@ -132,13 +137,15 @@ def main(argv=None) -> int:
         for name, chain in (("truncated", []), ("naive", [])):
             baseline = Corrector(model, chain=chain)
             if name == "truncated":
-                results[name], report[f"calibrate_{name}_s"] = timed(lambda b=baseline: b.calibrate("t", images, target, args.batch_size), device,
-                                                                           "calibration, truncated")
+                results[name], report[f"calibrate_{name}_s"] = timed(
+                    lambda b=baseline: b.calibrate("t", images, target, args.batch_size), device, "calibration, truncated"
+                )
             else:
                 with contextlib.suppress(KeyError):
                     baseline._plan(images[: args.batch_size].to(device))  # forward order of the sites
                 results[name], report[f"calibrate_{name}_s"] = timed(
-                    lambda b=baseline: naive_calibrate(b, "t", images, target, args.batch_size), device, "calibration, naive")
+                    lambda b=baseline: naive_calibrate(b, "t", images, target, args.batch_size), device, "calibration, naive"
+                )
             baseline.remove()
             worst = max(float((results[name][s][0] - ours[s][0]).abs().max()) for s in ours)
             report[f"max_scale_difference_{name}"] = worst

@@ -21,7 +21,7 @@ def main() -> None:
     import torch
     import zstandard
 
-    from tallmasks.coded import CodedFile
+    from tallmasks.storage.coded import CodedFile
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("collection", help="a `tallmasks compress --storage coded` folder, or its coded.safetensors")

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from tallmasks.checkpoints import atomic_path, convert_checkpoint, load_state_dict, save_state_dict
-from tallmasks.errors import CheckpointError
+from tallmasks.core.errors import CheckpointError
+from tallmasks.io.checkpoints import atomic_path, convert_checkpoint, load_state_dict, save_state_dict
 
 
 class Payload:

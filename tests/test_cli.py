@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, subprocess_env
-from tallmasks.checkpoints import load_state_dict
-from tallmasks.compression import collection_report, compress, decompress
+
+from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
+from tallmasks.io.checkpoints import load_state_dict
 from tallmasks.masks import MaskSet, tall_masks
 from tallmasks.merging import merge
-from tallmasks.task_vectors import CheckpointSet, apply_vector
+from tallmasks.storage.collection import collection_report, compress, decompress
 
 
 def test_merge_writes_vector_or_model(tmp_path, tiny_checkpoints):
@@ -41,8 +41,24 @@ def test_merge_writes_vector_or_model(tmp_path, tiny_checkpoints):
 def test_merge_consensus_uses_tall_masks(tmp_path, tiny_checkpoints):
     pt, fts, _ = tiny_checkpoints
     out = tmp_path / "cons.safetensors"
-    res = run_cli("-q", "merge", "--method", "consensus", "--pretrained", pt, "--finetuned", *fts,
-                  "--prun-thre-k", "2", "--tall-mask-lambda", "0.3", "0.4", "0.5", "--out", out)
+    res = run_cli(
+        "-q",
+        "merge",
+        "--method",
+        "consensus",
+        "--pretrained",
+        pt,
+        "--finetuned",
+        *fts,
+        "--prun-thre-k",
+        "2",
+        "--tall-mask-lambda",
+        "0.3",
+        "0.4",
+        "0.5",
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr
     cs = CheckpointSet(pt, fts)
     masks = tall_masks(cs, merge(cs, "sum"), [0.3, 0.4, 0.5])
@@ -51,8 +67,10 @@ def test_merge_consensus_uses_tall_masks(tmp_path, tiny_checkpoints):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("storage, files", [("packbits", ["masks.safetensors", "merged.safetensors", "meta.json"]),
-                                           ("coded", ["coded.safetensors", "meta.json"])])
+@pytest.mark.parametrize(
+    "storage, files",
+    [("packbits", ["masks.safetensors", "merged.safetensors", "meta.json"]), ("coded", ["coded.safetensors", "meta.json"])],
+)
 def test_compress_decompress_inspect(tmp_path, tiny_checkpoints, storage, files):
     pt, fts, _ = tiny_checkpoints
     out = tmp_path / "collection"
@@ -138,7 +156,10 @@ def test_convert(tmp_path, tiny_checkpoints):
         (["merge", "--method", "sum", "--pretrained", "{pt}", "--finetuned", "{missing}", "--out", "{out}"], "no such checkpoint file"),
         (["merge", "--method", "ties", "--k", "0", "--pretrained", "{pt}", "--finetuned", "{ft}", "--out", "{out}"], "k must be"),
         (["merge", "--method", "ties", "--k", "150", "--pretrained", "{pt}", "--finetuned", "{ft}", "--out", "{out}"], "k must be"),
-        (["merge", "--method", "consensus", "--tall-mask-lambda", "-1", "--pretrained", "{pt}", "--finetuned", "{ft}", "--out", "{out}"], "tall_mask_lambda"),
+        (
+            ["merge", "--method", "consensus", "--tall-mask-lambda", "-1", "--pretrained", "{pt}", "--finetuned", "{ft}", "--out", "{out}"],
+            "tall_mask_lambda",
+        ),
         (["merge", "--method", "sum", "--pretrained", "{pt}", "--finetuned", "{nan}", "--out", "{out}"], "contains NaN or Inf"),
         (["merge", "--method", "sum", "--pretrained", "{pt}", "--finetuned", "{shape}", "--out", "{out}"], "shape mismatch"),
         (["merge", "--method", "sum", "--pretrained", "{pt}", "--finetuned", "{extra}", "--out", "{out}"], "unexpected key"),
@@ -163,8 +184,17 @@ def test_bad_input_one_line_error_no_output(tmp_path, tiny_checkpoints, args, me
 
     torch.save(dict(base, evil=Evil()), tmp_path / "evil.pt")
     out = tmp_path / "out.safetensors"
-    fill = dict(pt=pt, ft=fts[0], missing=tmp_path / "nope.pt", out=out, nan=tmp_path / "nan.pt",
-                shape=tmp_path / "shape.pt", extra=tmp_path / "extra.pt", evil=tmp_path / "evil.pt", tmp=tmp_path)
+    fill = dict(
+        pt=pt,
+        ft=fts[0],
+        missing=tmp_path / "nope.pt",
+        out=out,
+        nan=tmp_path / "nan.pt",
+        shape=tmp_path / "shape.pt",
+        extra=tmp_path / "extra.pt",
+        evil=tmp_path / "evil.pt",
+        tmp=tmp_path,
+    )
     res = run_cli(*[a.format(**fill) for a in args])
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]

@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
-from tallmasks import coded
-from tallmasks.checkpoints import load_state_dict
-from tallmasks.coded import CodedFile, decode_stream, decode_task, encode_stream, tensor_patterns, write_coded
-from tallmasks.compression import collection_masks, collection_report, compress, decompress
-from tallmasks.errors import CheckpointError
+
+from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
+from tallmasks.core.errors import CheckpointError
+from tallmasks.io.checkpoints import load_state_dict
 from tallmasks.masks import Layout, MaskSet, tall_masks
 from tallmasks.merging import merge
-from tallmasks.task_vectors import CheckpointSet, apply_vector
+from tallmasks.storage import coded
+from tallmasks.storage.coded import CodedFile, decode_stream, decode_task, encode_stream, tensor_patterns, write_coded
+from tallmasks.storage.collection import collection_masks, collection_report, compress, decompress
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ def test_decode_task_equals_the_formula_bit_for_bit(tmp_path, tiny_checkpoints):
 def test_context_groups_and_task_weights_with_and_without_the_fused_kernels(tmp_path, monkeypatch, fused):
     """Ungrouping the context groups and adding a task's kept values: the kernels' single passes and the
     numpy/torch code give the formula's bits, special values included."""
-    from tallmasks import kernels
+    from tallmasks.algebra import kernels
 
     monkeypatch.setattr(kernels, "ENABLED", fused)
     masks, vector = _magnitude_masks(6, 30000, seed=4)
@@ -203,7 +203,7 @@ def test_context_groups_and_task_weights_with_and_without_the_fused_kernels(tmp_
 def test_one_task_in_fused_passes_is_the_formula_over_chunks_and_threads(tmp_path, monkeypatch, num_tasks):
     """``apply_task`` (join the value planes, ungroup and add in one pass, never forming every pattern) over
     chunks coded in context and one coded as a single stream, one and two threads: the formula's bits."""
-    from tallmasks import kernels
+    from tallmasks.algebra import kernels
 
     if kernels.kernels() is None:
         pytest.skip("numba kernels unavailable")
@@ -295,7 +295,7 @@ def test_a_damaged_payload_is_one_line(tmp_path):
 def test_model_layout_finds_main_py_masks_of_a_custom_task_list(tmp_path, tiny_checkpoints):
     """--model with --names other than the paper's first N reads the masks main.py saved for that list
     (their name carries the list's tag), not a missing untagged file."""
-    from tallmasks.eval.runner import datasets_tag, tall_mask_path
+    from tallmasks.experiments.runner import datasets_tag, tall_mask_path
 
     pt, fts, _ = tiny_checkpoints
     names = ["MNIST", "Cars", "DTD"]

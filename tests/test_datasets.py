@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import tallmasks.datasets as ds
+from tallmasks.core.errors import ConfigError, DatasetMissingError, TallmasksError
 from tallmasks.datasets import classnames as cn
 from tallmasks.datasets import preparation, registry
-from tallmasks.errors import ConfigError, DatasetMissingError, TallmasksError
 
 EXPECTED_CLASSES = {
     "Cars": 196,
@@ -78,9 +78,7 @@ def test_spec_details_follow_the_paper() -> None:
     assert ds.get_spec("SUN397").classnames[8] == "apartment building outdoor"
     assert ds.get_spec("RESISC45").classnames[2] == "baseball diamond"
     assert ds.get_spec("Food101").classnames[0] == "apple_pie"
-    assert ds.get_spec("FER2013").templates[0](ds.get_spec("FER2013").classnames[3]) == (
-        "a photo of a ['happy', 'smiling'] looking face."
-    )
+    assert ds.get_spec("FER2013").templates[0](ds.get_spec("FER2013").classnames[3]) == ("a photo of a ['happy', 'smiling'] looking face.")
     assert ds.get_spec("GTSRB").templates[0]("stop") == 'a zoomed in photo of a "stop" traffic sign.'
     assert len(ds.get_spec("CIFAR10").templates) == 18
     assert len(ds.get_spec("RESISC45").templates) == 18
@@ -147,9 +145,7 @@ def test_val_split_sizes_disjoint_deterministic(n: int, v: int) -> None:
     assert sorted(train + val) == list(range(n))
     assert ds.val_split_indices(n) == (train, val)
     # identical to random_split applied to a dataset of that length
-    reference = torch.utils.data.random_split(
-        list(range(n)), [n - v, v], generator=torch.Generator().manual_seed(0)
-    )
+    reference = torch.utils.data.random_split(list(range(n)), [n - v, v], generator=torch.Generator().manual_seed(0))
     assert [list(r.indices) for r in reference] == [train, val]
 
 
@@ -163,9 +159,7 @@ def test_val_split_too_small() -> None:
 
 @pytest.mark.parametrize("name", list(EXPECTED_CLASSES))
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_missing_dataset_error_names_dataset_and_path(
-    name: str, split: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_dataset_error_names_dataset_and_path(name: str, split: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # no Hugging Face hub access for FER2013
     with pytest.raises(DatasetMissingError) as info:
         ds.load_split(name, split, tmp_path)

@@ -11,9 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tallmasks.datasets import DEMO_DATASETS, get_spec, load_split
-from tallmasks.datasets import scenes
-
+from tallmasks.datasets import DEMO_DATASETS, get_spec, load_split, scenes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,7 +72,7 @@ def test_scenes_are_deterministic_and_tasks_differ_in_inputs():
 
 
 def test_foundation_fingerprint_follows_the_rendered_scenes(monkeypatch):
-    from tallmasks.demo import PretrainSettings
+    from tallmasks.demo.local import PretrainSettings
 
     before = PretrainSettings().fingerprint()
     assert PretrainSettings().fingerprint() == before
@@ -134,7 +132,7 @@ def test_shipped_vocabulary_is_learned_from_the_demo_corpus():
 
 
 def test_pretraining_reduces_the_contrastive_loss():
-    from tallmasks.demo import PretrainingData, contrastive_loss, pretrain
+    from tallmasks.demo.local import PretrainingData, contrastive_loss, pretrain
     from tallmasks.models import DEMO_MODEL, create_clip, get_tokenizer
 
     torch.manual_seed(0)
@@ -156,17 +154,17 @@ def test_pretraining_reduces_the_contrastive_loss():
 
 def _runner_available() -> bool:
     try:
-        return importlib.util.find_spec("tallmasks.eval.runner") is not None
+        return importlib.util.find_spec("tallmasks.experiments.runner") is not None
     except ModuleNotFoundError:
         return False
 
 
-needs_runner = pytest.mark.skipif(not _runner_available(), reason="tallmasks.eval.runner (run_experiment) is not available")
+needs_runner = pytest.mark.skipif(not _runner_available(), reason="tallmasks.experiments.runner (run_experiment) is not available")
 
 
 @needs_runner
 def test_quick_demo_writes_a_complete_summary(tmp_path):
-    from tallmasks.demo import SUMMARY_METHODS, DemoConfig, run_demo
+    from tallmasks.demo.local import SUMMARY_METHODS, DemoConfig, run_demo
 
     cfg = DemoConfig.quick(num_tasks=2, cache_dir=tmp_path / "cache", output_dir=tmp_path / "out")
     summary = run_demo(cfg)
@@ -185,8 +183,8 @@ def test_quick_demo_writes_a_complete_summary(tmp_path):
 
 @needs_runner
 def test_experts_are_cached_and_reused_across_task_counts(tmp_path, monkeypatch):
-    import tallmasks.finetuning as finetuning
-    from tallmasks.demo import DemoConfig, experts_location, pretrain_foundation, run_demo
+    import tallmasks.experiments.finetuning as finetuning
+    from tallmasks.demo.local import DemoConfig, experts_location, pretrain_foundation, run_demo
     from tallmasks.models import DEMO_MODEL, finetuned_path
 
     trained: list[str] = []
@@ -210,8 +208,8 @@ def test_experts_are_cached_and_reused_across_task_counts(tmp_path, monkeypatch)
 
 
 def test_experts_fine_tuned_in_worker_processes_equal_those_fine_tuned_in_turn(tmp_path):
-    from tallmasks.checkpoints import load_state_dict
-    from tallmasks.demo import DemoConfig, finetune_experts, pretrain_foundation
+    from tallmasks.demo.local import DemoConfig, finetune_experts, pretrain_foundation
+    from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.models import DEMO_MODEL, finetuned_path
 
     cfg = DemoConfig.quick()
@@ -232,15 +230,15 @@ def test_a_worker_process_that_dies_is_one_clear_error():
 
     from tqdm import tqdm
 
-    from tallmasks.demo import _in_processes
-    from tallmasks.errors import TallmasksError
+    from tallmasks.core.errors import TallmasksError
+    from tallmasks.demo.local import _in_processes
 
     with pytest.raises(TallmasksError, match="worker process for Shapes died.*workers=1"):
         _in_processes(os._exit, [(3,)], ["Shapes"], 2, tqdm(disable=True))
 
 
 def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
-    from tallmasks.demo import DemoConfig, main, parse_args
+    from tallmasks.demo.local import DemoConfig, main, parse_args
 
     configs = parse_args(["--num-tasks", "14", "--seed", "0", "2", "--methods", "sum", "finetuned"])
     assert [c.pretrain.seed for c in configs] == [0, 2] and configs[0].methods == ["sum", "finetuned"]

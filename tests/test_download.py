@@ -5,14 +5,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, subprocess_env
 
-from tallmasks.download import (
+from tallmasks.core.errors import ConfigError
+from tallmasks.experiments.download import (
     GDRIVE_FOLDERS,
     expected_files,
     explain_network_error,
@@ -24,11 +25,8 @@ from tallmasks.download import (
     report_error,
     verify,
 )
-from tallmasks.errors import ConfigError
 from tallmasks.models import ClassificationHead
 from tallmasks.models import paths as tallmasks_paths
-
-from conftest import REPO, subprocess_env
 
 FAKE_LISTING = [
     ".gitattributes",
@@ -190,7 +188,10 @@ def _cli(*args):
     env["HF_HUB_OFFLINE"] = "1"  # the hub client then fails at once, without any network access
     return subprocess.run(
         [sys.executable, str(REPO / "download_checkpoints.py"), *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tallmasks.errors import TallmasksError
+from tallmasks.core.errors import TallmasksError
 from tallmasks.eval.cache import SplitData, load_or_build_split
 from tallmasks.eval.distributed import DistInfo
 from tallmasks.eval.evaluator import Evaluator
@@ -19,14 +19,17 @@ from tallmasks.eval.results import Journal, atomic_write_json, read_json
 from tallmasks.eval.selection import average_normalized, finetuned_accuracies, normalized_accuracy, select_alpha, select_lambdas
 from tallmasks.eval.single_task import merge_accuracies
 
-
 # ---------------------------------------------------------------------------------------------
 # selection and normalized accuracy
 
 
 def test_select_alpha_takes_best_and_first_on_ties():
-    val = {0.1: {"avg_normalized_top1": 0.5}, 0.2: {"avg_normalized_top1": 0.7},
-           0.3: {"avg_normalized_top1": 0.7}, 0.4: {"avg_normalized_top1": 0.6}}
+    val = {
+        0.1: {"avg_normalized_top1": 0.5},
+        0.2: {"avg_normalized_top1": 0.7},
+        0.3: {"avg_normalized_top1": 0.7},
+        0.4: {"avg_normalized_top1": 0.6},
+    }
     assert select_alpha(val) == 0.2
     assert select_alpha({0.5: {"avg_normalized_top1": 0.1}}) == 0.5
     with pytest.raises(ValueError):
@@ -124,8 +127,14 @@ class CountingImages(torch.utils.data.Dataset):
 def _val_preprocess(size: int):
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize((0.48, 0.45, 0.40), (0.27, 0.26, 0.28))])
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize((0.48, 0.45, 0.40), (0.27, 0.26, 0.28)),
+        ]
+    )
 
 
 def test_cache_built_once_and_matches_val_preprocess(tmp_path, monkeypatch):
@@ -196,7 +205,7 @@ def _toy_setup(dist: DistInfo | None = None, batch_size: int = 8) -> Evaluator:
 
 
 def test_set_weights_in_place_matches_apply_vector():
-    from tallmasks.task_vectors import apply_vector
+    from tallmasks.algebra.task_vectors import apply_vector
 
     ev = _toy_setup()
     params_before = {k: v.data_ptr() for k, v in ev.encoder.state_dict().items()}
@@ -260,10 +269,10 @@ def test_batches_are_strided_over_ranks():
 
 
 def test_mask_path_is_shared_and_released_npy_is_converted(tmp_path):
-    from tallmasks.eval.runner import load_tall_masks, released_mask_paths, tall_mask_path
-    from tallmasks.models.paths import mask_dir
+    from tallmasks.algebra.task_vectors import CheckpointSet
+    from tallmasks.experiments.runner import load_tall_masks, released_mask_paths, tall_mask_path
     from tallmasks.masks import Layout
-    from tallmasks.task_vectors import CheckpointSet
+    from tallmasks.models.paths import mask_dir
 
     assert mask_dir(tmp_path / "models" / "checkpoints") == tmp_path / "models" / "tall_masks"
     assert mask_dir(tmp_path / "ckpts") == tmp_path / "tall_masks"
@@ -289,11 +298,22 @@ def test_mask_path_is_shared_and_released_npy_is_converted(tmp_path):
 
 
 def test_reporting_tables():
-    from tallmasks.reporting import format_result, method_table
+    from tallmasks.report.tables import format_result, method_table
 
-    res = {"model": "M", "method": {"name": "sum"}, "datasets": ["A", "B"], "selection": {"alpha": 0.3},
-           "test": {"A:top1": 0.5, "A:normalized_top1": 0.625, "B:top1": 1.0, "B:normalized_top1": 1.0,
-                    "avg_top1": 0.75, "avg_normalized_top1": 0.8125}}
+    res = {
+        "model": "M",
+        "method": {"name": "sum"},
+        "datasets": ["A", "B"],
+        "selection": {"alpha": 0.3},
+        "test": {
+            "A:top1": 0.5,
+            "A:normalized_top1": 0.625,
+            "B:top1": 1.0,
+            "B:normalized_top1": 1.0,
+            "avg_top1": 0.75,
+            "avg_normalized_top1": 0.8125,
+        },
+    }
     text = format_result(res)
     assert "62.5" in text and "75.0" in text
     table = method_table({"sum": res})

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tallmasks.checkpoints import load_state_dict
-from tallmasks.errors import ConfigError
-from tallmasks.finetuning import EPOCHS, FinetuneConfig, cosine_lr, finetune, launch, state_path
+from tallmasks.core.errors import ConfigError
+from tallmasks.experiments.finetuning import EPOCHS, FinetuneConfig, cosine_lr, finetune, launch, state_path
+from tallmasks.io.checkpoints import load_state_dict
 from tallmasks.models import DEMO_MODEL, ClassificationHead, ImageEncoder, finetuned_path, zeroshot_path
 from tallmasks.models.paths import dataset_zeroshot_path
 
@@ -84,7 +84,7 @@ def test_finetune_on_demo_task_writes_layout_and_skips(tmp_path):
     assert not state_path(loc, DEMO_MODEL, "Shapes").exists()
     # done: skipped without training
     again = []
-    assert finetune(cfg, callback=lambda s, l: again.append(s)) == out and again == []
+    assert finetune(cfg, callback=lambda s, loss: again.append(s)) == out and again == []
 
 
 class _Stop(Exception):
@@ -93,6 +93,7 @@ class _Stop(Exception):
 
 def test_resume_matches_uninterrupted_run(tmp_path):
     data = _tensor_data()  # 48 samples / batch 8 = 6 steps per epoch; 2 epochs capped at 9 steps
+
     def run(location, interrupt_at=None, seen=None):
         torch.manual_seed(0)
         encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
@@ -124,12 +125,12 @@ def test_grad_accumulation_and_bf16_run(tmp_path):
     encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
     cfg = _cfg(tmp_path, grad_accum=2, precision="bf16", max_steps=2)
     seen = []
-    finetune(cfg, encoder=encoder, train_dataset=_tensor_data(n=32), head=_head(), callback=lambda s, l: seen.append(s))
+    finetune(cfg, encoder=encoder, train_dataset=_tensor_data(n=32), head=_head(), callback=lambda s, loss: seen.append(s))
     assert seen == [1, 2]
 
 
 def test_accumulation_steps_follow_the_papers_epoch_loop(tmp_path, monkeypatch):
-    import tallmasks.finetuning as ft
+    import tallmasks.experiments.finetuning as ft
 
     calls = []
     real = ft.cosine_lr
@@ -158,7 +159,9 @@ def test_ddp_two_processes_gloo(tmp_path):
     # float noise that Adam amplifies where gradients are ~0; one step moves weights by ~lr = 1e-3)
     single = finetune(
         dataclasses.replace(cfg, model_location=str(tmp_path / "single")),
-        encoder=encoder, train_dataset=_tensor_data(n=32), head=_head(),
+        encoder=encoder,
+        train_dataset=_tensor_data(n=32),
+        head=_head(),
     )
     one = load_state_dict(single)
     for key in ft:

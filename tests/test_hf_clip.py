@@ -10,13 +10,25 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers (a test dependency) is not installed")
 
 from conftest import run_cli  # noqa: E402
-from tallmasks.errors import CheckpointError, ConfigError  # noqa: E402
+
+from tallmasks.core.errors import CheckpointError, ConfigError  # noqa: E402
 from tallmasks.models.hf_clip import hf_to_open_clip, open_clip_config, open_clip_to_hf  # noqa: E402
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-              patch_size=4, hidden_act="quick_gelu")
-TEXT = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
-            max_position_embeddings=8, hidden_act="quick_gelu", bos_token_id=98, eos_token_id=99, pad_token_id=1)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4, hidden_act="quick_gelu"
+)
+TEXT = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    vocab_size=100,
+    max_position_embeddings=8,
+    hidden_act="quick_gelu",
+    bos_token_id=98,
+    eos_token_id=99,
+    pad_token_id=1,
+)
 
 
 def perturbed(model, seed=0):
@@ -61,7 +73,7 @@ def test_vision_model_with_projection_maps_onto_the_visual_tower(hf_clip):
     mapped = hf_to_open_clip(hf.state_dict(), prefix="")
     assert set(mapped) == {k for k in open_clip.model.CLIP(**open_clip_config(config.to_dict())).state_dict() if k.startswith("visual.")}
     visual = open_clip.model.CLIP(**open_clip_config(config.to_dict())).visual.eval()
-    visual.load_state_dict({k[len("visual."):]: v for k, v in mapped.items()})
+    visual.load_state_dict({k[len("visual.") :]: v for k, v in mapped.items()})
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(visual(images), hf(pixel_values=images).image_embeds, atol=1e-5)
@@ -111,11 +123,25 @@ def local_pool(tmp_path_factory):
     clip_cfg = encoder.model.visual
     width, layers = clip_cfg.conv1.out_channels, len(clip_cfg.transformer.resblocks)
     heads, patch = clip_cfg.transformer.resblocks[0].attn.num_heads, clip_cfg.conv1.kernel_size[0]
-    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                  image_size=encoder.image_size, patch_size=patch, hidden_act="gelu")
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=encoder.image_size,
+        patch_size=patch,
+        hidden_act="gelu",
+    )
     vocab = encoder.model.token_embedding.num_embeddings  # the demo's own small vocabulary
-    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, vocab_size=vocab,
-                max_position_embeddings=24, hidden_act="gelu")
+    text = dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=24,
+        hidden_act="gelu",
+    )
     torch.manual_seed(0)
     base = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
     base.save_pretrained(root / "base")
@@ -123,7 +149,7 @@ def local_pool(tmp_path_factory):
     sources = {}
     for i, task in enumerate(tasks):
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision))
-        model.load_state_dict({k[len("vision_model."):]: v for k, v in base.state_dict().items() if k.startswith("vision_model.")})
+        model.load_state_dict({k[len("vision_model.") :]: v for k, v in base.state_dict().items() if k.startswith("vision_model.")})
         perturbed(model, seed=10 + i).save_pretrained(root / task)
         sources[task] = str(root / task)
     pool_file = root / "demo_pool.yaml"
@@ -132,9 +158,9 @@ def local_pool(tmp_path_factory):
 
 
 def test_prepare_pool_writes_the_released_layout_once(local_pool, tmp_path):
-    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.experiments.pools import load_pool, prepare_pool
+    from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.models import DEMO_MODEL, ImageEncoder, finetuned_path, head_path, zeroshot_path
-    from tallmasks.pools import load_pool, prepare_pool
 
     pool = load_pool(local_pool["file"])
     assert pool.name == "demo-pool" and list(pool.tasks) == local_pool["tasks"]
@@ -159,15 +185,18 @@ def test_prepare_pool_writes_the_released_layout_once(local_pool, tmp_path):
 
 
 def test_pool_descriptions_are_checked(local_pool):
-    from tallmasks.pools import FUSIONBENCH_TA8, Pool, load_pool
+    from tallmasks.experiments.pools import FUSIONBENCH_TA8, Pool, load_pool
 
     fb = load_pool("clip-vit-base-patch32_TA8")
     assert list(fb.tasks) == FUSIONBENCH_TA8 and fb.model == "ViT-B-32" and fb.base == "openai/clip-vit-base-patch32"
     assert Pool.from_mapping({"base": "a/b", "tasks": {"stanford-cars": "c/d", "dtd": "e/f"}}, "ViT-B-32").select() == ["Cars", "DTD"]
     assert fb.select(None, 3) == FUSIONBENCH_TA8[:3] and fb.select(["mnist", "Cars"]) == ["MNIST", "Cars"]
-    for bad, message in [(None, "needs a pool"), ({"base": "a/b"}, "task checkpoints"),
-                         ({"base": "a/b", "tasks": {"emnist_letters": "x/y"}}, "no counterpart"),
-                         ({"base": "a/b", "tasks": {"Cars": "x/y", "stanford-cars": "z/w"}}, "repeats")]:
+    for bad, message in [
+        (None, "needs a pool"),
+        ({"base": "a/b"}, "task checkpoints"),
+        ({"base": "a/b", "tasks": {"emnist_letters": "x/y"}}, "no counterpart"),
+        ({"base": "a/b", "tasks": {"Cars": "x/y", "stanford-cars": "z/w"}}, "repeats"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             Pool.from_mapping(bad, "ViT-B-32")
     with pytest.raises(ConfigError, match="not in pool"):
@@ -177,27 +206,41 @@ def test_pool_descriptions_are_checked(local_pool):
 def test_main_and_cli_take_a_pool_directly(local_pool, tmp_path):
     from test_main import compose
 
-    from tallmasks.checkpoints import load_state_dict
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.pools import load_pool, pool_root
+    from tallmasks.experiments.runner import run_experiment
+    from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.merging import CheckpointSet, merge
     from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
-    from tallmasks.pools import load_pool, pool_root
 
     pool = json.loads(local_pool["file"].read_text())["pool"]
-    overrides = [f"model={DEMO_MODEL}", "model_source=hf", f"+pool.name={pool['name']}", f"+pool.base={pool['base']}",
-                 *[f"+pool.tasks.{t}={s}" for t, s in pool["tasks"].items()], f"model_location={tmp_path / 'checkpoints'}",
-                 f"data_location={tmp_path / 'data'}", f"results_dir={tmp_path / 'results'}", "n_eval_points=4",
-                 "num_workers=0", "batch_size=64", "device=cpu", "method=ties"]
+    overrides = [
+        f"model={DEMO_MODEL}",
+        "model_source=hf",
+        f"+pool.name={pool['name']}",
+        f"+pool.base={pool['base']}",
+        *[f"+pool.tasks.{t}={s}" for t, s in pool["tasks"].items()],
+        f"model_location={tmp_path / 'checkpoints'}",
+        f"data_location={tmp_path / 'data'}",
+        f"results_dir={tmp_path / 'results'}",
+        "n_eval_points=4",
+        "num_workers=0",
+        "batch_size=64",
+        "device=cpu",
+        "method=ties",
+    ]
     torch.set_num_threads(1)
     res = run_experiment(compose(overrides))
     assert "demo-pool" in res["results_path"] and set(res["per_task"]) == set(local_pool["tasks"])
-    table = json.loads((pool_root(tmp_path / "checkpoints", load_pool(local_pool["file"])) / DEMO_MODEL / "nonlinear_ft_accuracies.json").read_text())
+    table = json.loads(
+        (pool_root(tmp_path / "checkpoints", load_pool(local_pool["file"])) / DEMO_MODEL / "nonlinear_ft_accuracies.json").read_text()
+    )
     assert set(table) == {t + s for t in local_pool["tasks"] for s in ("", "Val")}  # measured for the pool's models
     assert res["finetuned_accuracies"][local_pool["tasks"][0]] == table[local_pool["tasks"][0]]
 
     out = tmp_path / "merged.safetensors"
-    proc = run_cli("merge", "--pool", local_pool["file"], "--pool-dir", tmp_path / "checkpoints", "--method", "ties",
-                   "--out", out, "--device", "cpu")
+    proc = run_cli(
+        "merge", "--pool", local_pool["file"], "--pool-dir", tmp_path / "checkpoints", "--method", "ties", "--out", out, "--device", "cpu"
+    )
     assert proc.returncode == 0, proc.stderr
     root = pool_root(tmp_path / "checkpoints", load_pool(local_pool["file"]))
     cs = CheckpointSet(zeroshot_path(root, DEMO_MODEL), [finetuned_path(root, DEMO_MODEL, t) for t in local_pool["tasks"]])
@@ -211,9 +254,15 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
 
     from tallmasks.models import DEMO_MODEL
 
-    args = [f"model={DEMO_MODEL}", "model_source=hf", "+pool.base=tallmasks-tests/absent-base",
-            "+pool.tasks.Shapes=tallmasks-tests/absent-task", f"model_location={tmp_path / 'checkpoints'}",
-            f"results_dir={tmp_path / 'results'}", "device=cpu"]
+    args = [
+        f"model={DEMO_MODEL}",
+        "model_source=hf",
+        "+pool.base=tallmasks-tests/absent-base",
+        "+pool.tasks.Shapes=tallmasks-tests/absent-task",
+        f"model_location={tmp_path / 'checkpoints'}",
+        f"results_dir={tmp_path / 'results'}",
+        "device=cpu",
+    ]
     proc = run_main(args, tmp_path, HF_HOME=str(tmp_path / "hf"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

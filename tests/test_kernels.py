@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tallmasks import kernels
+from tallmasks.algebra import kernels
+from tallmasks.algebra.reduction import stacked_tail
+from tallmasks.algebra.task_vectors import Block, CheckpointSet
+from tallmasks.algebra.topk import KthInWindows
 from tallmasks.merging import merge
-from tallmasks.merging.base import _ties_block
-from tallmasks.reduction import stacked_tail
-from tallmasks.selection import KthInWindows
-from tallmasks.task_vectors import Block, CheckpointSet
+from tallmasks.merging.ops import _ties_block
 
 
 def bits(tensor):
@@ -81,8 +81,7 @@ def test_window_kernel_equals_the_torch_counts(monkeypatch):
 def _states(count, seed):
     g = torch.Generator().manual_seed(seed)
     pt = {"a.weight": torch.randn(40, 9, generator=g), "b.bias": torch.randn(31, generator=g), "c": torch.randn((), generator=g)}
-    fts = [{k: v + torch.round(torch.randn(v.shape, generator=g) * 3) / 64 - 0.02 for k, v in pt.items()}
-           for _ in range(count)]
+    fts = [{k: v + torch.round(torch.randn(v.shape, generator=g) * 3) / 64 - 0.02 for k, v in pt.items()} for _ in range(count)]
     return pt, fts
 
 
@@ -125,8 +124,13 @@ def test_sample_reads_about_one_entry_in_stride_from_torch_and_safetensors_files
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(1)
-    pt = {"wide": torch.randn(1, 20000, generator=g), "tall": torch.randn(3000, 7, generator=g),
-          "bias": torch.randn(5000, generator=g), "cube": torch.randn(30, 20, 10, generator=g), "s": torch.randn((), generator=g)}
+    pt = {
+        "wide": torch.randn(1, 20000, generator=g),
+        "tall": torch.randn(3000, 7, generator=g),
+        "bias": torch.randn(5000, generator=g),
+        "cube": torch.randn(30, 20, 10, generator=g),
+        "s": torch.randn((), generator=g),
+    }
     fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in pt.items()} for _ in range(2)]
     keys = sorted(pt)
     taus = torch.stack([torch.cat([ft[k].reshape(-1) - pt[k].reshape(-1) for k in keys]) for ft in fts])

@@ -61,7 +61,8 @@ def demo_setup(tmp_path_factory):
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
@@ -112,15 +113,15 @@ def test_main_sum_end_to_end_and_one_line_errors(demo_setup):
 
 
 def test_missing_checkpoint_is_a_one_line_error(demo_setup):
-    from tallmasks.errors import CheckpointError
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.core.errors import CheckpointError
+    from tallmasks.experiments.runner import run_experiment
 
     with pytest.raises(CheckpointError, match="ShapesVal/nonlinear_finetuned.pt"):
         run_experiment(compose([*demo_setup["overrides"], "method=sum", "model_location=" + str(demo_setup["root"] / "nowhere")]))
 
 
 def test_tall_mask_saves_masks_that_consensus_and_load_mask_read(demo_setup):
-    from tallmasks.eval.runner import run_experiment, tall_mask_path
+    from tallmasks.experiments.runner import run_experiment, tall_mask_path
     from tallmasks.masks import MaskSet
     from tallmasks.models import DEMO_MODEL
 
@@ -146,7 +147,7 @@ def test_tall_mask_saves_masks_that_consensus_and_load_mask_read(demo_setup):
 
 def test_resume_does_not_redo_finished_evaluations(demo_setup, monkeypatch):
     from tallmasks.eval.evaluator import Evaluator
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.runner import run_experiment
 
     overrides = [*demo_setup["overrides"], "method=ties", "results_dir=" + str(demo_setup["root"] / "resume")]
     calls = {"n": 0}
@@ -188,14 +189,23 @@ def test_resume_does_not_redo_finished_evaluations(demo_setup, monkeypatch):
 
 
 def test_eval_single_task_merges_table(demo_setup, tmp_path):
-    from tallmasks.eval.single_task import evaluate_single_task
     from tallmasks.eval.results import atomic_write_json
+    from tallmasks.eval.single_task import evaluate_single_task
     from tallmasks.models import DEMO_MODEL
 
     out = tmp_path / "single"
     atomic_write_json(out / DEMO_MODEL / "zeroshot_accuracies.json", {"Other": 0.5})
-    new = evaluate_single_task(DEMO_MODEL, "none", demo_setup["tasks"][:1], demo_setup["loc"], demo_setup["root"] / "data",
-                               out, batch_size=64, device="cpu", num_workers=0)
+    new = evaluate_single_task(
+        DEMO_MODEL,
+        "none",
+        demo_setup["tasks"][:1],
+        demo_setup["loc"],
+        demo_setup["root"] / "data",
+        out,
+        batch_size=64,
+        device="cpu",
+        num_workers=0,
+    )
     table = json.loads((out / DEMO_MODEL / "zeroshot_accuracies.json").read_text())
     task = demo_setup["tasks"][0]
     assert table["Other"] == 0.5 and table[task] == new[task] and 0 <= table[task + "Val"] <= 1
@@ -204,15 +214,14 @@ def test_eval_single_task_merges_table(demo_setup, tmp_path):
 def test_torchrun_two_cpu_ranks_equal_one_process(demo_setup):
     import socket
 
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.runner import run_experiment
 
     root = demo_setup["root"]
     single = run_experiment(compose([*demo_setup["overrides"], "method=sum", "results_dir=" + str(root / "one")]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={port}"]
+    launcher = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}"]
     proc = run_main([*demo_setup["overrides"], "method=sum", "results_dir=" + str(root / "two")], root, launcher)
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = only_result(root / "two")
@@ -220,7 +229,7 @@ def test_torchrun_two_cpu_ranks_equal_one_process(demo_setup):
 
 
 def test_world_size_spawns_ranks_that_equal_one_process(demo_setup):
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.runner import run_experiment
 
     root = demo_setup["root"]
     single = run_experiment(compose([*demo_setup["overrides"], "method=ties", "results_dir=" + str(root / "one_ties")]))
@@ -239,8 +248,8 @@ def test_launch_settings_are_checked():
     import os
     import socket
 
-    from tallmasks.errors import ConfigError
-    from tallmasks.eval.runner import _launch_settings
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.experiments.runner import _launch_settings
 
     assert _launch_settings(compose(["world_size=2", "port=None", "device=cpu"])) == (2, None)
     assert _launch_settings(compose(["world_size=1", "port=12355"])) == (1, 12355)
@@ -269,8 +278,14 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
     ft = finetuned_path(loc, "ViT-B-32", "MNIST")
     ft.parent.mkdir(parents=True)
     ft.write_bytes(b"")
-    args = ["model=ViT-B-32", "DATASETS=[MNIST]", f"model_location={loc}", f"data_location={tmp_path / 'data'}",
-            f"results_dir={tmp_path / 'results'}", "device=cpu"]
+    args = [
+        "model=ViT-B-32",
+        "DATASETS=[MNIST]",
+        f"model_location={loc}",
+        f"data_location={tmp_path / 'data'}",
+        f"results_dir={tmp_path / 'results'}",
+        "device=cpu",
+    ]
     proc = run_main(args, tmp_path, HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -281,8 +296,8 @@ def test_missing_zeroshot_encoder_is_fetched_or_named(tmp_path):
 def test_main_tact_end_to_end_records_the_correction(demo_setup):
     """main.py's run with correction=tact: calibrated per task on unlabeled training images; the results name,
     JSON and per-task correction files record it."""
-    from tallmasks.errors import ConfigError
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.experiments.runner import run_experiment
     from tallmasks.non_local import load_correction
 
     root = demo_setup["root"]
@@ -307,19 +322,29 @@ def test_main_tact_end_to_end_records_the_correction(demo_setup):
 def test_tact_calibrates_every_merged_vector_of_a_grid(demo_setup):
     """With method.grid, each combination's merged vector gets its own calibrations (none reused across
     combinations), and the chosen one is calibrated anew for the test split."""
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.runner import run_experiment
 
     root, tasks = demo_setup["root"], demo_setup["tasks"]
-    res = run_experiment(compose([*demo_setup["overrides"], "method=ties", "method.grid={k:[100,20]}", "correction=tact",
-                                  "correction.num_images=16", "results_dir=" + str(root / "tact_grid")]))
+    res = run_experiment(
+        compose(
+            [
+                *demo_setup["overrides"],
+                "method=ties",
+                "method.grid={k:[100,20]}",
+                "correction=tact",
+                "correction.num_images=16",
+                "results_dir=" + str(root / "tact_grid"),
+            ]
+        )
+    )
     combinations, alphas = 2, len(res["val"]) // 2
     assert res["correction"]["calibrations"] == (combinations * alphas + 1) * len(tasks)
     assert set(res["correction"]["files"]) == set(tasks) and "_tact16" in Path(res["results_path"]).name
 
 
 def test_correction_and_alignment_settings_are_checked_up_front(demo_setup):
-    from tallmasks.errors import ConfigError
-    from tallmasks.eval.runner import Experiment
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.experiments.runner import Experiment
 
     base = [*demo_setup["overrides"], "method=sum"]
     plain = Experiment(compose(base))
@@ -344,8 +369,8 @@ def test_main_weight_matching_undoes_a_permuted_foundation(demo_setup, tmp_path)
     (the same expert, permuted): alignment=weight_matching recovers the plain run exactly."""
     import shutil
 
-    from tallmasks.errors import ConfigError
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.experiments.runner import run_experiment
     from tallmasks.models import DEMO_MODEL, finetuned_path, head_path, zeroshot_path
     from tallmasks.non_local import apply_permutation, heads_of_model, random_permutation, vit_spec
 
@@ -354,16 +379,23 @@ def test_main_weight_matching_undoes_a_permuted_foundation(demo_setup, tmp_path)
     theta0 = torch.load(zeroshot_path(loc, DEMO_MODEL), weights_only=True)
     spec = vit_spec(theta0, heads_of_model(DEMO_MODEL))
     perm = random_permutation(spec, torch.Generator().manual_seed(0))
-    for source, target in [(zeroshot_path(loc, DEMO_MODEL), zeroshot_path(other, DEMO_MODEL)),
-                           (finetuned_path(loc, DEMO_MODEL, tasks[1]), finetuned_path(other, DEMO_MODEL, tasks[1]))]:
+    for source, target in [
+        (zeroshot_path(loc, DEMO_MODEL), zeroshot_path(other, DEMO_MODEL)),
+        (finetuned_path(loc, DEMO_MODEL, tasks[1]), finetuned_path(other, DEMO_MODEL, tasks[1])),
+    ]:
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(apply_permutation(spec, perm, torch.load(source, weights_only=True)), target)
     shutil.copy(head_path(loc, DEMO_MODEL, tasks[1]), head_path(other, DEMO_MODEL, tasks[1]))
     shutil.copy(loc / DEMO_MODEL / "nonlinear_ft_accuracies.json", other / DEMO_MODEL / "nonlinear_ft_accuracies.json")
 
     plain = run_experiment(compose([*demo_setup["overrides"], "method=sum", "results_dir=" + str(tmp_path / "plain")]))
-    aligned_args = [*demo_setup["overrides"], "method=sum", "alignment=weight_matching", f"alignment.foundations=[{other}]",
-                    "results_dir=" + str(tmp_path / "aligned")]
+    aligned_args = [
+        *demo_setup["overrides"],
+        "method=sum",
+        "alignment=weight_matching",
+        f"alignment.foundations=[{other}]",
+        "results_dir=" + str(tmp_path / "aligned"),
+    ]
     aligned = run_experiment(compose([*aligned_args, "alignment.assignment=[0,1]"]))
     assert aligned["test"] == plain["test"] and aligned["val"] == plain["val"]
     record = aligned["alignment"]
@@ -378,11 +410,12 @@ def test_main_weight_matching_undoes_a_permuted_foundation(demo_setup, tmp_path)
 def test_main_runs_the_later_methods(demo_setup, method):
     """Each later method merges and evaluates through main.py's runner with its paper's defaults (its
     config file's grid left out here for time; the grid mechanism has its own test)."""
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.runner import run_experiment
     from tallmasks.merging import get_method
 
-    res = run_experiment(compose([*demo_setup["overrides"], f"method={method}", "method.grid=null",
-                                  "results_dir=" + str(demo_setup["root"] / method)]))
+    res = run_experiment(
+        compose([*demo_setup["overrides"], f"method={method}", "method.grid=null", "results_dir=" + str(demo_setup["root"] / method)])
+    )
     assert Path(res["results_path"]).is_file() and res["results_path"].startswith(str(demo_setup["root"] / method))
     expected = [0.5, 1.0] if get_method(method).coefficient == "grid" else [1.0]
     assert res["selection"]["alpha"] in expected and len(res["val"]) == len(expected)
@@ -392,8 +425,8 @@ def test_main_runs_the_later_methods(demo_setup, method):
 
 def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, monkeypatch):
     """method.grid: every combination merged once, alpha and the combination chosen jointly on validation."""
-    from tallmasks.errors import ConfigError
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.experiments.runner import run_experiment
     from tallmasks.merging import merge as real_merge
 
     tasks = demo_setup["tasks"]
@@ -415,20 +448,35 @@ def test_grid_hyperparameters_are_chosen_on_validation_with_alpha(demo_setup, mo
     name = Path(res["results_path"]).name
     assert f"ties_k={res['selection']['k']:g}" in name and "_grid-k=100,20" in name
     # the chosen merge is the one evaluated on test: the same as a run without a grid at the chosen k
-    fixed = run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.k={res['selection']['k']}",
-                                    f"specify_lambda={res['selection']['alpha']}", "results_dir=" + str(demo_setup["root"] / "fixed")]))
+    fixed = run_experiment(
+        compose(
+            [
+                *demo_setup["overrides"],
+                "method=ties",
+                f"method.k={res['selection']['k']}",
+                f"specify_lambda={res['selection']['alpha']}",
+                "results_dir=" + str(demo_setup["root"] / "fixed"),
+            ]
+        )
+    )
     assert fixed["test"] == res["test"]
-    for grid, message in [("{kk:[1]}", "not a hyperparameter"), ("{k:[]}", "non-empty list"), ("{k:abc}", "non-empty list"),
-                          ("{ties_agg:[max]}", "must be one of mean, sum"), ("{k:[0]}", "must be > 0"),
-                          ("{k:[20,20]}", "lists a value twice")]:
+    for grid, message in [
+        ("{kk:[1]}", "not a hyperparameter"),
+        ("{k:[]}", "non-empty list"),
+        ("{k:abc}", "non-empty list"),
+        ("{ties_agg:[max]}", "must be one of mean, sum"),
+        ("{k:[0]}", "must be > 0"),
+        ("{k:[20,20]}", "lists a value twice"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             run_experiment(compose([*demo_setup["overrides"], "method=ties", f"method.grid={grid}"]))
 
 
-@pytest.mark.parametrize("method,extra", [("lines", ["method.base_method=ties"]), ("tsv", []), ("iso_c", []),
-                                          ("iso_cts", []), ("dare", ["method.p=0.5"])])
+@pytest.mark.parametrize(
+    "method,extra", [("lines", ["method.base_method=ties"]), ("tsv", []), ("iso_c", []), ("iso_cts", []), ("dare", ["method.p=0.5"])]
+)
 def test_new_methods_run_on_the_demo_model(demo_setup, method, extra):
-    from tallmasks.eval.runner import run_experiment
+    from tallmasks.experiments.runner import run_experiment
     from tallmasks.merging import alpha_candidates
 
     tasks = demo_setup["tasks"]
@@ -446,11 +494,10 @@ def test_new_methods_run_on_the_demo_model(demo_setup, method, extra):
 
 def test_main_emr_per_task_models(demo_setup):
     """EMR-merging through main.py: per-task masks and rescalers on the TALL evaluation path, nothing chosen."""
+    from tallmasks.experiments.runner import run_experiment
     from tallmasks.merging import CheckpointSet, merge
-    from tallmasks.merging.emr import emr_masks
+    from tallmasks.merging.methods.emr import emr_masks
     from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
-
-    from tallmasks.eval.runner import run_experiment
 
     root, tasks, loc = demo_setup["root"], demo_setup["tasks"], demo_setup["loc"]
     res = run_experiment(compose([*demo_setup["overrides"], "method=emr", "results_dir=" + str(root / "emr")]))

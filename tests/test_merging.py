@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tallmasks import reduction
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.algebra import reduction
+from tallmasks.algebra.task_vectors import CheckpointSet, TaskVector, apply_vector
+from tallmasks.algebra.topk import kth_smallest_magnitude
+from tallmasks.core.errors import CheckpointError, ConfigError
 from tallmasks.masks import Layout, MaskSet, consensus_mask, magnitude_masks, tall_mask, tall_masks
 from tallmasks.merging import METHODS, alpha_candidates, alpha_grid, merge
-from tallmasks.selection import kth_smallest_magnitude
-from tallmasks.task_vectors import CheckpointSet, TaskVector, apply_vector
 
 # ------------------------------------------------------------------------------------------------
 # plain whole-vector references (the formulas of DESIGN.md, on stacked flat vectors)
@@ -132,8 +132,7 @@ def many_task_states(num_tasks, seed=0):
     tail that the stacked sum adds in another order); task vectors span six orders of magnitude,
     so that summation order shows in the last bits."""
     g = torch.Generator().manual_seed(seed)
-    pt = {"a.weight": torch.randn(5, 37, generator=g), "b.scale": torch.randn((), generator=g),
-          "c.bias": torch.randn(45, generator=g)}
+    pt = {"a.weight": torch.randn(5, 37, generator=g), "b.scale": torch.randn((), generator=g), "c.bias": torch.randn(45, generator=g)}
     scales = torch.logspace(-3, 3, num_tasks).tolist() if num_tasks > 1 else [1.0]
     fts = [{k: v + torch.randn(v.shape, generator=g) * scale for k, v in pt.items()} for scale in scales]
     return pt, fts
@@ -178,8 +177,7 @@ def test_ties_zero_sign_with_negative_or_tied_majority(majority):
     # 'w' entry 0 cancels (+1, -1): its elected sign is the majority sign; 'v' sets the majority
     pt = {"v": torch.zeros(3), "w": torch.zeros(2)}
     v = [-1.0, -1.0, -1.0] if majority < 0 else [1.0, -1.0, 0.0]
-    fts = [{"v": torch.tensor(v), "w": torch.tensor([1.0, 2.0])},
-           {"v": torch.tensor(v), "w": torch.tensor([-1.0, -3.0])}]
+    fts = [{"v": torch.tensor(v), "w": torch.tensor([1.0, 2.0])}, {"v": torch.tensor(v), "w": torch.tensor([-1.0, -3.0])}]
     cs = CheckpointSet(pt, fts, block_elems=1)
     got = merge(cs, "ties", k=100, ties_agg="sum")
     assert torch.equal(got["w"], torch.tensor([-1.0, -3.0]))
@@ -306,9 +304,13 @@ def test_kth_selection_is_exact_with_ties_zeros_and_subnormals():
 def _window_states(num_tasks=3, seed=5):
     """A model with large, small, zero-vector and heavily quantized tensors (many exact ties)."""
     g = torch.Generator().manual_seed(seed)
-    pt = {"big.weight": torch.randn(300, 40, generator=g), "big.bias": torch.randn(40, generator=g),
-          "frozen.weight": torch.randn(64, 8, generator=g), "scale": torch.randn((), generator=g),
-          "wide.weight": torch.randn(2, 5000, generator=g)}
+    pt = {
+        "big.weight": torch.randn(300, 40, generator=g),
+        "big.bias": torch.randn(40, generator=g),
+        "frozen.weight": torch.randn(64, 8, generator=g),
+        "scale": torch.randn((), generator=g),
+        "wide.weight": torch.randn(2, 5000, generator=g),
+    }
     fts = []
     for t in range(num_tasks):
         ft = {}
@@ -366,7 +368,7 @@ def test_one_pass_thresholds_fall_back_exactly_where_a_window_misses(monkeypatch
 
 
 def test_windowed_selection_cases():
-    from tallmasks.selection import KthInWindows, sample_window
+    from tallmasks.algebra.topk import KthInWindows, sample_window
 
     values = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 2.0, 3.0, 3.0, 4.0])
     for rank in range(1, 11):
@@ -376,7 +378,7 @@ def test_windowed_selection_cases():
             assert selector.add(-values.view(1, -1).clone()) is True
             got = selector.values()[0]
             lo, hi = window
-            below, at_most = int((values < lo).sum()), int((values <= lo).sum())
+            below = int((values < lo).sum())
             shown = below < rank <= int((values <= hi).sum())
             assert got == (expected if shown else None), (rank, window)
     selector = KthInWindows([5], [(-1.0, 5.0)], cap=3)  # keeps more than its cap: falls back

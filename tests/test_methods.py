@@ -7,15 +7,15 @@ import hashlib
 
 import pytest
 import torch
+from test_merging import ref_ties, ref_topk, seq_sum
 
-from tallmasks.coefficients import ScaledVector
-from tallmasks.errors import ConfigError
+from tallmasks.algebra.coefficients import ScaledVector
+from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
+from tallmasks.core.errors import ConfigError
 from tallmasks.masks import tall_masks
 from tallmasks.merging import METHODS, alpha_candidates, merge
-from tallmasks.merging.emr import emr_masks
-from tallmasks.merging.lines import block_depth, infer_num_blocks
-from tallmasks.task_vectors import CheckpointSet, apply_vector
-from test_merging import ref_ties, ref_topk, seq_sum
+from tallmasks.merging.methods.emr import emr_masks
+from tallmasks.merging.methods.lines import block_depth, infer_num_blocks
 
 # ------------------------------------------------------------------------------------------------
 # a tiny model: three residual blocks, matrices of both orientations, a conv kernel, text_projection,
@@ -132,8 +132,13 @@ def test_lines_matches_reference(setup, base_method, k):
 
 
 def test_lines_blocks_and_grid():
-    keys = ["model.visual.transformer.resblocks.0.ln_1.weight", "model.visual.transformer.resblocks.11.mlp.c_fc.weight",
-            "model.visual.transformer.resblocks.1.attn.in_proj_weight", "model.visual.conv1.weight", "a.3.b.1.c"]
+    keys = [
+        "model.visual.transformer.resblocks.0.ln_1.weight",
+        "model.visual.transformer.resblocks.11.mlp.c_fc.weight",
+        "model.visual.transformer.resblocks.1.attn.in_proj_weight",
+        "model.visual.conv1.weight",
+        "a.3.b.1.c",
+    ]
     assert infer_num_blocks(keys) == 12
     assert [block_depth(k, 12) for k in keys] == [0, 11, 1, None, 1]  # the smallest index written .<i>. , as the reference
     assert infer_num_blocks(["w", "b"]) == 1
@@ -284,7 +289,9 @@ def test_emr_matches_reference(setup):
     model = apply_vector(pt, vector, alpha=packed.info["scales"]["B"], mask=packed.get("B"))
     n = pt["m.blocks.1.mlp.weight"].numel()
     start = sum(pt[k].numel() for k in keys[: keys.index("m.blocks.1.mlp.weight")])
-    expected = pt["m.blocks.1.mlp.weight"] + packed.info["scales"]["B"] * (unified[start : start + n] * masks[1, start : start + n]).reshape(4, 7)
+    expected = pt["m.blocks.1.mlp.weight"] + packed.info["scales"]["B"] * (
+        unified[start : start + n] * masks[1, start : start + n]
+    ).reshape(4, 7)
     assert torch.equal(model["m.blocks.1.mlp.weight"], expected)
 
 
@@ -362,41 +369,89 @@ def test_new_methods_are_registered_with_their_defaults():
 
 def test_cli_merge_takes_any_hyperparameter(tmp_path, tiny_checkpoints, capsys):
     from conftest import run_cli
-    from tallmasks.checkpoints import load_state_dict
+
     from tallmasks.cli import main
+    from tallmasks.io.checkpoints import load_state_dict
 
     pt, fts, _ = tiny_checkpoints
     cs = CheckpointSet(pt, fts)
     out = tmp_path / "dare.safetensors"
-    res = run_cli("-q", "merge", "--method", "dare", "--pretrained", pt, "--finetuned", *fts, "--param", "p=0.5",
-                  "--param", "base_method=ties", "--param", "seed=3", "--out", out)
+    res = run_cli(
+        "-q",
+        "merge",
+        "--method",
+        "dare",
+        "--pretrained",
+        pt,
+        "--finetuned",
+        *fts,
+        "--param",
+        "p=0.5",
+        "--param",
+        "base_method=ties",
+        "--param",
+        "seed=3",
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr
     expected = merge(cs, "dare", p=0.5, base_method="ties", seed=3)
     got = load_state_dict(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     # LiNeS over consensus: TALL masks built as for consensus; the model needs its beta (--alpha)
     out = tmp_path / "lines.pt"
-    args = ["-q", "merge", "--method", "lines", "--pretrained", str(pt), "--finetuned", *map(str, fts),
-            "--param", "base_method=consensus", "--tall-mask-lambda", "0.3", "--out", str(out)]
+    args = [
+        "-q",
+        "merge",
+        "--method",
+        "lines",
+        "--pretrained",
+        str(pt),
+        "--finetuned",
+        *map(str, fts),
+        "--param",
+        "base_method=consensus",
+        "--tall-mask-lambda",
+        "0.3",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 2 and "pass --alpha" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--alpha", "0.5"]) == 0
     masks = tall_masks(cs, merge(cs, "sum"), 0.3)
     expected = apply_vector(load_state_dict(pt), merge(cs, "lines", base_method="consensus", masks=masks), 0.5)
     got = load_state_dict(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    for bad, message in [(["--param", "q=1"], "has no hyperparameter 'q'"), (["--param", "p"], "expected NAME=VALUE"),
-                         (["--param", "p=abc"], "--param p must be a finite number"), (["--param", "p=2"], "--param p must be >= 0 and <= 1"),
-                         (["--param", "base_method=consensus"], "must be one of sum, ties")]:
-        code = main(["-q", "merge", "--method", "dare", "--pretrained", str(pt), "--finetuned", *map(str, fts), *bad,
-                     "--out", str(tmp_path / "bad.pt")])
+    for bad, message in [
+        (["--param", "q=1"], "has no hyperparameter 'q'"),
+        (["--param", "p"], "expected NAME=VALUE"),
+        (["--param", "p=abc"], "--param p must be a finite number"),
+        (["--param", "p=2"], "--param p must be >= 0 and <= 1"),
+        (["--param", "base_method=consensus"], "must be one of sum, ties"),
+    ]:
+        code = main(
+            [
+                "-q",
+                "merge",
+                "--method",
+                "dare",
+                "--pretrained",
+                str(pt),
+                "--finetuned",
+                *map(str, fts),
+                *bad,
+                "--out",
+                str(tmp_path / "bad.pt"),
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "bad.pt").exists()
 
 
 def test_compress_stores_emr_masks_and_rescalers(tmp_path, tiny_checkpoints):
-    from tallmasks.checkpoints import load_state_dict
-    from tallmasks.compression import collection_report, compress, decompress
+    from tallmasks.io.checkpoints import load_state_dict
+    from tallmasks.storage.collection import collection_report, compress, decompress
 
     pt, fts, _ = tiny_checkpoints
     meta = compress(pt, fts, tmp_path / "emr", masks="emr")

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import subprocess_env
 
-from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.core.errors import ConfigError, TallmasksError
 from tallmasks.models import (
     DEMO_MODEL,
     ClassificationHead,
@@ -20,8 +21,6 @@ from tallmasks.models import (
     get_classification_head,
     zeroshot_path,
 )
-
-from conftest import subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +122,7 @@ def test_unreachable_weights_give_one_line_error(tmp_path):
     """With the hub offline, open_clip fails fast; the failure becomes one TallmasksError line."""
     code = (
         "from tallmasks.models import create_clip\n"
-        "from tallmasks.errors import TallmasksError\n"
+        "from tallmasks.core.errors import TallmasksError\n"
         "try:\n"
         "    create_clip('ViT-B-32', pretrained='openai', cache_dir='CACHE')\n"
         "except TallmasksError as e:\n"
@@ -139,7 +138,7 @@ def test_unreachable_weights_give_one_line_error(tmp_path):
 
 
 def test_load_image_encoder_from_released_layout(tmp_path):
-    from tallmasks.errors import CheckpointError
+    from tallmasks.core.errors import CheckpointError
     from tallmasks.models import load_image_encoder
 
     torch.manual_seed(3)
@@ -158,7 +157,7 @@ def test_load_image_encoder_from_released_layout(tmp_path):
 
 
 def test_save_zeroshot_encoder(tmp_path):
-    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.models import save_zeroshot_encoder
 
     path = save_zeroshot_encoder(DEMO_MODEL, tmp_path, pretrained=None)

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from tallmasks.errors import ConfigError
-from tallmasks.merging import METHODS, alpha_candidates, merge
-from tallmasks.task_vectors import CheckpointSet
 from test_merging import as_flat, cs_and_refs, seq_sum  # noqa: F401  (cs_and_refs: a fixture)
+
+from tallmasks.algebra.task_vectors import CheckpointSet
+from tallmasks.core.errors import ConfigError
+from tallmasks.merging import METHODS, alpha_candidates, merge
 
 # ------------------------------------------------------------------------------------------------
 # tiny models: test_merging's (tied magnitudes, a zero task vector, sign conflicts, a 0-dim tensor, an
@@ -31,7 +31,7 @@ def layer_states(num_tasks=3, seed=1):
         "steps": torch.tensor([2], dtype=torch.int64),
     }
     fts = []
-    for t in range(num_tasks):
+    for _ in range(num_tasks):
         ft = {}
         for key, value in pt.items():
             if not value.dtype.is_floating_point or "frozen" in key:
@@ -148,8 +148,10 @@ def test_model_stock_matches_reference(cs_and_refs):
 
 def test_model_stock_ratio_of_identical_and_orthogonal_task_vectors():
     pt = {"same": torch.zeros(2), "orth": torch.zeros(2)}
-    fts = [{"same": torch.tensor([1.0, 1.0]), "orth": torch.tensor([1.0, 0.0])},
-           {"same": torch.tensor([1.0, 1.0]), "orth": torch.tensor([0.0, 1.0])}]
+    fts = [
+        {"same": torch.tensor([1.0, 1.0]), "orth": torch.tensor([1.0, 0.0])},
+        {"same": torch.tensor([1.0, 1.0]), "orth": torch.tensor([0.0, 1.0])},
+    ]
     got = merge(CheckpointSet(pt, fts), "model_stock")
     assert torch.allclose(got["same"], torch.tensor([1.0, 1.0]), atol=1e-6)  # t = 1: the average
     assert torch.allclose(got["orth"], torch.zeros(2), atol=1e-6)  # t = 0: the pre-trained model
@@ -299,18 +301,34 @@ def test_new_methods_are_registered_with_their_papers_defaults():
 
 
 def test_cli_param_sets_a_hyperparameter(tmp_path, tiny_checkpoints, capsys):
-    from tallmasks.checkpoints import load_state_dict
     from tallmasks.cli import main
+    from tallmasks.io.checkpoints import load_state_dict
 
     pt, fts, _ = tiny_checkpoints
     out = tmp_path / "crumbs.safetensors"
-    args = ["-q", "merge", "--method", "breadcrumbs", "--pretrained", str(pt), "--finetuned", *map(str, fts),
-            "--out", str(out), "--device", "cpu"]
+    args = [
+        "-q",
+        "merge",
+        "--method",
+        "breadcrumbs",
+        "--pretrained",
+        str(pt),
+        "--finetuned",
+        *map(str, fts),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main([*args, "--param", "beta=0.5", "--param", "gamma=0.9"]) == 0
     expected = merge(CheckpointSet(pt, fts), "breadcrumbs", beta=0.5, gamma=0.9)
     got = load_state_dict(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    for bad, message in [("bogus=1", "--param bogus: method 'breadcrumbs' has no hyperparameter"), ("beta=2", "--param beta must be"), ("beta", "NAME=VALUE")]:
+    for bad, message in [
+        ("bogus=1", "--param bogus: method 'breadcrumbs' has no hyperparameter"),
+        ("beta=2", "--param beta must be"),
+        ("beta", "NAME=VALUE"),
+    ]:
         assert main([*args, "--param", bad]) == 2
         assert message in capsys.readouterr().err
 

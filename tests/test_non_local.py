@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
-from conftest import run_cli
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.core.errors import CheckpointError, ConfigError
 from tallmasks.non_local import (
     Corrector,
     Moments,
@@ -31,7 +31,6 @@ from tallmasks.non_local import (
     vit_spec,
     weight_matching,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
@@ -394,7 +393,7 @@ def test_calibrating_one_task_leaves_another_untouched(tmp_path):
 
 
 def _write_plain(path):
-    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.io.checkpoints import save_state_dict
 
     save_state_dict({"w": torch.zeros(2)}, path)
     return path
@@ -431,7 +430,7 @@ def test_std_ratios_measure_variance_collapse_and_its_correction():
 
 
 def test_cli_align_writes_aligned_foundation_theta0_and_experts(tmp_path, capsys):
-    from tallmasks.checkpoints import load_state_dict, save_state_dict
+    from tallmasks.io.checkpoints import load_state_dict, save_state_dict
 
     a = make_mlp(0).state_dict()
     spec = mlp_spec(a)
@@ -442,8 +441,22 @@ def test_cli_align_writes_aligned_foundation_theta0_and_experts(tmp_path, capsys
     torch.save(apply_permutation(spec, perm, a), tmp_path / "b.pt")
     save_state_dict(apply_permutation(spec, perm, expert), tmp_path / "e.safetensors")
     out = tmp_path / "aligned"
-    res = run_cli("-q", "align", "--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "mlp",
-                  "--experts", tmp_path / "e.safetensors", "--names", "task", "--out", out)
+    res = run_cli(
+        "-q",
+        "align",
+        "--reference",
+        tmp_path / "a.safetensors",
+        "--other",
+        tmp_path / "b.pt",
+        "--arch",
+        "mlp",
+        "--experts",
+        tmp_path / "e.safetensors",
+        "--names",
+        "task",
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr
     foundation, theta0 = load_state_dict(out / "foundation.safetensors"), load_state_dict(out / "theta0.safetensors")
     aligned_expert = load_state_dict(out / "experts" / "task.safetensors")
@@ -459,14 +472,32 @@ def test_cli_align_writes_aligned_foundation_theta0_and_experts(tmp_path, capsys
         assert cli_main(["-q", "align", *map(str, args)]) == 2
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    assert error_of("--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "mlp",
-                    "--out", out).startswith("error: --out")
+    assert error_of("--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "mlp", "--out", out).startswith(
+        "error: --out"
+    )
     bad = tmp_path / "bad.safetensors"
     save_state_dict({**a, "0.weight": torch.zeros(3, 6)}, bad)
     line = error_of("--reference", tmp_path / "a.safetensors", "--other", bad, "--arch", "mlp", "--out", tmp_path / "x")
     assert line.startswith("error: ") and "0.weight" in line
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
-    assert error_of("--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "mlp", "--heads", "2",
-                    "--out", tmp_path / "y") == "error: --heads and --model apply to --arch vit only"
-    assert "resnet layout" in error_of("--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "cnn",
-                                       "--out", tmp_path / "y").lower()
+    assert (
+        error_of(
+            "--reference",
+            tmp_path / "a.safetensors",
+            "--other",
+            tmp_path / "b.pt",
+            "--arch",
+            "mlp",
+            "--heads",
+            "2",
+            "--out",
+            tmp_path / "y",
+        )
+        == "error: --heads and --model apply to --arch vit only"
+    )
+    assert (
+        "resnet layout"
+        in error_of(
+            "--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "cnn", "--out", tmp_path / "y"
+        ).lower()
+    )

@@ -17,10 +17,10 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     """Two quick foundations, their experts, every variant through the runner: the JSON has the issue's
     structure, accuracies are fractions that agree with the runner's results files, theta_0 of the unaligned
     merge is the foundations' mean, and the variance-collapse table and figure are written."""
-    from tallmasks.checkpoints import load_state_dict
-    from tallmasks.demo import DemoConfig
+    from tallmasks.demo.local import DemoConfig
+    from tallmasks.demo.non_local import FIGURE_NAME, NONLOCAL_VARIANTS, RESULTS_NAME, NonLocalSettings, format_tables, run_nonlocal
+    from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.models import DEMO_MODEL, zeroshot_path
-    from tallmasks.non_local.offline import FIGURE_NAME, NONLOCAL_VARIANTS, RESULTS_NAME, NonLocalSettings, format_tables, run_nonlocal
 
     tasks = DEMO_DATASETS[:2]
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -76,24 +76,27 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
 
 
 def test_long_regime_follows_the_demo_settings():
-    from tallmasks.demo import FinetuneSettings
-    from tallmasks.non_local.offline import NonLocalSettings
+    from tallmasks.demo.local import FinetuneSettings
+    from tallmasks.demo.non_local import NonLocalSettings
 
     base = FinetuneSettings(steps=7, lr=1e-3, warmup_steps=2, batch_size=16)
     long = NonLocalSettings(long_steps_factor=3, long_lr_factor=5).long_finetune(base)
     assert (long.steps, long.warmup_steps, long.lr, long.batch_size) == (21, 6, pytest.approx(5e-3), 16)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--other-seed", "0"], "--other-seed must differ"),
-    (["--methods", "consensus"], "non-local methods are sum, ties, tall_mask"),
-    (["--tasks", DEMO_DATASETS[0]], "at least 2 tasks"),
-    (["--calibration-sizes", "0"], "--calibration-sizes must be >= 1"),
-    (["--alpha-points", "1"], "--alpha-points must be >= 2"),
-    (["--seed", "0", "2"], "one --seed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--other-seed", "0"], "--other-seed must differ"),
+        (["--methods", "consensus"], "non-local methods are sum, ties, tall_mask"),
+        (["--tasks", DEMO_DATASETS[0]], "at least 2 tasks"),
+        (["--calibration-sizes", "0"], "--calibration-sizes must be >= 1"),
+        (["--alpha-points", "1"], "--alpha-points must be >= 2"),
+        (["--seed", "0", "2"], "one --seed"),
+    ],
+)
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, args, message):
-    from tallmasks.demo import main
+    from tallmasks.demo.cli import main
 
     assert main(["--nonlocal", "--quick", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tallmasks.errors import ConfigError
-from tallmasks.precision import PRECISIONS, precision_context
+from tallmasks.core.errors import ConfigError
+from tallmasks.core.precision import PRECISIONS, precision_context
 
 
 def _switches() -> tuple[bool, bool, bool]:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tallmasks.errors import CheckpointError
+from tallmasks.core.errors import CheckpointError
+from tallmasks.io.released import load_released_masks
 from tallmasks.models import ClassificationHead, get_classification_head
-from tallmasks.released import convert_released_head, load_released_head, load_released_masks
+from tallmasks.models.heads import convert_released_head, load_released_head
 
 PAPER_MODULE = "src.models.modeling"
 

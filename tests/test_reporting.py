@@ -7,13 +7,12 @@ import csv
 import json
 
 import pytest
-
 from conftest import run_cli
-from tallmasks import reporting
-from tallmasks.compression import compress
+
 from tallmasks.datasets import ALL_DATASETS
 from tallmasks.eval.results import atomic_write_json
-from tallmasks.reporting import (
+from tallmasks.report import tables as reporting
+from tallmasks.report.tables import (
     leaky_denominators,
     main_rows,
     method_key,
@@ -22,16 +21,26 @@ from tallmasks.reporting import (
     per_dataset_rows,
     render_table,
     run_from_results,
-    write_report,
 )
+from tallmasks.storage.collection import compress
 
 
 def _results(model, datasets, method, top1, finetuned, val=None, **extra):
     test = {f"{d}:top1": top1[d] for d in datasets}
     test.update({f"{d}:normalized_top1": top1[d] / finetuned[d] for d in datasets})
     test["avg_top1"] = sum(top1.values()) / len(datasets)
-    return {"model": model, "method": method, "datasets": list(datasets), "num_tasks": len(datasets), "precision": "fp32",
-            "finetuned_accuracies": dict(finetuned), "test": test, "val": val or {}, "selection": {"alpha": 0.3}, **extra}
+    return {
+        "model": model,
+        "method": method,
+        "datasets": list(datasets),
+        "num_tasks": len(datasets),
+        "precision": "fp32",
+        "finetuned_accuracies": dict(finetuned),
+        "test": test,
+        "val": val or {},
+        "selection": {"alpha": 0.3},
+        **extra,
+    }
 
 
 def test_render_table_formats():
@@ -78,8 +87,8 @@ def test_main_table_beside_the_paper_under_both_denominators():
 
 def test_per_dataset_rows_beside_the_other_groups_runs():
     datasets = ALL_DATASETS[:8]
-    ft = {d: 0.9 for d in datasets}
-    run = run_from_results(_results("ViT-B-32", datasets, {"name": "sum", "k": 100}, {d: 0.6 for d in datasets}, ft))
+    ft = dict.fromkeys(datasets, 0.9)
+    run = run_from_results(_results("ViT-B-32", datasets, {"name": "sum", "k": 100}, dict.fromkeys(datasets, 0.6), ft))
     headers, rows = per_dataset_rows("ViT-B-32", datasets, {"sum": run})
     theirs = next(r for r in rows if "TSV authors' runs" in r[0])
     expected = paper_per_dataset()[("ViT-B-32", 8, "sum")]
@@ -91,20 +100,29 @@ def test_report_writes_tables_figures_and_storage(tmp_path, tiny_checkpoints):
     pt, fts, _ = tiny_checkpoints
     results = tmp_path / "results"
     names = ["MNIST", "Cars", "DTD"]
-    ft = {d: 0.9 for d in names}
+    ft = dict.fromkeys(names, 0.9)
 
     def val(peak):
         return {f"{a / 10:.6g}": {"avg_normalized_top1": 0.8 - (a / 10 - peak) ** 2} for a in range(1, 11)}
 
     for method, acc in (({"name": "sum", "k": 100}, 0.6), ({"name": "ties", "k": 20, "ties_agg": "mean"}, 0.65)):
-        atomic_write_json(results / f"{method['name']}.json", _results("tiny", names, method, {d: acc for d in names}, ft, val(0.3)))
+        atomic_write_json(results / f"{method['name']}.json", _results("tiny", names, method, dict.fromkeys(names, acc), ft, val(0.3)))
     for k in range(4):
         for ties in (False, True):
             method = {"name": "consensus", "k": 100, "prun_thre_k": k, "use_ties": ties}
-            atomic_write_json(results / f"cons_{k}_{ties}.json", _results("tiny", names, method, {d: 0.6 + 0.01 * k for d in names}, ft, val(0.4)))
+            atomic_write_json(
+                results / f"cons_{k}_{ties}.json", _results("tiny", names, method, dict.fromkeys(names, 0.6 + 0.01 * k), ft, val(0.4))
+            )
     for ties in (False, True):
-        tall = _results("tiny", names, {"name": "tall_mask", "k": 100, "use_ties": ties}, {d: 0.88 for d in names}, ft,
-                        {f"{lam:.6g}": {"avg_normalized_top1": 0.9} for lam in (0.2, 0.4)}, agreement=[5, 3, 2, 1])
+        tall = _results(
+            "tiny",
+            names,
+            {"name": "tall_mask", "k": 100, "use_ties": ties},
+            dict.fromkeys(names, 0.88),
+            ft,
+            {f"{lam:.6g}": {"avg_normalized_top1": 0.9} for lam in (0.2, 0.4)},
+            agreement=[5, 3, 2, 1],
+        )
         atomic_write_json(results / f"tall_{ties}.json", tall)
     atomic_write_json(results / "sum.journal.json", {"run_key": {}, "entries": {}})  # journals are not results
     compress(pt, fts, tmp_path / "collections" / "coded", names=names, model="tiny")
@@ -136,9 +154,14 @@ def test_report_of_nothing_is_one_line(tmp_path):
 
 def test_demo_summary_and_runner_results_give_the_same_run(tmp_path):
     names = ["A", "B"]
-    summary = {"model": "m", "tasks": names, "methods": {
-        "sum": {"per_task": {"A": {"top1": 0.5}, "B": {"top1": 0.7}}},
-        "finetuned": {"per_task": {"A": {"top1": 0.8}, "B": {"top1": 0.9}}}}}
+    summary = {
+        "model": "m",
+        "tasks": names,
+        "methods": {
+            "sum": {"per_task": {"A": {"top1": 0.5}, "B": {"top1": 0.7}}},
+            "finetuned": {"per_task": {"A": {"top1": 0.8}, "B": {"top1": 0.9}}},
+        },
+    }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     runs, _ = reporting.collect([tmp_path])
     assert len(runs) == 1 and runs[0].method == "sum"

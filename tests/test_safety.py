@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, subprocess_env, tiny_state
 from PIL import Image
 
-from conftest import REPO, subprocess_env, tiny_state
-from tallmasks.checkpoints import load_state_dict, save_state_dict
 from tallmasks.cli import main as cli
-from tallmasks.errors import CheckpointError, ConfigError, OutputError, TallmasksError, one_line
-from tallmasks.guard import atomic_output, check_output, remove_stale_temporaries, require_file
-from tallmasks.schema import Percent, PositiveInt
+from tallmasks.core.errors import CheckpointError, ConfigError, OutputError, TallmasksError, one_line
+from tallmasks.core.params import Percent, PositiveInt
+from tallmasks.io.checkpoints import save_state_dict
+from tallmasks.io.guard import atomic_output, check_output, remove_stale_temporaries, require_file
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -93,7 +93,8 @@ def test_compress_over_a_collection_keeps_other_files(tmp_path, ckpts, capsys, s
     assert (out / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "meta.json").read_text())["tasks"] == ["ft0", "ft1", "ft2"]
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".safetensors")) == sorted(
-        ["merged.safetensors", "masks.safetensors"] if storage == "packbits" else ["coded.safetensors"])
+        ["merged.safetensors", "masks.safetensors"] if storage == "packbits" else ["coded.safetensors"]
+    )
     # an input that is one of the collection's own files is not overwritten
     before = (out / part).read_bytes()
     code, err = run(capsys, "compress", "--pretrained", pt, "--finetuned", out / part, "--out", out)
@@ -108,8 +109,24 @@ def test_compress_over_a_collection_keeps_other_files(tmp_path, ckpts, capsys, s
 def test_collection_parts_from_another_collection_are_refused(tmp_path, ckpts, capsys, storage, parts):
     pt, fts = ckpts
     for name, chosen in (("a", fts[:2]), ("b", [fts[0], fts[2]])):
-        assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *chosen, "--names", "x", "y", "--out", tmp_path / name,
-                   "--storage", storage)[0] == 0
+        assert (
+            run(
+                capsys,
+                "compress",
+                "--pretrained",
+                pt,
+                "--finetuned",
+                *chosen,
+                "--names",
+                "x",
+                "y",
+                "--out",
+                tmp_path / name,
+                "--storage",
+                storage,
+            )[0]
+            == 0
+        )
     for part in parts:
         mixed = tmp_path / f"mixed-{part}"
         shutil.copytree(tmp_path / "a", mixed)
@@ -120,11 +137,14 @@ def test_collection_parts_from_another_collection_are_refused(tmp_path, ckpts, c
     assert not (tmp_path / "o.pt").exists()
 
 
-@pytest.mark.parametrize("meta, message", [
-    ([1, 2], "expected a JSON object"),
-    ({"format": "tallmasks-compressed-v1", "tasks": ["x"]}, "field 'masks' missing"),
-    ({"format": "tallmasks-compressed-v1", "tasks": ["x", "x"], "masks": {}, "num_params": 1, "pretrained": {}}, "distinct task names"),
-])
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ([1, 2], "expected a JSON object"),
+        ({"format": "tallmasks-compressed-v1", "tasks": ["x"]}, "field 'masks' missing"),
+        ({"format": "tallmasks-compressed-v1", "tasks": ["x", "x"], "masks": {}, "num_params": 1, "pretrained": {}}, "distinct task names"),
+    ],
+)
 def test_damaged_meta_json_is_one_line(tmp_path, ckpts, capsys, meta, message):
     pt, fts = ckpts
     assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts[:2], "--out", tmp_path / "c")[0] == 0
@@ -134,9 +154,9 @@ def test_damaged_meta_json_is_one_line(tmp_path, ckpts, capsys, meta, message):
 
 
 def test_masks_of_another_model_are_refused(tmp_path, ckpts, capsys):
-    from tallmasks.eval.runner import load_tall_masks
+    from tallmasks.algebra.task_vectors import CheckpointSet
+    from tallmasks.experiments.runner import load_tall_masks
     from tallmasks.masks import Layout, MaskSet
-    from tallmasks.task_vectors import CheckpointSet
 
     pt, fts = ckpts
     cs = CheckpointSet(pt, fts[:2])
@@ -163,7 +183,7 @@ def _compose(overrides):
 
 
 def test_results_and_mask_names_carry_every_setting():
-    from tallmasks.eval.runner import Experiment
+    from tallmasks.experiments.runner import Experiment
 
     def exp(*overrides):
         return Experiment(_compose(["device=cpu", *overrides]))
@@ -171,22 +191,33 @@ def test_results_and_mask_names_carry_every_setting():
     names = {exp("method=ties", f"method.ties_agg={agg}").results_path().name for agg in ("mean", "sum")}
     assert len(names) == 2 and any("ties_agg=sum" in n for n in names)
     assert exp("method=ties").results_path().name == "ViT-B-32_8tasks_ties_k=20.json"  # defaults stay implicit
-    cons = {exp("method=consensus", f"method.prun_thre_k={k}", f"method.use_ties={t}").results_path().name
-            for k in (1, 2) for t in ("true", "false")}
+    cons = {
+        exp("method=consensus", f"method.prun_thre_k={k}", f"method.use_ties={t}").results_path().name
+        for k in (1, 2)
+        for t in ("true", "false")
+    }
     assert len(cons) == 4
-    masks = {exp("method=tall_mask", *extra).mask_path().name for extra in
-             ([], ["method.k=20"], ["precision=bf16"], ["method.use_ties=true"], ["method.use_ties=true", "method.ties_agg=mean"],
-              ["DATASETS=[MNIST,Cars,DTD,EuroSAT,GTSRB,RESISC45,SVHN,SUN397]"])}
+    masks = {
+        exp("method=tall_mask", *extra).mask_path().name
+        for extra in (
+            [],
+            ["method.k=20"],
+            ["precision=bf16"],
+            ["method.use_ties=true"],
+            ["method.use_ties=true", "method.ties_agg=mean"],
+            ["DATASETS=[MNIST,Cars,DTD,EuroSAT,GTSRB,RESISC45,SVHN,SUN397]"],
+        )
+    }
     assert len(masks) == 6 and "TALL_mask_8task.safetensors" in masks
     # consensus reads the masks of the tall_mask run with the same base vector
     assert exp("method=consensus", "method.use_ties=true").mask_path() == exp("method=tall_mask", "method.use_ties=true").mask_path()
 
 
 def test_masks_built_under_other_settings_are_refused(tmp_path, ckpts):
-    from tallmasks.eval.runner import load_tall_masks
+    from tallmasks.algebra.task_vectors import CheckpointSet
+    from tallmasks.experiments.runner import load_tall_masks
     from tallmasks.masks import tall_masks
     from tallmasks.merging import merge
-    from tallmasks.task_vectors import CheckpointSet
 
     pt, fts = ckpts
     cs = CheckpointSet(pt, fts[:2])
@@ -267,24 +298,27 @@ def test_journal_ignores_invalid_entries_and_other_runs(tmp_path):
 # 7, 9. values accepted without a word before; the config validated once, up front
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.use_ties=maybe", "method.use_ties must be true or false, got 'maybe'"),
-    ("n_eval_points=2.7", "n_eval_points must be an integer, got 2.7"),
-    ("num_tasks=abc", "num_tasks must be an integer"),
-    ("batch_size=abc", "batch_size must be an integer"),
-    ("batch_size=0", "batch_size must be >= 1"),
-    ("specify_lambda=nan", "specify_lambda must be a finite number"),
-    ("specify_lambda=inf", "specify_lambda must be a finite number"),
-    ("device=foo", "device: unknown device 'foo'"),
-    ("method.prun_thre_k=9", "method.prun_thre_k=9 is more than the 8 tasks"),
-    ("+method.bogus=1", "unknown config field method.bogus"),
-    ("+bogus=1", "unknown config field bogus"),
-    ("+method.grid={prun_thre_k:[1,2.5]}", "method.grid.prun_thre_k[1] must be an integer"),
-    ("wandb.mode=on", "wandb.mode must be one of disabled, online, offline"),
-    ("port=70000", "port must be >= 1 and <= 65535"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.use_ties=maybe", "method.use_ties must be true or false, got 'maybe'"),
+        ("n_eval_points=2.7", "n_eval_points must be an integer, got 2.7"),
+        ("num_tasks=abc", "num_tasks must be an integer"),
+        ("batch_size=abc", "batch_size must be an integer"),
+        ("batch_size=0", "batch_size must be >= 1"),
+        ("specify_lambda=nan", "specify_lambda must be a finite number"),
+        ("specify_lambda=inf", "specify_lambda must be a finite number"),
+        ("device=foo", "device: unknown device 'foo'"),
+        ("method.prun_thre_k=9", "method.prun_thre_k=9 is more than the 8 tasks"),
+        ("+method.bogus=1", "unknown config field method.bogus"),
+        ("+bogus=1", "unknown config field bogus"),
+        ("+method.grid={prun_thre_k:[1,2.5]}", "method.grid.prun_thre_k[1] must be an integer"),
+        ("wandb.mode=on", "wandb.mode must be one of disabled, online, offline"),
+        ("port=70000", "port must be >= 1 and <= 65535"),
+    ],
+)
 def test_config_is_validated_once_with_one_line_errors(override, message):
-    from tallmasks.schema import validate_config
+    from tallmasks.experiments.config import validate_config
 
     with pytest.raises(ConfigError) as info:
         validate_config(_compose(["method=consensus", "device=cpu", override]))
@@ -293,27 +327,34 @@ def test_config_is_validated_once_with_one_line_errors(override, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_cuda_without_a_gpu_is_one_line(tmp_path, ckpts, capsys):
-    from tallmasks.schema import validate_config
+    from tallmasks.experiments.config import validate_config
 
     with pytest.raises(ConfigError, match="no CUDA GPU is available"):
         validate_config(_compose(["device=cuda"]))
     pt, fts = ckpts
-    code, err = run(capsys, "merge", "--method", "sum", "--pretrained", pt, "--finetuned", *fts, "--device", "cuda", "--out", tmp_path / "o.pt")
+    code, err = run(
+        capsys, "merge", "--method", "sum", "--pretrained", pt, "--finetuned", *fts, "--device", "cuda", "--out", tmp_path / "o.pt"
+    )
     assert code == 2 and "no CUDA GPU is available" in err
 
 
 def test_a_new_method_is_validated_from_its_signature(monkeypatch):
-    from tallmasks.merging import base
-    from tallmasks.schema import validate_config
+    from tallmasks.experiments.config import validate_config
+    from tallmasks.merging import registry as base
 
     def toy(cs, *, k: Percent = 50, mode: str = "a", steps: int = 3, device: str = "cpu"):
         return {}
 
     monkeypatch.setitem(base.METHODS, "toy", base.Method("toy", toy, base.COEF_GRID, "toy"))
-    settings = validate_config(_compose(["method=sum", "method.name=toy", "~method.full_name", "~method.k", "+method.steps=7", "device=cpu"]))
+    settings = validate_config(
+        _compose(["method=sum", "method.name=toy", "~method.full_name", "~method.k", "+method.steps=7", "device=cpu"])
+    )
     assert settings.method.params == {"k": 50, "mode": "a", "steps": 7}
-    for override, message in (("+method.steps=x", "method.steps must be an integer"), ("+method.k=0", "method.k must be > 0"),
-                              ("+method.depth=2", "unknown config field method.depth for method 'toy'")):
+    for override, message in (
+        ("+method.steps=x", "method.steps must be an integer"),
+        ("+method.k=0", "method.k must be > 0"),
+        ("+method.depth=2", "unknown config field method.depth for method 'toy'"),
+    ):
         with pytest.raises(ConfigError, match=message):
             validate_config(_compose(["method=sum", "method.name=toy", "~method.full_name", "~method.k", override, "device=cpu"]))
 
@@ -341,11 +382,24 @@ def test_non_finite_alpha_overflow_and_empty_checkpoints_are_refused(tmp_path, c
     save_state_dict(half, tmp_path / "h0.safetensors")
     for i in range(2):
         save_state_dict({"model.w": torch.full((4,), 60000.0, dtype=torch.float16)}, tmp_path / f"h{i + 1}.safetensors")
-    code, err = run(capsys, "merge", "--method", "sum", "--pretrained", tmp_path / "h0.safetensors",
-                    "--finetuned", tmp_path / "h1.safetensors", tmp_path / "h2.safetensors", "--out", out)
+    code, err = run(
+        capsys,
+        "merge",
+        "--method",
+        "sum",
+        "--pretrained",
+        tmp_path / "h0.safetensors",
+        "--finetuned",
+        tmp_path / "h1.safetensors",
+        tmp_path / "h2.safetensors",
+        "--out",
+        out,
+    )
     assert code == 2 and "tensor 'model.w' would hold NaN or Inf in float16" in err
     torch.save({"model.n": torch.tensor([1])}, tmp_path / "ints.pt")
-    code, err = run(capsys, "merge", "--method", "sum", "--pretrained", tmp_path / "ints.pt", "--finetuned", tmp_path / "ints.pt", "--out", out)
+    code, err = run(
+        capsys, "merge", "--method", "sum", "--pretrained", tmp_path / "ints.pt", "--finetuned", tmp_path / "ints.pt", "--out", out
+    )
     assert code == 2 and "no floating-point tensor" in err
     assert not out.exists()
 
@@ -355,7 +409,7 @@ def test_non_finite_alpha_overflow_and_empty_checkpoints_are_refused(tmp_path, c
 
 
 def test_unwritable_or_full_locations_are_refused_before_the_work(tmp_path, ckpts, capsys, monkeypatch):
-    import tallmasks.task_vectors as tv
+    import tallmasks.algebra.task_vectors as tv
 
     pt, fts = ckpts
     opened = []
@@ -383,9 +437,25 @@ def test_write_failures_are_one_line(tmp_path, ckpts):
 
     for suffix in ("safetensors", "pt"):
         res = subprocess.run(
-            [sys.executable, "-m", "tallmasks.cli", "merge", "--method", "sum", "--pretrained", tmp_path / "big0.pt",
-             "--finetuned", tmp_path / "big1.pt", "--out", tmp_path / f"o.{suffix}"],
-            capture_output=True, text=True, env=subprocess_env(), preexec_fn=limit, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "tallmasks.cli",
+                "merge",
+                "--method",
+                "sum",
+                "--pretrained",
+                tmp_path / "big0.pt",
+                "--finetuned",
+                tmp_path / "big1.pt",
+                "--out",
+                tmp_path / f"o.{suffix}",
+            ],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            preexec_fn=limit,
+            timeout=300,
         )
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
         [line] = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -396,7 +466,7 @@ def test_write_failures_are_one_line(tmp_path, ckpts):
         "import resource, signal, numpy as np, torch\n"
         "from PIL import Image\n"
         "from tallmasks.eval.cache import load_or_build_split\n"
-        "from tallmasks.errors import TallmasksError\n"
+        "from tallmasks.core.errors import TallmasksError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
         "data = [(Image.new('RGB', (64, 64), (i, 0, 0)), 0) for i in range(64)]\n"
@@ -408,7 +478,7 @@ def test_write_failures_are_one_line(tmp_path, ckpts):
 
 
 def test_write_failure_classification(tmp_path):
-    from tallmasks.guard import write_failure
+    from tallmasks.io.guard import write_failure
 
     assert "No space left on device" in str(write_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "o"))
     reading = FileNotFoundError(errno.ENOENT, "No such file", "/elsewhere/input.png")
@@ -424,15 +494,16 @@ def test_named_pipes_are_refused_not_opened(tmp_path, ckpts):
     fifo = tmp_path / "x.safetensors"
     os.mkfifo(fifo)
     for args in (["inspect", fifo], ["merge", "--method", "sum", "--pretrained", pt, "--finetuned", fifo, "--out", tmp_path / "o.pt"]):
-        res = subprocess.run([sys.executable, "-m", "tallmasks.cli", *map(str, args)], capture_output=True, text=True,
-                             env=subprocess_env(), timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "tallmasks.cli", *map(str, args)], capture_output=True, text=True, env=subprocess_env(), timeout=120
+        )
         assert res.returncode == 2 and "not a regular file" in res.stderr, res.stderr[-2000:]
     with pytest.raises(CheckpointError, match="not a regular file"):
         require_file(fifo)
 
 
 def test_temporaries_are_named_after_their_output_and_stale_ones_removed(tmp_path):
-    from tallmasks.guard import _HOST
+    from tallmasks.io.guard import _HOST
 
     out = tmp_path / "m.safetensors"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -477,8 +548,9 @@ def test_cli_messages_for_new_users(tmp_path, ckpts, capsys, caplog):
     assert code == 2 and "no such file or folder" in err
     code, err = run(capsys, "inspect", pt, "--plot", tmp_path / "p.png")
     assert code == 2 and "--plot draws the agreement of a collection or mask file" in err and not (tmp_path / "p.png").exists()
-    code, err = run(capsys, "merge", "--method", "sum", "--pretrained", pt, "--finetuned", *fts[:2], "--names", "a", "a",
-                    "--out", tmp_path / "o.pt")
+    code, err = run(
+        capsys, "merge", "--method", "sum", "--pretrained", pt, "--finetuned", *fts[:2], "--names", "a", "a", "--out", tmp_path / "o.pt"
+    )
     assert code == 2 and "--names" in err
     assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts[:2], "--out", tmp_path / "c")[0] == 0
     caplog.set_level("INFO", logger="tallmasks")
@@ -490,21 +562,27 @@ def test_cli_messages_for_new_users(tmp_path, ckpts, capsys, caplog):
 def test_inspect_json_into_a_closed_pipe_is_quiet(tmp_path, ckpts, capsys):
     pt, fts = ckpts
     assert run(capsys, "compress", "--pretrained", pt, "--finetuned", *fts, "--out", tmp_path / "c")[0] == 0
-    proc = subprocess.Popen([sys.executable, "-m", "tallmasks.cli", "inspect", str(tmp_path / "c"), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tallmasks.cli", "inspect", str(tmp_path / "c"), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
     proc.stdout.close()  # the reader is gone before anything is written, as with `| head` finishing early
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipeError" not in err
 
 
 def test_eval_single_task_help_is_whole():
-    res = subprocess.run([sys.executable, str(REPO / "eval_single_task.py"), "--help"], capture_output=True, text=True,
-                         env=subprocess_env(), timeout=120)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "eval_single_task.py"), "--help"], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert res.returncode == 0 and "merged into\nresults/single_task/<model>/" in res.stdout
 
 
 def test_a_new_config_group_is_validated_from_its_registered_functions(monkeypatch):
-    from tallmasks import schema
+    from tallmasks.core.params import Group
+    from tallmasks.experiments import config as schema
 
     def tact(model, *, num_images: PositiveInt = 100, by_layer: bool = True):
         return model
@@ -516,13 +594,15 @@ def test_a_new_config_group_is_validated_from_its_registered_functions(monkeypat
             raise ConfigError(f"unknown correction {name!r}")
         return registry[name]
 
-    monkeypatch.setitem(schema.GROUPS, "correction", schema.Group(lookup, required=False))
+    monkeypatch.setitem(schema.GROUPS, "correction", Group(lookup, required=False))
     assert "correction" not in schema.validate_config(_compose(["device=cpu"])).groups  # optional, absent
     settings = schema.validate_config(_compose(["device=cpu", "correction.name=tact", "+correction.num_images=8"]))
     assert settings.groups["correction"].params == {"num_images": 8, "by_layer": True}
-    for override, message in (("+correction.num_images=0", "correction.num_images must be >= 1"),
-                              ("+correction.by_layer=maybe", "correction.by_layer must be true or false"),
-                              ("+correction.images=8", "unknown config field correction.images for correction 'tact'")):
+    for override, message in (
+        ("+correction.num_images=0", "correction.num_images must be >= 1"),
+        ("+correction.by_layer=maybe", "correction.by_layer must be true or false"),
+        ("+correction.images=8", "unknown config field correction.images for correction 'tact'"),
+    ):
         with pytest.raises(ConfigError, match=message):
             schema.validate_config(_compose(["device=cpu", "correction.name=tact", override]))
 
@@ -532,7 +612,7 @@ def test_a_new_config_group_is_validated_from_its_registered_functions(monkeypat
 def test_a_non_finite_entry_anywhere_is_refused_before_writing(tmp_path, dtype, bad):
     """save_state_dict(finite=True) finds one NaN or Inf wherever it lies (first, last, inside a long tensor,
     a scalar), names its tensor and writes nothing; finite, empty and integer tensors pass."""
-    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.io.checkpoints import save_state_dict
 
     ok = {"empty": torch.zeros(0, dtype=dtype), "ints": torch.arange(5), "scalar": torch.tensor(1.5, dtype=dtype)}
     save_state_dict({**ok, "w": torch.randn(70001).to(dtype)}, tmp_path / "fine.pt", finite=True)

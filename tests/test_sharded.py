@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, tiny_state
 from huggingface_hub import save_torch_state_dict
 
-from conftest import run_cli, tiny_state
-from tallmasks.checkpoints import ShardedStateDict, load_state_dict, sha256_file
-from tallmasks.errors import CheckpointError
+from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
+from tallmasks.core.errors import CheckpointError
+from tallmasks.io.checkpoints import ShardedStateDict, load_state_dict, sha256_file
 from tallmasks.merging import merge
-from tallmasks.task_vectors import CheckpointSet, apply_vector
 
 
 def save_sharded(state, folder, max_shard_size=200):
@@ -61,8 +61,21 @@ def test_merging_sharded_folders_equals_single_files(sharded, method, params):
 def test_cli_merges_sharded_folders(sharded, tmp_path):
     _, singles, folders = sharded
     out = tmp_path / "sharded.safetensors"
-    res = run_cli("merge", "--method", "ties", "--pretrained", folders[0], "--finetuned", *folders[1:],
-                  "--out", out, "--alpha", "0.4", "--device", "cpu")
+    res = run_cli(
+        "merge",
+        "--method",
+        "ties",
+        "--pretrained",
+        folders[0],
+        "--finetuned",
+        *folders[1:],
+        "--out",
+        out,
+        "--alpha",
+        "0.4",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     expected = apply_vector(load_state_dict(singles[0]), merge(CheckpointSet(singles[0], singles[1:]), "ties"), 0.4)
     got = load_state_dict(out)

@@ -4,7 +4,7 @@ Task Arithmetic, TIES, weight averaging, magnitude masking, TALL masks and Conse
 (Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024).
 """
 
-from tallmasks.errors import CheckpointError, ConfigError, DatasetMissingError, TallmasksError
+from tallmasks.core.errors import CheckpointError, ConfigError, DatasetMissingError, TallmasksError
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tallmasks.errors import ConfigError, TallmasksError
-from tallmasks.guard import check_output, file_size, require_file
+from tallmasks.core.errors import ConfigError, TallmasksError
+from tallmasks.io.guard import check_output, file_size, require_file
 
 log = logging.getLogger("tallmasks")
 
@@ -38,7 +38,7 @@ def _check_out_file(path: str, option: str = "--out") -> Path:
 def _inputs(*paths: str | Path) -> list[Path]:
     """The input checkpoints' files, each a regular file (never a pipe or a device); a sharded checkpoint
     gives its index and shards."""
-    from tallmasks.checkpoints import checkpoint_files
+    from tallmasks.io.checkpoints import checkpoint_files
 
     return [file for path in paths for file in checkpoint_files(path)]
 
@@ -48,8 +48,8 @@ def _sources(args) -> tuple[str | Path, list[str | Path], list[str] | None]:
     if args.pool is not None:
         if args.pretrained or args.finetuned or args.names:
             raise ConfigError("--pool replaces --pretrained, --finetuned and --names; give one or the other")
+        from tallmasks.experiments.pools import load_pool, prepare_pool
         from tallmasks.models import finetuned_path, zeroshot_path
-        from tallmasks.pools import load_pool, prepare_pool
 
         pool = load_pool(args.pool)
         root = prepare_pool(pool, args.pool_dir, heads=False)
@@ -66,8 +66,8 @@ def _flag(key: str) -> str:
 def _method_params(method: str, given: dict[str, Any], num_tasks: int, option: str = "") -> dict[str, Any]:
     """Hyperparameters given as flags (or ``--param NAME=VALUE`` with ``option``), checked against the
     method's signature like main.py's method fields."""
+    from tallmasks.core.params import coerce, parameters
     from tallmasks.merging import get_method
-    from tallmasks.schema import coerce, parameters
 
     accepted = parameters(get_method(method).fn, ("device",))
     out = {}
@@ -111,12 +111,12 @@ def _param_items(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def cmd_merge(args) -> int:
-    from tallmasks.checkpoints import save_state_dict
-    from tallmasks.coefficients import ScaledVector
+    from tallmasks.algebra.coefficients import ScaledVector
+    from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
+    from tallmasks.core.params import coerce
+    from tallmasks.io.checkpoints import save_state_dict
     from tallmasks.masks import tall_masks
     from tallmasks.merging import base_vector, get_method, merge
-    from tallmasks.schema import coerce
-    from tallmasks.task_vectors import CheckpointSet, apply_vector
 
     method = get_method(args.method)
     out = _check_out_file(args.out)
@@ -128,7 +128,9 @@ def cmd_merge(args) -> int:
     lambdas = _lambdas(args.tall_mask_lambda, 0.4)
     needs_masks = method.needs_masks(params)
     if args.tall_mask_lambda and not needs_masks:
-        raise ConfigError("--tall-mask-lambda applies to methods that read TALL masks (consensus, lines with base_method=consensus) and to compress")
+        raise ConfigError(
+            "--tall-mask-lambda applies to methods that read TALL masks (consensus, lines with base_method=consensus) and to compress"
+        )
     alpha = None if args.alpha is None else coerce(args.alpha, float, "--alpha")
     if alpha is None and method.needs_alpha:
         raise ConfigError(f"method {args.method!r} scales each layer with its own coefficient: pass --alpha to write the merged model")
@@ -150,7 +152,11 @@ def cmd_merge(args) -> int:
         result = apply_vector(cs.pretrained, vector, alpha=alpha)
         what = f"merged model (alpha={alpha:g})"
     if isinstance(vector, ScaledVector):
-        what += " (" + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in vector.info.items()) + ")"
+        what += (
+            " ("
+            + ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in vector.info.items())
+            + ")"
+        )
     save_state_dict(result, out, finite=True)
     log.info("wrote %s of %s over %d tasks (%d parameters) to %s", what, args.method, cs.num_tasks, cs.num_float_params, out)
     return 0
@@ -159,7 +165,7 @@ def cmd_merge(args) -> int:
 def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
     """theta_0, fine-tuned checkpoints, task names and mask file of --model in the released layout."""
     from tallmasks.datasets import resolve_datasets
-    from tallmasks.eval.runner import datasets_tag, released_mask_paths, tall_mask_path
+    from tallmasks.experiments.runner import datasets_tag, released_mask_paths, tall_mask_path
     from tallmasks.models.paths import finetuned_path, zeroshot_path
 
     if args.pretrained or args.finetuned:
@@ -174,14 +180,16 @@ def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
         candidates = [*ours, *released_mask_paths(location, args.model, len(datasets), args.use_ties)]
         found = [p for p in candidates if p.is_file()]
         if not found:
-            raise ConfigError(f"no TALL masks at {' or '.join(map(str, candidates[:2]))} (main.py method=tall_mask, or download_checkpoints.py --kind tall_masks)")
+            raise ConfigError(
+                f"no TALL masks at {' or '.join(map(str, candidates[:2]))} (main.py method=tall_mask, or download_checkpoints.py --kind tall_masks)"
+            )
         masks = str(found[0])
     return str(zeroshot_path(location, args.model)), finetuned, datasets, masks
 
 
 def cmd_compress(args) -> int:
-    from tallmasks.compression import DEFAULT_LAMBDA, collection_report, compress
-    from tallmasks.schema import Percent, coerce
+    from tallmasks.core.params import Percent, coerce
+    from tallmasks.storage.collection import DEFAULT_LAMBDA, collection_report, compress
 
     if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
         raise ConfigError("--use-ties, --tall-mask-lambda and --masks-file apply to --masks tall only")
@@ -231,9 +239,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_decompress(args) -> int:
-    from tallmasks.compression import decompress
-
-    from tallmasks.compression import read_meta, task_name
+    from tallmasks.storage.collection import decompress, read_meta, task_name
 
     out = _check_out_file(args.out)
     decompress(args.collection, args.task, out, pretrained=args.pretrained)
@@ -251,16 +257,16 @@ def _profile_lines(agreement: list[int]) -> list[str]:
 
 
 def cmd_inspect(args) -> int:
-    from tallmasks.checkpoints import load_state_dict
-    from tallmasks.compression import _is_collection, collection_report
+    from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.masks import MaskSet
+    from tallmasks.storage.collection import collection_report, is_collection
 
     path = Path(args.path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder")
-    sharded = path.is_dir() and not _is_collection(path) and any(path.glob("*.safetensors*"))
+    sharded = path.is_dir() and not is_collection(path) and any(path.glob("*.safetensors*"))
     if path.is_dir() and not sharded:
-        if not _is_collection(path):
+        if not is_collection(path):
             raise ConfigError(f"{path}: not a compressed collection (no valid meta.json)")
     elif not sharded:
         require_file(path, "checkpoint or mask")
@@ -278,8 +284,7 @@ def cmd_inspect(args) -> int:
         masks = MaskSet.load(path)
         names, agreement = masks.names, masks.agreement()
         densities = {n: masks.density(n) for n in names}
-        report = {"tasks": names, "num_params": masks.layout.numel, "densities": densities, "agreement": agreement,
-                  "masks": masks.info}
+        report = {"tasks": names, "num_params": masks.layout.numel, "densities": densities, "agreement": agreement, "masks": masks.info}
     else:
         state = load_state_dict(path)
         dtypes: dict[str, int] = {}
@@ -296,7 +301,7 @@ def cmd_inspect(args) -> int:
                 print(f"  {dtype:<10} {n:>14,} parameters")
         return 0
     if args.plot:
-        from tallmasks.plots import plot_agreement
+        from tallmasks.report.plots import plot_agreement
 
         plot_agreement(agreement, args.plot, title=f"{path.name}: {len(names)} tasks")
     if args.json:
@@ -304,10 +309,14 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"{path}: {len(names)} tasks, {report['num_params']:,} parameters")
     if "total_bytes" in report:
-        print(f"  storage {report['storage']}: {report['total_bytes'] / 1e6:.2f} MB beyond theta_0 = "
-              f"{report['bytes_per_param']:.3f} bytes/parameter")
-        print(f"  paper's scheme (float32 merged vector + 1 bit per weight per task): {report['paper_bytes'] / 1e6:.2f} MB; "
-              f"ratio {report['ratio_to_paper']:.3f}")
+        print(
+            f"  storage {report['storage']}: {report['total_bytes'] / 1e6:.2f} MB beyond theta_0 = "
+            f"{report['bytes_per_param']:.3f} bytes/parameter"
+        )
+        print(
+            f"  paper's scheme (float32 merged vector + 1 bit per weight per task): {report['paper_bytes'] / 1e6:.2f} MB; "
+            f"ratio {report['ratio_to_paper']:.3f}"
+        )
         print(f"  masks: {report['mask_bits_per_weight_per_task']:.3f} bits per weight per task")
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
     scales = (report.get("masks") or {}).get("scales")
@@ -334,7 +343,7 @@ def _is_released_head(path: str) -> bool:
     """Whether a .pt file is a pickled ClassificationHead of the paper's code (read from its pickle, not run)."""
     import zipfile
 
-    from tallmasks.released import RELEASED_HEAD_CLASS
+    from tallmasks.io.released import RELEASED_HEAD_CLASS
 
     module, name = RELEASED_HEAD_CLASS.rsplit(".", 1)
     try:
@@ -346,13 +355,13 @@ def _is_released_head(path: str) -> bool:
 
 
 def cmd_convert(args) -> int:
-    from tallmasks.checkpoints import convert_checkpoint
+    from tallmasks.io.checkpoints import convert_checkpoint
 
     src = require_file(args.src, "checkpoint")
     out = _check_out_file(args.dst, "convert: destination")
     check_output(out, [src], expected_bytes=file_size(src), label="convert: destination")
     if _is_released_head(args.src):
-        from tallmasks.released import load_released_head
+        from tallmasks.models.heads import load_released_head
 
         if out.suffix != ".safetensors":
             raise ConfigError(f"--out {args.dst}: a released head converts to a .safetensors file")
@@ -372,21 +381,39 @@ def cmd_align(args) -> int:
     heads = args.heads if args.heads is not None else (heads_of_model(args.model) if args.model else None)
     if heads is not None and heads < 1:
         raise ConfigError(f"--heads must be a positive integer, got {heads}")
-    record = align_checkpoint_files(args.reference, args.other, args.arch, args.out, args.experts or [], args.names,
-                                    heads, args.max_iter, args.seed, _device(args.device))
-    log.info("aligned %s to %s in %d iterations (objective %.6g -> %.6g); wrote %s", args.other, args.reference,
-             record["iterations"], *record["objective"], args.out)
+    record = align_checkpoint_files(
+        args.reference,
+        args.other,
+        args.arch,
+        args.out,
+        args.experts or [],
+        args.names,
+        heads,
+        args.max_iter,
+        args.seed,
+        _device(args.device),
+    )
+    log.info(
+        "aligned %s to %s in %d iterations (objective %.6g -> %.6g); wrote %s",
+        args.other,
+        args.reference,
+        record["iterations"],
+        *record["objective"],
+        args.out,
+    )
     return 0
 
 
 def cmd_report(args) -> int:
-    from tallmasks.reporting import write_report
+    from tallmasks.report.tables import write_report
 
     paths = args.paths or [p for p in ("results/merging", "results/demo") if Path(p).exists()]
     if not paths:
         raise ConfigError("no results folder given and none of results/merging, results/demo exists")
     written = write_report(paths, args.out)
-    log.info("wrote %s, %d CSV files and %d figures to %s", written["markdown"].name, len(written["csv"]), len(written["figures"]), args.out)
+    log.info(
+        "wrote %s, %d CSV files and %d figures to %s", written["markdown"].name, len(written["csv"]), len(written["figures"]), args.out
+    )
     return 0
 
 
@@ -409,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints theta_t (same formats)")
         p.add_argument("--names", nargs="+", help="task names (default: from file names)")
         p.add_argument("--pool", help="instead: a pool of transformers CLIP checkpoints (config/pool/NAME.yaml, or a path)")
-        p.add_argument("--pool-dir", default="models/checkpoints",
-                       help="where a pool's converted checkpoints are kept (<pool-dir>/hf/<pool name>)")
+        p.add_argument(
+            "--pool-dir", default="models/checkpoints", help="where a pool's converted checkpoints are kept (<pool-dir>/hf/<pool name>)"
+        )
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
 
     merge = sub.add_parser("merge", help="merge task vectors with one method")
@@ -423,9 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--prun-thre-k", type=int, help="consensus: minimum number of tasks per weight (2)")
     merge.add_argument("--tall-mask-lambda", type=float, nargs="+", help="consensus: lambda, one or one per task (0.4)")
     merge.add_argument("--alpha", type=float, help="write the full model theta_0 + alpha * tau instead of tau (lines: its beta)")
-    merge.add_argument("--param", action="append", metavar="NAME=VALUE",
-                       help="any hyperparameter of the method, e.g. --param p=0.5 --param base_method=ties (dare), "
-                       "--param beta=0.9 (breadcrumbs); repeatable")
+    merge.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="any hyperparameter of the method, e.g. --param p=0.5 --param base_method=ties (dare), "
+        "--param beta=0.9 (breadcrumbs); repeatable",
+    )
     merge.set_defaults(func=cmd_merge)
 
     comp = sub.add_parser("compress", help="merged vector + one mask per task (entropy-coded by default)")
@@ -433,12 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, help="output folder")
     comp.add_argument("--use-ties", action="store_true", help="TIES (k=20, sum) as the merged vector")
     comp.add_argument("--tall-mask-lambda", type=float, nargs="+", help="lambda, one or one per task (0.4)")
-    comp.add_argument("--masks", choices=["tall", "magnitude", "emr"], default="tall",
-                      help="TALL masks, magnitude masks, or EMR-merging's masks and rescalers")
+    comp.add_argument(
+        "--masks",
+        choices=["tall", "magnitude", "emr"],
+        default="tall",
+        help="TALL masks, magnitude masks, or EMR-merging's masks and rescalers",
+    )
     comp.add_argument("--k", type=float, help="magnitude masks: top-k percentage (10)")
-    comp.add_argument("--storage", choices=["coded", "packbits"], default="coded",
-                      help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); "
-                      "packbits: the paper's scheme")
+    comp.add_argument(
+        "--storage",
+        choices=["coded", "packbits"],
+        default="coded",
+        help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); packbits: the paper's scheme",
+    )
     comp.add_argument("--masks-file", help="existing TALL masks (ours, or a released TALL_mask_<N>task.npy) instead of building them")
     comp.add_argument("--model", help="read theta_0, the fine-tuned checkpoints and the masks from the released layout")
     comp.add_argument("--num-tasks", type=int, default=8, help="with --model: the first N of the paper's datasets (8)")
@@ -458,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", help="write the agreement profile as a PNG")
     ins.set_defaults(func=cmd_inspect)
 
-    conv = sub.add_parser(
-        "convert", help="convert a checkpoint between .pt and .safetensors (a released head .pt to .safetensors)"
-    )
+    conv = sub.add_parser("convert", help="convert a checkpoint between .pt and .safetensors (a released head .pt to .safetensors)")
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
@@ -468,8 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     align = sub.add_parser("align", help="permute a checkpoint (and its experts) to match a reference (weight matching)")
     align.add_argument("--reference", required=True, help="reference foundation (.pt or .safetensors)")
     align.add_argument("--other", required=True, help="foundation to align to the reference")
-    align.add_argument("--arch", required=True, choices=["vit", "cnn", "mlp"],
-                       help="vit: open_clip VisionTransformer; cnn: torchvision ResNet layout; mlp: a chain of linear/conv layers")
+    align.add_argument(
+        "--arch",
+        required=True,
+        choices=["vit", "cnn", "mlp"],
+        help="vit: open_clip VisionTransformer; cnn: torchvision ResNet layout; mlp: a chain of linear/conv layers",
+    )
     align.add_argument("--experts", nargs="+", help="checkpoints fine-tuned from --other, permuted likewise")
     align.add_argument("--names", nargs="+", help="expert names (default: from file names)")
     align.add_argument("--out", required=True, help="new output folder")

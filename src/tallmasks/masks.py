@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tallmasks.checkpoints import atomic_path
-from tallmasks.errors import CheckpointError, ConfigError
-from tallmasks.guard import require_file
-from tallmasks.selection import KthInWindows, KthMagnitudes, check_k, kth_rank, sample_window
-from tallmasks.task_vectors import CheckpointSet
+from tallmasks.algebra.task_vectors import CheckpointSet
+from tallmasks.algebra.topk import KthInWindows, KthMagnitudes, check_k, kth_rank, sample_window
+from tallmasks.core.errors import CheckpointError, ConfigError
+from tallmasks.io.checkpoints import atomic_path
+from tallmasks.io.guard import require_file
 
 MASKSET_FORMAT = "tallmasks-maskset-v1"
 _UNPACK_CHUNK_BYTES = 1 << 22
@@ -103,7 +103,11 @@ class MaskSet:
     """Bit-packed binary masks of several tasks over one layout."""
 
     def __init__(
-        self, names: Sequence[str], layout: Layout, packed: Sequence[np.ndarray], info: dict | None = None,
+        self,
+        names: Sequence[str],
+        layout: Layout,
+        packed: Sequence[np.ndarray],
+        info: dict | None = None,
         origin: str | Path | None = None,
     ):
         names = [str(n) for n in names]
@@ -233,7 +237,9 @@ class MaskSet:
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable mask file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise CheckpointError(
+                f"{path}: unreadable mask file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
         return cls(names, layout, packed, info, origin=path)
 
     @classmethod
@@ -374,6 +380,6 @@ def consensus_mask(masks: MaskSet, k: int) -> dict[str, torch.Tensor]:
 
 def check_prun_thre_k(k, num_tasks: int | None = None) -> int:
     """``k`` as an int in [0, num_tasks]: a larger one would drop every weight."""
-    from tallmasks.schema import TaskCount, coerce
+    from tallmasks.core.params import TaskCount, coerce
 
     return coerce(k, TaskCount, "prun_thre_k", {"num_tasks": num_tasks})

@@ -7,6 +7,8 @@ import logging
 import numbers
 from pathlib import Path
 
+from tallmasks.core.errors import ConfigError
+from tallmasks.datasets.paper import PAPER_ORDER as _PAPER_ORDER
 from tallmasks.datasets.registry import (
     SPLITS,
     DatasetSpec,
@@ -24,8 +26,6 @@ from tallmasks.datasets.registry import (
     val_split_indices,
     val_split_loader,
 )
-from tallmasks.datasets.paper import PAPER_ORDER as _PAPER_ORDER
-from tallmasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -219,8 +219,7 @@ banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched cry
 freckled frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined marbled matted meshed paisley
 perforated pitted pleated polka-dotted porous potholed scaly smeared spiralled sprinkled stained stratified striped
 studded swirly veined waffled woven wrinkled zigzagged
-""".replace("\n", " ")
-    .replace(" ", "\n")
+""".replace("\n", " ").replace(" ", "\n")
 )
 
 # Folder names of the prepared EuroSAT_splits tree, in label (sorted) order, and their prompt names.

@@ -15,10 +15,10 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tallmasks.core.errors import DatasetMissingError
 from tallmasks.datasets import classnames as cn
 from tallmasks.datasets.registry import DatasetSpec, LabeledImages, register_dataset, val_split_loader
 from tallmasks.datasets.templates import TEMPLATES
-from tallmasks.errors import DatasetMissingError
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,7 @@ def _mismatch(name: str, path: Path, found: list[str], expected: list[str]) -> D
     extra = [c for c in found if c not in expected]
     absent = [c for c in expected if c not in found]
     detail = f"unexpected {extra[0]!r}" if extra else (f"missing {absent[0]!r}" if absent else "different order")
-    return DatasetMissingError(
-        f"{name}: classes at {path} do not match the paper's {len(expected)} classes "
-        f"(found {len(found)}, {detail})"
-    )
+    return DatasetMissingError(f"{name}: classes at {path} do not match the paper's {len(expected)} classes (found {len(found)}, {detail})")
 
 
 def _check_classes(name: str, path: Path, found: list[str], expected: list[str]) -> None:
@@ -264,8 +261,7 @@ def _fer2013_base(part: str, root: Path) -> Dataset:
             rows = hf_datasets.load_dataset(FER2013_HF_ID, split=part)
     except Exception as exc:  # the hub client raises many kinds of errors when offline or not cached
         raise DatasetMissingError(
-            f"FER2013: expected at {local} (or {FER2013_HF_ID} in the Hugging Face cache); "
-            f"{how_to_prepare('FER2013', root)}"
+            f"FER2013: expected at {local} (or {FER2013_HF_ID} in the Hugging Face cache); {how_to_prepare('FER2013', root)}"
         ) from exc
     return _FERImages(rows)
 
@@ -282,9 +278,7 @@ def _register_all() -> None:
     bases: dict[str, tuple[list[str], Callable[[str, Path], Dataset]]] = {
         "Cars": (
             cn.CARS,
-            _torchvision_base(
-                "Cars", "", _cars, "stanford_cars", lambda d: [_spaces(c) for c in d.classes], cn.CARS
-            ),
+            _torchvision_base("Cars", "", _cars, "stanford_cars", lambda d: [_spaces(c) for c in d.classes], cn.CARS),
         ),
         "DTD": (cn.DTD, _dtd_base),
         "GTSRB": (cn.GTSRB, _torchvision_base("GTSRB", "", _gtsrb, "gtsrb/GTSRB")),
@@ -311,23 +305,17 @@ def _register_all() -> None:
         ),
         "CIFAR100": (
             cn.CIFAR100,
-            _torchvision_base(
-                "CIFAR100", "", _mnist_like("CIFAR100"), "cifar-100-python", _classes_attr, cn.CIFAR100
-            ),
+            _torchvision_base("CIFAR100", "", _mnist_like("CIFAR100"), "cifar-100-python", _classes_attr, cn.CIFAR100),
         ),
         "PCAM": (cn.PCAM, _torchvision_base("PCAM", "PCAM", _split_kw("PCAM"), "PCAM/pcam")),
         "FER2013": (cn.FER2013, _fer2013_base),
         "CIFAR10": (
             cn.CIFAR10,
-            _torchvision_base(
-                "CIFAR10", "", _mnist_like("CIFAR10"), "cifar-10-batches-py", _classes_attr, cn.CIFAR10
-            ),
+            _torchvision_base("CIFAR10", "", _mnist_like("CIFAR10"), "cifar-10-batches-py", _classes_attr, cn.CIFAR10),
         ),
         "Food101": (
             cn.FOOD101,
-            _torchvision_base(
-                "Food101", "food101", _split_kw("Food101"), "food101/food-101", _classes_attr, cn.FOOD101
-            ),
+            _torchvision_base("Food101", "food101", _split_kw("Food101"), "food101/food-101", _classes_attr, cn.FOOD101),
         ),
         "FashionMNIST": (
             cn.FASHION_MNIST,
@@ -353,15 +341,11 @@ def _register_all() -> None:
         ),
         "EMNIST": (
             cn.DIGITS,
-            _torchvision_base(
-                "EMNIST", "EMNIST", _mnist_like("EMNIST", split="digits"), "EMNIST/EMNIST/raw", _classes_attr, cn.DIGITS
-            ),
+            _torchvision_base("EMNIST", "EMNIST", _mnist_like("EMNIST", split="digits"), "EMNIST/EMNIST/raw", _classes_attr, cn.DIGITS),
         ),
         "KMNIST": (
             cn.KMNIST,
-            _torchvision_base(
-                "KMNIST", "KMNIST", _mnist_like("KMNIST"), "KMNIST/KMNIST/raw", _classes_attr, cn.KMNIST
-            ),
+            _torchvision_base("KMNIST", "KMNIST", _mnist_like("KMNIST"), "KMNIST/KMNIST/raw", _classes_attr, cn.KMNIST),
         ),
     }
     for name in PAPER_ORDER:

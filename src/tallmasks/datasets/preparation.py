@@ -15,12 +15,11 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from tqdm import tqdm
-
+from tallmasks.core.errors import DatasetMissingError, TallmasksError, one_line
+from tallmasks.core.progress import progress
 from tallmasks.datasets.paper import FER2013_HF_ID, PAPER_DATASETS, how_to_prepare
 from tallmasks.datasets.registry import canonical_name, load_split
-from tallmasks.errors import DatasetMissingError, TallmasksError, one_line
-from tallmasks.guard import check_output
+from tallmasks.io.guard import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +87,7 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Pa
 
 def _manual(name: str, root: Path) -> DatasetMissingError:
     location = root / PAPER_DATASETS[name].location
-    return DatasetMissingError(
-        f"{name}: cannot be downloaded automatically; expected at {location}; {how_to_prepare(name, root)}"
-    )
+    return DatasetMissingError(f"{name}: cannot be downloaded automatically; expected at {location}; {how_to_prepare(name, root)}")
 
 
 def _download_torchvision(name: str, root: Path) -> None:
@@ -149,7 +146,7 @@ def _place(src: Path, dst: Path) -> None:
 
 def _arrange(entries: Iterable[tuple[Path, Path]], desc: str) -> int:
     count = 0
-    for src, dst in tqdm(list(entries), desc=desc, unit="img", leave=False):
+    for src, dst in progress(list(entries), desc=desc, unit="img", leave=False):
         if not src.is_file():
             raise DatasetMissingError(f"{desc}: listed image {src} does not exist")
         _place(src, dst)

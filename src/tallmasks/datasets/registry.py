@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from tallmasks.errors import ConfigError, DatasetMissingError
+from tallmasks.core.errors import ConfigError, DatasetMissingError
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,9 @@ def val_split_indices(n: int) -> tuple[list[int], list[int]]:
     if v <= 0 or n - v <= 0:
         raise DatasetMissingError(f"a training set of {n} items is too small for a validation split")
     train, val = torch.utils.data.random_split(
-        range(n), [n - v, v], generator=torch.Generator().manual_seed(VAL_SEED)  # type: ignore[arg-type]
+        range(n),
+        [n - v, v],
+        generator=torch.Generator().manual_seed(VAL_SEED),  # type: ignore[arg-type]
     )
     return list(train.indices), list(val.indices)
 

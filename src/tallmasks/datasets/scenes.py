@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tallmasks.core.errors import ConfigError
 from tallmasks.datasets.registry import DatasetSpec, register_dataset, split_train_val
-from tallmasks.errors import ConfigError
 
 IMAGE_SIZE = 16
 """Side of the demo images in pixels (the demo model's input resolution)."""
@@ -54,7 +54,15 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "dia
 TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "noisy", "gradient")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 ORIENTATIONS: tuple[str, ...] = ("horizontal", "vertical", "diagonal", "antidiagonal")
@@ -255,8 +263,16 @@ def _colors(rng, label, pool):
 
 
 SIGNS: tuple[tuple[str, str], ...] = (
-    ("red", "circle"), ("blue", "circle"), ("red", "triangle"), ("yellow", "diamond"), ("blue", "square"),
-    ("white", "square"), ("green", "cross"), ("orange", "ring"), ("red", "square"), ("yellow", "triangle"),
+    ("red", "circle"),
+    ("blue", "circle"),
+    ("red", "triangle"),
+    ("yellow", "diamond"),
+    ("blue", "square"),
+    ("white", "square"),
+    ("green", "cross"),
+    ("orange", "ring"),
+    ("red", "square"),
+    ("yellow", "triangle"),
 )
 
 
@@ -433,7 +449,9 @@ def _magnitude(rng, label, pool):
     canvas.texture("checkered", _dark(rng), _dark(rng) + 30, rng)
     digit = int(rng.integers(0, 5)) + 5 * label
     color = _color_name(rng)
-    canvas.paint(glyph_mask(digit, pool, rng, 8 + rng.uniform(-1, 1), 8 + rng.uniform(-1, 1), rng.uniform(10, 13)), _jitter(COLORS[color], rng))
+    canvas.paint(
+        glyph_mask(digit, pool, rng, 8 + rng.uniform(-1, 1), 8 + rng.uniform(-1, 1), rng.uniform(10, 13)), _jitter(COLORS[color], rng)
+    )
     return canvas, {"digit": digit, "color": color, "texture": "checkered"}
 
 
@@ -469,46 +487,142 @@ class SceneTask:
 
 
 SCENE_TASKS: list[SceneTask] = [
-    SceneTask("Shapes", list(SHAPES), _templates("a photo of a {}.", "a {} shape.", "a drawing of a {}."), _shapes,
-              "the shape of one object on a noisy dark background"),
-    SceneTask("Textures", list(TEXTURES), _templates("a {} background.", "a {} texture.", "a {} pattern."), _textures,
-              "the background's texture, with a small distractor object"),
-    SceneTask("Colors", list(COLOR_NAMES), _templates("a {} object.", "a photo of something {}.", "a {} shape."), _colors,
-              "the colour of one object on grey"),
-    SceneTask("Signs", [f"{c} {s}" for c, s in SIGNS], _templates("a sign with a {}.", "a photo of a {} sign.", "a {}."), _signs,
-              "the colour and shape of a sign on a pole"),
-    SceneTask("Digits", list(NUMBER_WORDS), _templates("the digit {}.", "a handwritten {}.", "a photo of the number {}."),
-              _digits_plain, "a handwritten digit, white on black"),
-    SceneTask("Positions", list(POSITIONS), _templates("an object at the {}.", "something in the {}.", "a small shape at the {}."),
-              _positions, "where a small object sits, on dark blue"),
-    SceneTask("StreetDigits", [str(d) for d in range(10)], _templates("the house number {}.", "the number {}.", "a photo of the number {}."),
-              _street_digits, "the centre digit of a house number, with its neighbours cut"),
-    SceneTask("Counts", list(NUMBER_WORDS[1:7]), _templates("{} objects.", "a photo of {} things.", "there are {} shapes."),
-              _counts, "how many small objects (1-6)"),
-    SceneTask("Sizes", list(SIZES), _templates("a {} object.", "a {} shape.", "a photo of a {} thing."), _sizes,
-              "the size of one object on white"),
-    SceneTask("Bars", list(ORIENTATIONS), _templates("a {} bar.", "a {} line.", "a photo of {} stripes."), _bars,
-              "the orientation of bars on a dotted background"),
-    SceneTask("Parity", ["even", "odd"], _templates("an {} number.", "an {} digit.", "a photo of an {} number."), _parity,
-              "whether a dark digit on a coloured background is even or odd"),
-    SceneTask("Backgrounds", list(BG_COLORS), _templates("a {} background.", "something on {}.", "a photo with a {} background."),
-              _bg_colors, "the background's colour, with a light object"),
-    SceneTask("Fills", list(FILLS), _templates("a {} shape.", "a {} object.", "a photo of a {} shape."), _fill,
-              "whether a shape is filled or hollow, on stripes"),
-    SceneTask("Pairs", ["the same color", "different colors"], _templates("two objects of {}.", "a photo of two shapes of {}.",
-              "two things with {}."), _pairs, "whether two objects share their colour"),
-    SceneTask("Largest", [f"big {s}" for s in SHAPES], _templates("a {} and small shapes.", "the biggest shape is a {}.",
-              "a photo of a {}."), _largest, "the shape of the largest of three objects"),
-    SceneTask("Majority", list(DOMINANT), _templates("mostly {} dots.", "a photo of many {} squares.", "{} is the main color."),
-              _dominant, "the colour of most of seven small squares"),
-    SceneTask("Sides", list(SIDES), _templates("more dots on the {}.", "a crowd on the {}.", "most circles are on the {}."),
-              _sides, "which half has more dots"),
-    SceneTask("Stripes", list(STRIPES), _templates("a background of {}.", "{}.", "a photo of {} behind a shape."),
-              _stripes, "the direction of the background's stripes, with a small object"),
-    SceneTask("Magnitudes", list(MAGNITUDES), _templates("a {} number.", "a {} digit.", "a photo of a {} number."), _magnitude,
-              "whether a coloured digit on a checkerboard is small (0-4) or large (5-9)"),
-    SceneTask("ColorCounts", list(COLOR_COUNTS), _templates("shapes in {}.", "a photo of {}.", "four objects with {}."),
-              _color_count, "how many colours four objects have"),
+    SceneTask(
+        "Shapes",
+        list(SHAPES),
+        _templates("a photo of a {}.", "a {} shape.", "a drawing of a {}."),
+        _shapes,
+        "the shape of one object on a noisy dark background",
+    ),
+    SceneTask(
+        "Textures",
+        list(TEXTURES),
+        _templates("a {} background.", "a {} texture.", "a {} pattern."),
+        _textures,
+        "the background's texture, with a small distractor object",
+    ),
+    SceneTask(
+        "Colors",
+        list(COLOR_NAMES),
+        _templates("a {} object.", "a photo of something {}.", "a {} shape."),
+        _colors,
+        "the colour of one object on grey",
+    ),
+    SceneTask(
+        "Signs",
+        [f"{c} {s}" for c, s in SIGNS],
+        _templates("a sign with a {}.", "a photo of a {} sign.", "a {}."),
+        _signs,
+        "the colour and shape of a sign on a pole",
+    ),
+    SceneTask(
+        "Digits",
+        list(NUMBER_WORDS),
+        _templates("the digit {}.", "a handwritten {}.", "a photo of the number {}."),
+        _digits_plain,
+        "a handwritten digit, white on black",
+    ),
+    SceneTask(
+        "Positions",
+        list(POSITIONS),
+        _templates("an object at the {}.", "something in the {}.", "a small shape at the {}."),
+        _positions,
+        "where a small object sits, on dark blue",
+    ),
+    SceneTask(
+        "StreetDigits",
+        [str(d) for d in range(10)],
+        _templates("the house number {}.", "the number {}.", "a photo of the number {}."),
+        _street_digits,
+        "the centre digit of a house number, with its neighbours cut",
+    ),
+    SceneTask(
+        "Counts",
+        list(NUMBER_WORDS[1:7]),
+        _templates("{} objects.", "a photo of {} things.", "there are {} shapes."),
+        _counts,
+        "how many small objects (1-6)",
+    ),
+    SceneTask(
+        "Sizes", list(SIZES), _templates("a {} object.", "a {} shape.", "a photo of a {} thing."), _sizes, "the size of one object on white"
+    ),
+    SceneTask(
+        "Bars",
+        list(ORIENTATIONS),
+        _templates("a {} bar.", "a {} line.", "a photo of {} stripes."),
+        _bars,
+        "the orientation of bars on a dotted background",
+    ),
+    SceneTask(
+        "Parity",
+        ["even", "odd"],
+        _templates("an {} number.", "an {} digit.", "a photo of an {} number."),
+        _parity,
+        "whether a dark digit on a coloured background is even or odd",
+    ),
+    SceneTask(
+        "Backgrounds",
+        list(BG_COLORS),
+        _templates("a {} background.", "something on {}.", "a photo with a {} background."),
+        _bg_colors,
+        "the background's colour, with a light object",
+    ),
+    SceneTask(
+        "Fills",
+        list(FILLS),
+        _templates("a {} shape.", "a {} object.", "a photo of a {} shape."),
+        _fill,
+        "whether a shape is filled or hollow, on stripes",
+    ),
+    SceneTask(
+        "Pairs",
+        ["the same color", "different colors"],
+        _templates("two objects of {}.", "a photo of two shapes of {}.", "two things with {}."),
+        _pairs,
+        "whether two objects share their colour",
+    ),
+    SceneTask(
+        "Largest",
+        [f"big {s}" for s in SHAPES],
+        _templates("a {} and small shapes.", "the biggest shape is a {}.", "a photo of a {}."),
+        _largest,
+        "the shape of the largest of three objects",
+    ),
+    SceneTask(
+        "Majority",
+        list(DOMINANT),
+        _templates("mostly {} dots.", "a photo of many {} squares.", "{} is the main color."),
+        _dominant,
+        "the colour of most of seven small squares",
+    ),
+    SceneTask(
+        "Sides",
+        list(SIDES),
+        _templates("more dots on the {}.", "a crowd on the {}.", "most circles are on the {}."),
+        _sides,
+        "which half has more dots",
+    ),
+    SceneTask(
+        "Stripes",
+        list(STRIPES),
+        _templates("a background of {}.", "{}.", "a photo of {} behind a shape."),
+        _stripes,
+        "the direction of the background's stripes, with a small object",
+    ),
+    SceneTask(
+        "Magnitudes",
+        list(MAGNITUDES),
+        _templates("a {} number.", "a {} digit.", "a photo of a {} number."),
+        _magnitude,
+        "whether a coloured digit on a checkerboard is small (0-4) or large (5-9)",
+    ),
+    SceneTask(
+        "ColorCounts",
+        list(COLOR_COUNTS),
+        _templates("shapes in {}.", "a photo of {}.", "four objects with {}."),
+        _color_count,
+        "how many colours four objects have",
+    ),
 ]
 TASKS_BY_NAME: dict[str, SceneTask] = {t.name: t for t in SCENE_TASKS}
 DEMO_DATASETS: list[str] = [t.name for t in SCENE_TASKS]
@@ -610,8 +724,20 @@ def caption(facts: Facts, rng: np.random.Generator, style: CaptionStyle) -> str:
     return " ".join(words)
 
 
-_CAPTION_WORDS = ("the digit", "a handwritten", "the number", "a few", "many", "object", "objects", "bar",
-                  "on the", "at the", "on a", "background")
+_CAPTION_WORDS = (
+    "the digit",
+    "a handwritten",
+    "the number",
+    "a few",
+    "many",
+    "object",
+    "objects",
+    "bar",
+    "on the",
+    "at the",
+    "on a",
+    "background",
+)
 
 
 def corpus() -> list[str]:
@@ -644,7 +770,7 @@ class SceneImages(Dataset):
 POOL_SIZES = {"train": TRAIN_SIZE, "test": TEST_SIZE}
 
 
-@lru_cache(maxsize=None)
+@cache
 def task_pool(name: str, pool: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[Facts, ...]]:
     """(images, labels, facts) of the first ``size`` items (default: the pool's size) of ``name``'s ``pool``."""
     if name not in TASKS_BY_NAME:

@@ -67,11 +67,7 @@ TEMPLATES: dict[str, list[Template]] = {
         "a photo of my old {c}.",
     ),
     "DTD": _templates(
-        *(
-            f"a photo of {article} {{c}} {noun}."
-            for article in ("a", "the")
-            for noun in ("texture", "pattern", "thing", "object")
-        )
+        *(f"a photo of {article} {{c}} {noun}." for article in ("a", "the") for noun in ("texture", "pattern", "thing", "object"))
     ),
     "EuroSAT": _templates(
         "a centered satellite photo of {c}.",

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from tallmasks.checkpoints import atomic_path
-from tallmasks.errors import TallmasksError
-from tallmasks.guard import check_output, preallocate
+from tallmasks.core.errors import TallmasksError
+from tallmasks.core.progress import progress
+from tallmasks.io.checkpoints import atomic_path
+from tallmasks.io.guard import check_output, preallocate
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +149,21 @@ def _collate(items):
 
 
 def build_split(
-    base: Dataset, steps: list[Callable], prefix: Path, fingerprint: str, num_workers: int = 0, batch_size: int = 256,
-    identity: str = "", image_size: int | None = None,
+    base: Dataset,
+    steps: list[Callable],
+    prefix: Path,
+    fingerprint: str,
+    num_workers: int = 0,
+    batch_size: int = 256,
+    identity: str = "",
+    image_size: int | None = None,
 ) -> None:
     """Preprocess ``base`` into <prefix>.images.npy / .labels.npy / .json (atomic; the .json comes last).
     The room it needs is checked first and reserved, so a full disk is one error line, not a crash."""
     n = len(base)  # type: ignore[arg-type]
     if n == 0:
         raise TallmasksError(f"{prefix}: empty split")
-    loader = DataLoader(
-        _Preprocessed(base, steps), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
-    )
+    loader = DataLoader(_Preprocessed(base, steps), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
     images_path, labels_path, meta_path = _files(prefix)
     if image_size:
         check_output(images_path, expected_bytes=n * 3 * int(image_size) ** 2 + 9 * n, label="split cache")
@@ -167,7 +171,7 @@ def build_split(
     labels = np.empty(n, dtype=np.int64)
     with atomic_path(images_path) as tmp_images:
         offset = 0
-        for batch_images, batch_labels in tqdm(loader, desc=f"caching {prefix.parent.name}/{prefix.name}", leave=False, unit="batch"):
+        for batch_images, batch_labels in progress(loader, desc=f"caching {prefix.parent.name}/{prefix.name}", leave=False, unit="batch"):
             if images_mm is None:
                 shape = (n, *batch_images.shape[1:])
                 images_mm = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=shape)
@@ -189,7 +193,11 @@ def build_split(
 
 
 def _files(prefix: Path) -> tuple[Path, Path, Path]:
-    return prefix.with_name(prefix.name + ".images.npy"), prefix.with_name(prefix.name + ".labels.npy"), prefix.with_name(prefix.name + ".json")
+    return (
+        prefix.with_name(prefix.name + ".images.npy"),
+        prefix.with_name(prefix.name + ".labels.npy"),
+        prefix.with_name(prefix.name + ".json"),
+    )
 
 
 def _read_meta(prefix: Path) -> dict:
@@ -258,8 +266,13 @@ def load_or_build_split(
         if not build:
             raise TallmasksError(f"{prefix}: preprocessed {dataset}/{split} is missing or stale after rank 0 built it")
         stale = _files(prefix)[2].is_file()
-        log.info("%s %s/%s once into %s", "re-preprocessing (data changed or cache damaged)" if stale else "preprocessing",
-                 dataset, split, prefix.parent)
+        log.info(
+            "%s %s/%s once into %s",
+            "re-preprocessing (data changed or cache damaged)" if stale else "preprocessing",
+            dataset,
+            split,
+            prefix.parent,
+        )
         build_split(base, steps, prefix, fingerprint, num_workers=num_workers, identity=identity, image_size=image_size)
         data = _open_if_current(prefix, fingerprint, identity)
         if data is None:

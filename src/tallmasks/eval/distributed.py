@@ -90,7 +90,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
 
 
 def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
-    """"auto" = cuda if available else cpu; under torchrun a bare "cuda" means cuda:<LOCAL_RANK>."""
+    """ "auto" = cuda if available else cpu; under torchrun a bare "cuda" means cuda:<LOCAL_RANK>."""
     name = str(device or "auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,16 +108,14 @@ def free_port() -> int:
 
 
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     fn(*args)
 
 
 def check_device(name: Any, where: str = "device") -> str:
     """``name`` if it is auto, cpu, cuda or cuda:N (mps where built) and available here; a one-line ConfigError otherwise."""
-    from tallmasks.errors import ConfigError
+    from tallmasks.core.errors import ConfigError
 
     text = str(name).strip() if name is not None else "auto"
     if text == "auto":
@@ -152,7 +150,7 @@ def local_slots(device: str = "auto") -> int:
 def check_world_size(world_size: int, device: str = "auto", force: bool = False) -> None:
     """A one-line ConfigError unless ``world_size`` local ranks fit on ``device`` (more ranks than GPUs
     never run; more than CPU cores only with ``force``)."""
-    from tallmasks.errors import ConfigError
+    from tallmasks.core.errors import ConfigError
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
@@ -171,7 +169,7 @@ def check_world_size(world_size: int, device: str = "auto", force: bool = False)
 
 def check_port(port: int | None) -> None:
     """A one-line ConfigError when the rendezvous ``port`` is taken on this machine."""
-    from tallmasks.errors import ConfigError
+    from tallmasks.core.errors import ConfigError
 
     if port is None:
         return

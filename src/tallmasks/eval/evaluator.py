@@ -10,11 +10,11 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from tallmasks.coefficients import KeyScaling, key_coefficient, scaling_of
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.algebra.coefficients import KeyScaling, key_coefficient, scaling_of
+from tallmasks.core.errors import CheckpointError, ConfigError
+from tallmasks.core.precision import PRECISIONS, check_precision, precision_context  # noqa: F401  (re-exported)
 from tallmasks.eval.cache import SplitData
 from tallmasks.eval.distributed import DistInfo
-from tallmasks.precision import PRECISIONS, check_precision, precision_context  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

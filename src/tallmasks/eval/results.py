@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tallmasks.checkpoints import atomic_path
-from tallmasks.errors import TallmasksError
-from tallmasks.guard import require_file
+from tallmasks.core.errors import TallmasksError
+from tallmasks.io.checkpoints import atomic_path
+from tallmasks.io.guard import require_file
 
 
 def _jsonable(value: Any) -> Any:

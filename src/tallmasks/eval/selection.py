@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tallmasks.errors import TallmasksError
+from tallmasks.core.errors import TallmasksError
 from tallmasks.eval.results import read_json
 
 FT_FILE = "nonlinear_ft_accuracies.json"

@@ -7,15 +7,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from tallmasks.checkpoints import load_state_dict
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.core.errors import CheckpointError, ConfigError
+from tallmasks.core.progress import progress
 from tallmasks.eval.cache import default_num_workers, load_or_build_split
 from tallmasks.eval.distributed import check_device, init_distributed
 from tallmasks.eval.evaluator import Evaluator
 from tallmasks.eval.results import atomic_write_json, read_json
-from tallmasks.guard import check_output, require_file
+from tallmasks.io.checkpoints import load_state_dict
+from tallmasks.io.guard import check_output, require_file
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def evaluate_single_task(
 ) -> dict[str, float]:
     """Accuracy of the zero-shot (mode "none") or fine-tuned ("standard") model of each dataset on its
     val ("<D>Val") and test ("<D>") splits; merged into the table under ``output_dir``; returns the new values."""
-    from tallmasks.datasets import resolve_datasets, load_split
+    from tallmasks.datasets import load_split, resolve_datasets
     from tallmasks.models import ImageEncoder, finetuned_path, get_classification_head, zeroshot_path
 
     out_path = accuracies_path(output_dir, model, mode)
@@ -77,14 +76,20 @@ def evaluate_single_task(
     evaluator = Evaluator(encoder, load_state_dict(zs), dev, precision, batch_size, dist)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     new: dict[str, float] = {}
-    for dataset in tqdm(names, desc=f"{model} {mode}", disable=not dist.is_main, leave=False):
+    for dataset in progress(names, desc=f"{model} {mode}", disable=not dist.is_main, leave=False):
         evaluator.load_state(load_state_dict(paths[dataset]))
         evaluator.set_head(dataset, get_classification_head(model, dataset, model_location, device="cpu"))
         for split, key in (("val", dataset + "Val"), ("test", dataset)):
             data = dist.main_first(
                 lambda d=dataset, s=split: load_or_build_split(
-                    lambda: load_split(d, s, data_location), d, s, cache, encoder.image_size, encoder.val_preprocess,
-                    workers, build=dist.is_main,
+                    lambda: load_split(d, s, data_location),
+                    d,
+                    s,
+                    cache,
+                    encoder.image_size,
+                    encoder.val_preprocess,
+                    workers,
+                    build=dist.is_main,
                 )
             )
             correct, total = evaluator.count_correct(dataset, data)

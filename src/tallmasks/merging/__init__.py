@@ -1,25 +1,19 @@
-"""Merging methods, registered by name (``METHODS``); ``merge(cs, name, **hyperparameters)``."""
+"""Merging methods, registered by name (``METHODS``); ``merge(cs, name, **hyperparameters)``.
 
-from tallmasks.merging import dare, emr, iso, lines, magnitude, tall, task_arithmetic, ties, tsv  # noqa: F401  (registration)
-from tallmasks.merging import breadcrumbs, cart, magmax, model_stock, pcb, wudi  # noqa: F401  (registration)
-from tallmasks.merging.base import (
-    METHODS,
-    TALL_LAMBDAS,
-    Method,
-    alpha_candidates,
-    alpha_grid,
-    base_vector,
-    get_method,
-    grid_combinations,
-    merge,
-    ordered_sum,
-    task_arithmetic as task_arithmetic_vector,
-    ties_merge,
-    trim_thresholds,
-)
-from tallmasks.merging.per_task import TaskModels
+Layout: :mod:`~tallmasks.merging.registry` (the registry and ``merge``), :mod:`~tallmasks.merging.grids`
+(the coefficient and lambda grids), :mod:`~tallmasks.merging.ops` (streamed building blocks shared by the
+methods), :mod:`~tallmasks.merging.layers` and :mod:`~tallmasks.merging.per_task` (per-layer and per-task
+helpers), and one module per method family under :mod:`tallmasks.merging.methods`.
+"""
+
+from tallmasks.algebra.task_vectors import CheckpointSet, TaskVector, apply_vector
 from tallmasks.masks import MaskSet, consensus_mask, magnitude_masks, tall_mask, tall_masks
-from tallmasks.task_vectors import CheckpointSet, TaskVector, apply_vector
+from tallmasks.merging import methods  # noqa: F401  (registers every method)
+from tallmasks.merging.grids import TALL_LAMBDAS, alpha_candidates, alpha_grid, grid_combinations
+from tallmasks.merging.ops import base_vector, ordered_sum, ties_merge, trim_thresholds
+from tallmasks.merging.ops import task_arithmetic as task_arithmetic_vector
+from tallmasks.merging.per_task import TaskModels
+from tallmasks.merging.registry import METHODS, Method, get_method, merge
 
 __all__ = [
     "METHODS",

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from tallmasks.task_vectors import Block, CheckpointSet
+from tallmasks.algebra.task_vectors import Block, CheckpointSet
+from tallmasks.core.progress import progress
 
 Vector = dict[str, torch.Tensor]
 
@@ -71,7 +71,7 @@ def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
 
 def layer_keys(cs: CheckpointSet, desc: str) -> Iterator[str]:
     """The floating-point keys in order, with a progress bar when ``cs.progress`` is on."""
-    yield from tqdm(cs.float_keys, desc=desc, unit="tensor", leave=False, disable=not cs.progress)
+    yield from progress(cs.float_keys, desc=desc, unit="tensor", leave=False, disable=not cs.progress)
 
 
 def merge_layers(cs: CheckpointSet, layer: Callable[[str], torch.Tensor], desc: str, device="cpu") -> dict[str, torch.Tensor]:
@@ -163,4 +163,3 @@ def is_layer_matrix(key: str, shape: Sequence[int]) -> bool:
     """A weight matrix of an attention or MLP layer (open_clip: attn.in_proj_weight, attn.out_proj.weight,
     mlp.c_fc.weight, mlp.c_proj.weight), the matrices that CART and WUDI-merging treat as such."""
     return len(shape) == 2 and ("attn" in key or "mlp" in key)
-

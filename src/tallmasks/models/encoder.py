@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tallmasks.errors import ConfigError, TallmasksError
+from tallmasks.core.errors import ConfigError, TallmasksError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _check_pretrained(model_name: str, pretrained: str | None) -> None:
 
 
 def _fetch_error(model_name: str, pretrained: str, cache_dir: str | None, exc: BaseException) -> TallmasksError:
-    from tallmasks.errors import one_line
+    from tallmasks.core.errors import one_line
 
     where = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub"
     return TallmasksError(
@@ -131,9 +131,7 @@ class ImageEncoder(torch.nn.Module):
     ):
         super().__init__()
         self.model_name = model_name
-        self.model, self.train_preprocess, self.val_preprocess = create_clip_and_transforms(
-            model_name, pretrained, cache_dir
-        )
+        self.model, self.train_preprocess, self.val_preprocess = create_clip_and_transforms(model_name, pretrained, cache_dir)
         if not keep_lang and hasattr(self.model, "transformer"):
             # Same deletion as the paper's code, so keys match its checkpoints.
             delattr(self.model, "transformer")
@@ -154,8 +152,8 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 def load_image_encoder(model_name: str, path: str | Path) -> ImageEncoder:
     """An ImageEncoder holding the weights of a saved state dict (released layout, keys ``model.*``);
     nothing is downloaded."""
-    from tallmasks.checkpoints import load_state_dict
-    from tallmasks.errors import CheckpointError
+    from tallmasks.core.errors import CheckpointError
+    from tallmasks.io.checkpoints import load_state_dict
 
     encoder = ImageEncoder(model_name, pretrained=None)
     state = load_state_dict(path)
@@ -164,8 +162,7 @@ def load_image_encoder(model_name: str, path: str | Path) -> ImageEncoder:
     if missing or extra:
         culprit = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise CheckpointError(
-            f"{path}: does not match the {model_name} image encoder ({len(missing)} missing, {len(extra)} unexpected keys; "
-            f"{culprit})"
+            f"{path}: does not match the {model_name} image encoder ({len(missing)} missing, {len(extra)} unexpected keys; {culprit})"
         )
     try:
         encoder.load_state_dict({key: state[key] for key in expected})
@@ -176,7 +173,7 @@ def load_image_encoder(model_name: str, path: str | Path) -> ImageEncoder:
 
 def save_zeroshot_encoder(model_name: str, model_location: str | Path, pretrained: str | None = "openai") -> Path:
     """Save the pre-trained image encoder at <loc>/<model>/MNISTVal/nonlinear_zeroshot.pt (atomic; kept if present)."""
-    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.io.checkpoints import save_state_dict
     from tallmasks.models.paths import zeroshot_path
 
     path = zeroshot_path(model_location, model_name)

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from tallmasks.errors import CheckpointError
+from tallmasks.core.errors import CheckpointError
+from tallmasks.core.precision import precision_context
+from tallmasks.core.progress import progress
 from tallmasks.models.paths import head_path, val_name
-from tallmasks.precision import precision_context
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ClassificationHead(torch.nn.Linear):
 
     def save(self, path: str | Path) -> None:
         """Atomically save as safetensors (weight, bias; metadata normalize)."""
-        from tallmasks.checkpoints import save_state_dict
+        from tallmasks.io.checkpoints import save_state_dict
 
         save_state_dict(
             {"weight": self.weight.detach().float().cpu(), "bias": self.bias.detach().float().cpu()},
@@ -47,11 +47,11 @@ class ClassificationHead(torch.nn.Linear):
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassificationHead":
+    def load(cls, path: str | Path) -> ClassificationHead:
         """Load a head saved by :meth:`save`."""
         from safetensors import safe_open
 
-        from tallmasks.guard import require_file
+        from tallmasks.io.guard import require_file
 
         path = require_file(path, "head")
         try:
@@ -65,6 +65,22 @@ class ClassificationHead(torch.nn.Linear):
             raise CheckpointError(f"{path}: head weight must be 2-D, found shape {tuple(weight.shape)}")
         normalize = meta.get("normalize", "true").lower() == "true"
         return cls(normalize, weight, bias)
+
+
+def load_released_head(path: str | Path) -> ClassificationHead:
+    """A released ``head_<Dataset>Val.pt`` (the paper's pickled module, read without running its code)."""
+    from tallmasks.io.released import read_released_head
+
+    weight, bias, normalize = read_released_head(path)
+    return ClassificationHead(normalize, weight, bias)
+
+
+def convert_released_head(src: str | Path, dst: str | Path | None = None) -> Path:
+    """Convert a released head .pt to our safetensors format (default: same name, .safetensors)."""
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
+    load_released_head(src).save(dst)
+    return dst
 
 
 class ImageClassifier(torch.nn.Module):
@@ -110,7 +126,7 @@ def build_zeroshot_head(
     clip_model.eval()
     clip_model.to(device)
     rows = []
-    for classname in tqdm(classnames, desc="zero-shot head", leave=False, disable=len(classnames) < 50):
+    for classname in progress(classnames, desc="zero-shot head", leave=False, disable=len(classnames) < 50):
         tokens = tokenize([template(classname) for template in templates]).to(device)
         with precision_context("fp32", device):  # float32 and the standard attention path, as the paper's
             embeddings = clip_model.encode_text(tokens).float()
@@ -137,8 +153,6 @@ def get_classification_head(
         return ClassificationHead.load(ours)
     released = head_path(model_location, model_name, dataset, released=True)
     if released.is_file():
-        from tallmasks.released import load_released_head
-
         head = load_released_head(released)
         head.save(ours)
         log.info("converted released head %s -> %s", released, ours)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from tallmasks.errors import CheckpointError
+from tallmasks.core.errors import CheckpointError
 
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 _LAYER_PARTS = {  # transformers suffix -> open_clip suffix, inside one transformer layer

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.core.errors import CheckpointError, ConfigError
 from tallmasks.non_local.sites import Installed, Site, find_sites, install
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,14 @@ class Corrector:
         return torch.device("cpu")
 
     @torch.no_grad()
-    def statistics(self, images: torch.Tensor, task: str | None = None, batch_size: int = 128,
-                   preprocess: Preprocess | None = None, after_correction: bool = True) -> Statistics:
+    def statistics(
+        self,
+        images: torch.Tensor,
+        task: str | None = None,
+        batch_size: int = 128,
+        preprocess: Preprocess | None = None,
+        after_correction: bool = True,
+    ) -> Statistics:
         """Per-site statistics of the model's activations on ``images`` (one pass), with task ``task``'s
         correction applied (None: none); ``after_correction`` measures a site's corrected values."""
         moments = {name: Moments() for name in self.by_name}
@@ -278,8 +284,15 @@ class Corrector:
             self._record, self._record_after, self._stop_at = None, False, None
 
     @torch.no_grad()
-    def calibrate(self, task: str, images: torch.Tensor, target: Statistics, batch_size: int = 128,
-                  preprocess: Preprocess | None = None, eps: float = 0.0) -> Correction:
+    def calibrate(
+        self,
+        task: str,
+        images: torch.Tensor,
+        target: Statistics,
+        batch_size: int = 128,
+        preprocess: Preprocess | None = None,
+        eps: float = 0.0,
+    ) -> Correction:
         """Calibrate task ``task``'s correction of the model's current weights towards ``target``,
         sequentially in depth; returns it (and keeps it for :meth:`use`)."""
         missing = [name for name in self.by_name if name not in target]
@@ -314,7 +327,7 @@ class Corrector:
             for index, (path, names) in enumerate(zip(self.chain, plan.stages)):
                 module = self.model.get_submodule(path)
 
-                def replay(module=module) -> None:
+                def replay(module=module, cache=cache) -> None:
                     for x in cache:
                         with contextlib.suppress(_Stop):
                             module(x.clone())  # a module may change its input in place
@@ -476,7 +489,9 @@ def _scaled_shifted(tensor: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     return (tensor.to(torch.float32) * scale + shift).to(tensor.dtype)
 
 
-def fold_correction(state: Mapping[str, torch.Tensor], sites: Sequence[Site], corr: Correction) -> tuple[dict[str, torch.Tensor], Correction]:
+def fold_correction(
+    state: Mapping[str, torch.Tensor], sites: Sequence[Site], corr: Correction
+) -> tuple[dict[str, torch.Tensor], Correction]:
     """Fold a correction into the weights before each site: returns (new state dict, the part of the
     correction that cannot be folded: a ViT block's residual output, or a layer without the bias or
     affine parameters a shift needs). The new weights with the leftover applied compute what the
@@ -523,7 +538,7 @@ def _fold_one(out: dict[str, torch.Tensor], kind: str | None, prefix: str, scale
 
 def save_correction(path: str | Path, corr: Correction, metadata: Mapping[str, str] | None = None) -> None:
     """Save one task's correction as a small safetensors file (``<site>/scale``, ``<site>/shift``), atomically."""
-    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.io.checkpoints import save_state_dict
 
     tensors = {}
     for site, (scale, shift) in corr.items():
@@ -579,12 +594,18 @@ def _per_task(merged: StateSource | Mapping[str, StateSource], tasks: Sequence[s
     """``merged`` as one state dict per task (a shared merged model, or one per task)."""
     if all(t in merged and isinstance(merged[t], Mapping) for t in tasks):
         return {t: merged[t] for t in tasks}  # type: ignore[misc]
-    return {t: merged for t in tasks}  # type: ignore[misc]
+    return dict.fromkeys(tasks, merged)  # type: ignore[misc]
 
 
-def tact(model: nn.Module, merged: StateSource | Mapping[str, StateSource], experts: Mapping[str, StateSource],
-         images: Mapping[str, torch.Tensor], batch_size: int = 128, preprocess: Preprocess | None = None,
-         eps: float = 0.0) -> dict[str, Correction]:
+def tact(
+    model: nn.Module,
+    merged: StateSource | Mapping[str, StateSource],
+    experts: Mapping[str, StateSource],
+    images: Mapping[str, torch.Tensor],
+    batch_size: int = 128,
+    preprocess: Preprocess | None = None,
+    eps: float = 0.0,
+) -> dict[str, Correction]:
     """Per-task corrections: task t's merged model (``merged``, or ``merged[t]`` with TALL masks)
     calibrated towards expert t's statistics on ``images[t]`` (unlabeled inputs of task t)."""
     corrector = _corrector(model)
@@ -599,9 +620,16 @@ def tact(model: nn.Module, merged: StateSource | Mapping[str, StateSource], expe
     return out
 
 
-def repair(model: nn.Module, merged: StateSource | Mapping[str, StateSource], experts: Mapping[str, StateSource],
-           images: Mapping[str, torch.Tensor], weights: Sequence[float] | None = None, batch_size: int = 128,
-           preprocess: Preprocess | None = None, eps: float = 0.0) -> dict[str, Correction]:
+def repair(
+    model: nn.Module,
+    merged: StateSource | Mapping[str, StateSource],
+    experts: Mapping[str, StateSource],
+    images: Mapping[str, torch.Tensor],
+    weights: Sequence[float] | None = None,
+    batch_size: int = 128,
+    preprocess: Preprocess | None = None,
+    eps: float = 0.0,
+) -> dict[str, Correction]:
     """REPAIR: one target from the experts' statistics on the inputs of every task pooled (mean of
     their means and of their standard deviations, ``weights`` per expert), one correction per merged model."""
     corrector = _corrector(model)
@@ -625,9 +653,14 @@ def repair(model: nn.Module, merged: StateSource | Mapping[str, StateSource], ex
     return out
 
 
-def std_ratios(model: nn.Module, merged: StateSource | Mapping[str, StateSource], experts: Mapping[str, StateSource],
-               images: Mapping[str, torch.Tensor], batch_size: int = 128, preprocess: Preprocess | None = None,
-               ) -> dict[str, dict[str, dict[str, float]]]:
+def std_ratios(
+    model: nn.Module,
+    merged: StateSource | Mapping[str, StateSource],
+    experts: Mapping[str, StateSource],
+    images: Mapping[str, torch.Tensor],
+    batch_size: int = 128,
+    preprocess: Preprocess | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
     """The variance-collapse measurement: per task and site, the mean over channels of the merged model's
     activation std divided by the expert's, on ``images[t]``, before and after task t's correction
     (``{"before": {site: r}, "after": {site: r}}``; "after" only for tasks with a calibrated correction)."""

@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 import torch
 
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.core.errors import CheckpointError, ConfigError
+from tallmasks.core.params import GroupSettings, NonNegative, NonNegativeInt, PositiveInt
 from tallmasks.eval.evaluator import precision_context
 from tallmasks.non_local.correction import Correction, Corrector, Statistics, repair_target, save_correction
-from tallmasks.schema import GroupSettings, NonNegative, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,16 @@ class AlignmentSettings(_Choice):
         return "_wm" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "foundations": [str(p) for p in self.locations],
-                "assignment": list(self.assignment) if self.assignment is not None else None,
-                "max_iter": self.max_iter, "seed": self.seed}
+        return {
+            "name": self.name,
+            "foundations": [str(p) for p in self.locations],
+            "assignment": list(self.assignment) if self.assignment is not None else None,
+            "max_iter": self.max_iter,
+            "seed": self.seed,
+        }
 
 
-# the config groups' choices: their keyword-only parameters are the fields that tallmasks.schema validates
+# the config groups' choices: their keyword-only parameters are the fields that tallmasks.core.params validates
 
 
 def no_correction() -> None:
@@ -120,8 +124,13 @@ def no_alignment() -> None:
     """Every expert fine-tuned from the foundation at model_location."""
 
 
-def weight_matching_alignment(*, foundations: Sequence[str] = (), assignment: Optional[list[NonNegativeInt]] = None,
-                              max_iter: PositiveInt = 100, seed: NonNegativeInt = 0) -> None:
+def weight_matching_alignment(
+    *,
+    foundations: Sequence[str] = (),
+    assignment: Optional[list[NonNegativeInt]] = None,
+    max_iter: PositiveInt = 100,
+    seed: NonNegativeInt = 0,
+) -> None:
     """Other foundations aligned to model_location's by weight matching; experts permuted likewise."""
 
 
@@ -172,11 +181,15 @@ def resolve_sources(settings: AlignmentSettings, model_location: Path, model: st
     for dataset in datasets:
         found = [i for i, loc in enumerate(locations) if finetuned_path(loc, model, dataset).is_file()]
         if not found:
-            raise CheckpointError(f"{finetuned_path(locations[0], model, dataset)}: checkpoint not found under any foundation "
-                                  f"({', '.join(map(str, locations))})")
+            raise CheckpointError(
+                f"{finetuned_path(locations[0], model, dataset)}: checkpoint not found under any foundation "
+                f"({', '.join(map(str, locations))})"
+            )
         if len(found) > 1:
-            raise ConfigError(f"the expert of {dataset} exists under several foundations "
-                              f"({', '.join(str(locations[i]) for i in found)}): set alignment.assignment")
+            raise ConfigError(
+                f"the expert of {dataset} exists under several foundations "
+                f"({', '.join(str(locations[i]) for i in found)}): set alignment.assignment"
+            )
         foundation_of[dataset] = found[0]
     return Sources(locations, foundation_of)
 
@@ -203,7 +216,7 @@ def aligned_checkpoints(
 ) -> tuple[Mapping[str, torch.Tensor], list[Mapping[str, torch.Tensor]], dict[str, Any]]:
     """(theta_0 = mean of the aligned foundations, the permuted experts, a record), with each foundation's
     permutation to the reference cached in ``cache_file`` (one safetensors file per run identity)."""
-    from tallmasks.checkpoints import load_state_dict, materialize
+    from tallmasks.io.checkpoints import load_state_dict, materialize
     from tallmasks.non_local.permutation import PermutedStateDict, vit_spec
     from tallmasks.non_local.weight_matching import MeanStateDict, align_foundations, load_permutation, save_permutation
 
@@ -213,13 +226,19 @@ def aligned_checkpoints(
     if cache_file is not None and cache_file.is_file():
         saved = load_permutation(cache_file)
         for i in range(1, len(foundations)):
-            known[i] = {g[len(f"{i}/"):]: p for g, p in saved.items() if g.startswith(f"{i}/")}
+            known[i] = {g[len(f"{i}/") :]: p for g, p in saved.items() if g.startswith(f"{i}/")}
         log.info("permutations read from %s", cache_file)
     needed = any(p is None for p in known[1:])
     loaded = [materialize(f) if needed and (i == 0 or known[i] is None) else f for i, f in enumerate(foundations)]
     collection = align_foundations(
-        spec, loaded, [load_state_dict(p) for p in experts], [sources.foundation_of[d] for d in datasets],
-        max_iter=settings.max_iter, seed=settings.seed, perms=known, device=device,
+        spec,
+        loaded,
+        [load_state_dict(p) for p in experts],
+        [sources.foundation_of[d] for d in datasets],
+        max_iter=settings.max_iter,
+        seed=settings.seed,
+        perms=known,
+        device=device,
     )
     del loaded
     theta0 = MeanStateDict([PermutedStateDict(f, spec, p) if i else f for i, (f, p) in enumerate(zip(foundations, collection.perms))])
@@ -301,17 +320,17 @@ class CorrectionRun:
         """The targets: each expert on its task's images (TACT), or REPAIR's mean over experts on pooled images."""
         if not self.dist.is_main:
             return
-        from tqdm.auto import tqdm
+        from tallmasks.core.progress import progress
 
         stats = {}
-        for index, dataset in enumerate(tqdm(self.cs.names, desc="expert statistics", leave=False)):
+        for index, dataset in enumerate(progress(self.cs.names, desc="expert statistics", leave=False)):
             self.evaluator.load_state(self.cs.finetuned[index])
             stats[dataset] = self._statistics(self._inputs(dataset))
         if self.settings.name == "tact":
             self.targets = stats
         else:
             shared = repair_target([stats[d] for d in self.cs.names])
-            self.targets = {d: shared for d in self.cs.names}
+            self.targets = dict.fromkeys(self.cs.names, shared)
 
     def _statistics(self, images: torch.Tensor) -> Statistics:
         with precision_context("fp32", self.evaluator.device):
@@ -346,8 +365,14 @@ class CorrectionRun:
     def _calibrate(self, dataset: str) -> Correction:
         self.calibrations += 1
         with precision_context("fp32", self.evaluator.device):  # statistics in exact float32, whatever the evaluation's precision
-            corr = self.corrector.calibrate(dataset, self._inputs(dataset), self.targets[dataset], self.evaluator.batch_size,
-                                            self.evaluator.normalize, self.settings.eps)
+            corr = self.corrector.calibrate(
+                dataset,
+                self._inputs(dataset),
+                self.targets[dataset],
+                self.evaluator.batch_size,
+                self.evaluator.normalize,
+                self.settings.eps,
+            )
         return {site: (scale.cpu(), shift.cpu()) for site, (scale, shift) in corr.items()}
 
     def save(self, folder: Path, metadata: Mapping[str, str]) -> dict[str, str]:
@@ -364,13 +389,27 @@ class CorrectionRun:
 
 
 def load_calibration_images(
-    datasets: Sequence[str], settings: CorrectionSettings, data_location: Path, cache_dir: Path, image_size: int,
-    val_preprocess: Any, num_workers: int, build: bool, load_or_build: Callable,
+    datasets: Sequence[str],
+    settings: CorrectionSettings,
+    data_location: Path,
+    cache_dir: Path,
+    image_size: int,
+    val_preprocess: Any,
+    num_workers: int,
+    build: bool,
+    load_or_build: Callable,
 ) -> dict[str, Any]:
     """Per task, ``num_images`` preprocessed (uint8) images of its training part, cached like the eval splits."""
     return {
-        dataset: load_or_build(calibration_split(dataset, settings.num_images, data_location), dataset,
-                               calibration_split_name(settings.num_images), cache_dir, image_size, val_preprocess,
-                               num_workers, build=build)
+        dataset: load_or_build(
+            calibration_split(dataset, settings.num_images, data_location),
+            dataset,
+            calibration_split_name(settings.num_images),
+            cache_dir,
+            image_size,
+            val_preprocess,
+            num_workers,
+            build=build,
+        )
         for dataset in datasets
     }

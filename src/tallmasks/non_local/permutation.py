@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.core.errors import CheckpointError, ConfigError
 
 ARCHITECTURES = ("mlp", "cnn", "vit")
 VIT_DEFAULT_HEAD_WIDTH = 64  # open_clip's default head width
@@ -232,7 +232,7 @@ def mlp_spec(state: Mapping[str, torch.Tensor], prefix: str = "") -> Permutation
                     axes[key] = _vector_axes(state, key, out_axis, shape[0])
             current, width = group, shape[0]
             continue
-        for name, key in names.items():  # a normalization layer (or loose vectors) on the current group
+        for _name, key in names.items():  # a normalization layer (or loose vectors) on the current group
             shape = _shape(state, key)
             axis = Axis(current) if current else None
             if len(shape) == 1 and shape[0] == width:

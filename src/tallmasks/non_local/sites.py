@@ -23,15 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tallmasks.errors import ConfigError
+from tallmasks.core.errors import ConfigError
 
 #: how a site's correction folds into the weights: linear/conv output, norm affine, the ViT embeddings,
 #: the attention's V projection; None: not foldable (a ViT block's residual output)
 FOLD_KINDS = ("layer", "affine", "vit_embed", "attn_value")
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CHANNEL_FIRST_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                        nn.InstanceNorm3d)
+_CHANNEL_FIRST_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 _NORMS = (*_CHANNEL_FIRST_NORMS, nn.LayerNorm)
 
 
@@ -191,8 +198,17 @@ def install(model: nn.Module, site: Site, fn: SiteFn) -> Installed:
 def _attention_with_site(fn: SiteFn):
     """nn.MultiheadAttention.forward for self-attention, with ``fn`` on the heads' concatenated output."""
 
-    def forward(self: nn.MultiheadAttention, query, key=None, value=None, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self: nn.MultiheadAttention,
+        query,
+        key=None,
+        value=None,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if (key is not None and key is not query) or (value is not None and value is not query) or key_padding_mask is not None:
             raise ConfigError("attention correction sites support self-attention without a padding mask only")
         x = query if self.batch_first else query.transpose(0, 1)

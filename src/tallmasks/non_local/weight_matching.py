@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tallmasks.errors import CheckpointError, ConfigError
+from tallmasks.core.errors import CheckpointError, ConfigError
 from tallmasks.non_local.permutation import (
     Permutation,
     PermutationSpec,
@@ -43,8 +43,14 @@ def _unit_matrix(tensor: torch.Tensor, dim: int, repeats: int) -> torch.Tensor:
     return tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1)
 
 
-def similarity(spec: PermutationSpec, group: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-               perm: Permutation, device: torch.device | str = "cpu") -> torch.Tensor:
+def similarity(
+    spec: PermutationSpec,
+    group: str,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    perm: Permutation,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """A[i, j] = similarity of unit i of ``a`` and unit j of ``b`` (other groups of ``b`` permuted), float64."""
     n = spec.sizes[group]
     total = torch.zeros(n, n, dtype=torch.float64, device=device)
@@ -217,8 +223,13 @@ def align_foundations(
             results.append(None)
         else:
             result = weight_matching(spec, foundations[0], foundation, max_iter=max_iter, seed=seed, device=device)
-            log.info("foundation %d aligned to the reference in %d iterations (objective %.6g -> %.6g)", i,
-                     result.iterations, result.objective[0], result.objective[-1])
+            log.info(
+                "foundation %d aligned to the reference in %d iterations (objective %.6g -> %.6g)",
+                i,
+                result.iterations,
+                result.objective[0],
+                result.objective[-1],
+            )
             found.append(result.perm)
             results.append(result)
     aligned = [PermutedStateDict(f, spec, p) if i else f for i, (f, p) in enumerate(zip(foundations, found))]
@@ -228,15 +239,18 @@ def align_foundations(
 
 def save_permutation(perm: Permutation, path, metadata: dict[str, str] | None = None) -> None:
     """Save a permutation (one int64 tensor per group) as safetensors, atomically."""
-    from tallmasks.checkpoints import save_state_dict
+    from tallmasks.io.checkpoints import save_state_dict
 
-    save_state_dict({group: p.to(torch.int64).contiguous() for group, p in perm.items()}, path,
-                    metadata={"format": "tallmasks-permutation-v1", **(metadata or {})})
+    save_state_dict(
+        {group: p.to(torch.int64).contiguous() for group, p in perm.items()},
+        path,
+        metadata={"format": "tallmasks-permutation-v1", **(metadata or {})},
+    )
 
 
 def load_permutation(path) -> Permutation:
     """A permutation saved by :func:`save_permutation`."""
-    from tallmasks.checkpoints import load_state_dict
+    from tallmasks.io.checkpoints import load_state_dict
 
     state = load_state_dict(path)
     return {group: state[group].to(torch.int64) for group in state}
@@ -262,17 +276,17 @@ def align_checkpoint_files(
     import os
     from pathlib import Path
 
-    from tallmasks.checkpoints import load_state_dict, materialize, save_state_dict
-    from tallmasks.guard import atomic_output, check_output, file_size, require_file
+    from tallmasks.algebra.task_vectors import default_name
+    from tallmasks.io.checkpoints import load_state_dict, materialize, save_state_dict
+    from tallmasks.io.guard import atomic_output, check_output, file_size, require_file
     from tallmasks.non_local.permutation import apply_permutation, spec_for
-    from tallmasks.task_vectors import _default_name
 
     inputs = [require_file(p, "checkpoint") for p in (reference, other, *experts)]
     out = Path(out).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ConfigError(f"--out {out}: exists; choose a new folder")
     check_output(out, inputs, expected_bytes=sum(file_size(p) for p in inputs[1:]) + file_size(reference), folder=True, label="--out")
-    names = [_default_name(p, i) for i, p in enumerate(experts)] if names is None else [str(n) for n in names]
+    names = [default_name(p, i) for i, p in enumerate(experts)] if names is None else [str(n) for n in names]
     if len(names) != len(experts):
         raise ConfigError(f"--names: {len(names)} names for {len(experts)} experts")
     if len(set(names)) != len(names):
@@ -288,9 +302,15 @@ def align_checkpoint_files(
     result = weight_matching(spec, ref, oth, max_iter=max_iter, seed=seed, device=device)
     aligned = apply_permutation(spec, result.perm, oth)
     record = {
-        "arch": arch, "reference": str(reference), "other": str(other), "experts": dict(zip(names, map(str, experts))),
-        "iterations": result.iterations, "objective": [result.objective[0], result.objective[-1]],
-        "groups": dict(spec.sizes), "max_iter": int(max_iter), "seed": int(seed),
+        "arch": arch,
+        "reference": str(reference),
+        "other": str(other),
+        "experts": dict(zip(names, map(str, experts))),
+        "iterations": result.iterations,
+        "objective": [result.objective[0], result.objective[-1]],
+        "groups": dict(spec.sizes),
+        "max_iter": int(max_iter),
+        "seed": int(seed),
     }
     with atomic_output(out) as tmp:
         os.unlink(tmp)

@@ -1,0 +1,5 @@
+import sys
+
+from tallmasks.demo.cli import main
+
+sys.exit(main())
