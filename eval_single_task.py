@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="results/single_task", help="tables go to <output-dir>/<model>/")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="see README, Evaluation")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="see docs/performance.md, Evaluation")
     p.add_argument("--cache-dir", default=None, help="preprocessed splits (default <data-location>/.tallmasks_cache)")
     p.add_argument("--num-workers", type=int, default=None)
     return p.parse_args(argv)
