@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tallmasks.core.errors import CheckpointError, OutputError, TallmasksError, one_line
+from tallmasks.core.errors import CheckpointError, ConfigError, OutputError, TallmasksError, one_line
 
 PathLike = str | os.PathLike
 
@@ -56,6 +56,32 @@ def require_file(path: PathLike, what: str = "checkpoint", error: type[Tallmasks
     if not stat.S_ISREG(info.st_mode):
         raise error(f"{path}: not a regular file (a named pipe, socket or device); refused")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# names from data that become file names
+
+#: the longest file-name component a name from data may become (ext4, xfs and APFS allow 255 bytes)
+MAX_NAME_BYTES = 200
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def safe_name(name: object, what: str = "name", error: type[TallmasksError] = ConfigError) -> str:
+    """``name`` when it can be one file-name component as it is: a non-empty string of at most
+    ``MAX_NAME_BYTES`` UTF-8 bytes with no path separator (``/`` or ``\\``), no control character, that is not
+    ``.`` or ``..`` and does not start with ``.`` (no hidden file, no temporary's pattern). Every path that a
+    command builds from data (a model, task or method name, ``--names``) goes through this rule; anything
+    else is a one-line ``error``, before any work."""
+    if not isinstance(name, str):
+        raise error(f"{what} must be a string to name a file, got {type(name).__name__}")
+    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    if not name or name.startswith("."):
+        raise error(f"{what} {shown} cannot name a file (empty, '.', '..' or starting with '.')")
+    if _UNSAFE_NAME.search(name):
+        raise error(f"{what} {shown} cannot name a file (a path separator or a control character); use a plain name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise error(f"{what} {shown} cannot name a file (longer than {MAX_NAME_BYTES} bytes)")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
