@@ -259,15 +259,15 @@ def _profile_lines(agreement: list[int]) -> list[str]:
 def cmd_inspect(args) -> int:
     from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.masks import MaskSet
-    from tallmasks.storage.collection import collection_report, is_collection
+    from tallmasks.storage.collection import collection_report, looks_like_collection
 
     path = Path(args.path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder")
-    sharded = path.is_dir() and not is_collection(path) and any(path.glob("*.safetensors*"))
+    sharded = path.is_dir() and not looks_like_collection(path) and any(path.glob("*.safetensors*"))
     if path.is_dir() and not sharded:
-        if not is_collection(path):
-            raise ConfigError(f"{path}: not a compressed collection (no valid meta.json)")
+        if not looks_like_collection(path):
+            raise ConfigError(f"{path}: not a compressed collection (no meta.json)")
     elif not sharded:
         require_file(path, "checkpoint or mask")
     is_maskset = not path.is_dir() and path.suffix == ".safetensors" and _is_maskset(path)
@@ -355,19 +355,19 @@ def _is_released_head(path: str) -> bool:
 
 
 def cmd_convert(args) -> int:
-    from tallmasks.io.checkpoints import convert_checkpoint
+    from tallmasks.io.checkpoints import checkpoint_files, checkpoint_size, convert_checkpoint, require_checkpoint
 
-    src = require_file(args.src, "checkpoint")
+    src = require_checkpoint(args.src)  # a file, or a sharded safetensors folder
     out = _check_out_file(args.dst, "convert: destination")
-    check_output(out, [src], expected_bytes=file_size(src), label="convert: destination")
-    if _is_released_head(args.src):
+    check_output(out, [src, *checkpoint_files(src)], expected_bytes=checkpoint_size(src), label="convert: destination")
+    if src.is_file() and _is_released_head(str(src)):
         from tallmasks.models.heads import load_released_head
 
         if out.suffix != ".safetensors":
             raise ConfigError(f"--out {args.dst}: a released head converts to a .safetensors file")
-        load_released_head(args.src).save(out)
+        load_released_head(src).save(out)
     else:
-        convert_checkpoint(args.src, out)
+        convert_checkpoint(src, out)
     log.info("wrote %s", out)
     return 0
 

@@ -11,7 +11,6 @@ failed save leaves nothing half-written.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import mmap
 import pickle
@@ -22,8 +21,9 @@ from typing import Any
 import torch
 
 from tallmasks.core.errors import CheckpointError
+from tallmasks.core.schema import Map, Obj, Str, read_json
 from tallmasks.io.guard import atomic_output as atomic_path  # noqa: F401  (the one atomic writer, under its old name)
-from tallmasks.io.guard import require_file
+from tallmasks.io.guard import require_file, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +168,31 @@ class ShardedStateDict(LazyStateDict):
         return [self.path, *(self.path.parent / shard for shard in self._shards)]
 
 
+def _shard_complaint(shard: str) -> str | None:
+    """Why ``shard`` cannot be a shard file beside its index (None when it can)."""
+    if Path(shard).name != shard or not shard.endswith(SAFETENSORS_SUFFIX):
+        return f"maps to {shard!r}, not a .safetensors file beside the index"
+    try:
+        safe_name(shard, "shard", CheckpointError)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+#: a sharded checkpoint's ``*.safetensors.index.json``: tensor name -> shard file beside it, optional metadata
+SHARD_INDEX_SCHEMA = Obj(required={"weight_map": Map(Str(test=_shard_complaint))}, optional={"metadata": Obj()})
+
+
 def _read_weight_map(index_path: Path) -> dict[str, str]:
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{index_path}: not a readable shard index ({_first_line(exc)})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
+        index = read_json(index_path, CheckpointError, SHARD_INDEX_SCHEMA, what="shard index")
+    except CheckpointError as exc:
+        detail = str(exc).removeprefix(f"{index_path}: ")
+        raise CheckpointError(f"{index_path}: not a readable shard index ({detail})") from None
+    weight_map = index["weight_map"]
+    if not weight_map:
         raise CheckpointError(f"{index_path}: a shard index needs a non-empty 'weight_map' of tensor names to shard files")
-    for key, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(SAFETENSORS_SUFFIX):
-            raise CheckpointError(f"{index_path}: tensor {key!r} maps to {shard!r}, not a .safetensors file beside the index")
-    return {str(k): v for k, v in weight_map.items()}
+    return dict(weight_map)
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -353,6 +366,15 @@ def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
             )
 
 
+def require_finite(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A one-line CheckpointError naming ``path`` and the first floating-point tensor of a loaded ``state``
+    that holds NaN or Inf."""
+    for key in state:
+        value = state[key]
+        if value.dtype.is_floating_point and not _all_finite(value):
+            raise CheckpointError(f"{path}: tensor {key!r} holds NaN or Inf; refused")
+
+
 def _all_finite(value: torch.Tensor) -> bool:
     """Whether every entry is finite: the extremes (NaN propagates through min and max) are, one pass without
     a mask as large as the tensor (10x faster than isfinite().all() on the CPU)."""
@@ -379,9 +401,27 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The files a checkpoint is read from (a sharded one: its index and shards), each a regular file."""
+    """The files a checkpoint is read from (a sharded one, its folder or its index: the index and shards),
+    each a regular file."""
     path = Path(path).expanduser()
-    return load_state_dict(path).files if path.is_dir() else [require_file(path, "checkpoint")]
+    if path.is_dir() or path.name.endswith(SHARD_INDEX_SUFFIX):
+        return load_state_dict(path).files
+    return [require_file(path, "checkpoint")]
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    """``path`` (``~`` expanded) if it is a checkpoint: a regular file, or a folder holding a sharded
+    safetensors checkpoint (its index read, its shards checked) or a single ``.safetensors`` file; else a
+    one-line CheckpointError."""
+    path = Path(path).expanduser()
+    checkpoint_files(path)
+    return path
+
+
+def checkpoint_size(path: str | Path) -> int:
+    """Total bytes of a checkpoint's files (of a sharded one: its index and shards); a one-line
+    CheckpointError when it is not a readable checkpoint."""
+    return sum(file.stat().st_size for file in checkpoint_files(path))
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:

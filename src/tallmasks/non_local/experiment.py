@@ -216,7 +216,7 @@ def aligned_checkpoints(
 ) -> tuple[Mapping[str, torch.Tensor], list[Mapping[str, torch.Tensor]], dict[str, Any]]:
     """(theta_0 = mean of the aligned foundations, the permuted experts, a record), with each foundation's
     permutation to the reference cached in ``cache_file`` (one safetensors file per run identity)."""
-    from tallmasks.io.checkpoints import load_state_dict, materialize
+    from tallmasks.io.checkpoints import load_state_dict, materialize, require_finite
     from tallmasks.non_local.permutation import PermutedStateDict, vit_spec
     from tallmasks.non_local.weight_matching import MeanStateDict, align_foundations, load_permutation, save_permutation
 
@@ -230,6 +230,9 @@ def aligned_checkpoints(
         log.info("permutations read from %s", cache_file)
     needed = any(p is None for p in known[1:])
     loaded = [materialize(f) if needed and (i == 0 or known[i] is None) else f for i, f in enumerate(foundations)]
+    for path, state, foundation in zip(zeroshot, loaded, foundations):
+        if state is not foundation:  # read whole for weight matching, which needs finite weights
+            require_finite(state, path)
     collection = align_foundations(
         spec,
         loaded,

@@ -119,6 +119,8 @@ def weight_matching(
         progress = False
         for index in torch.randperm(len(groups), generator=generator).tolist():
             group = groups[index]
+            if spec.sizes[group] == 0:  # no units: nothing to permute
+                continue
             scores = similarity(spec, group, a, b, perm, device)
             candidate = torch.from_numpy(assign(scores.cpu().numpy(), spec.heads.get(group))).to(torch.int64)
             rows = torch.arange(spec.sizes[group])
@@ -271,29 +273,35 @@ def align_checkpoint_files(
     """Align checkpoint ``other`` to ``reference`` and write, into the new folder ``out``:
     ``foundation.safetensors`` (other, permuted), ``theta0.safetensors`` (the mean of the two),
     ``permutation.safetensors``, ``experts/<name>.safetensors`` (experts of ``other``, permuted) and
-    ``alignment.json``. Inputs and the output are checked before any work; the folder appears only when complete."""
+    ``alignment.json``. Expert names must each be a plain file name; the names, inputs and output are checked
+    before any work, weights holding NaN or Inf are refused; the folder appears only when complete."""
     import json
     import os
     from pathlib import Path
 
     from tallmasks.algebra.task_vectors import default_name
-    from tallmasks.io.checkpoints import load_state_dict, materialize, save_state_dict
-    from tallmasks.io.guard import atomic_output, check_output, file_size, require_file
+    from tallmasks.io.checkpoints import load_state_dict, materialize, require_finite, save_state_dict
+    from tallmasks.io.guard import atomic_output, check_output, file_size, require_file, safe_name
     from tallmasks.non_local.permutation import apply_permutation, spec_for
 
+    if names is None:
+        names = [safe_name(default_name(p, i), f"expert name (from {p}; pass --names)") for i, p in enumerate(experts)]
+    else:
+        names = [safe_name(n, "--names entry") for n in names]
+    if len(names) != len(experts):
+        raise ConfigError(f"--names: {len(names)} names for {len(experts)} experts")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"expert names are not unique: {names} (pass --names)")
     inputs = [require_file(p, "checkpoint") for p in (reference, other, *experts)]
     out = Path(out).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ConfigError(f"--out {out}: exists; choose a new folder")
     check_output(out, inputs, expected_bytes=sum(file_size(p) for p in inputs[1:]) + file_size(reference), folder=True, label="--out")
-    names = [default_name(p, i) for i, p in enumerate(experts)] if names is None else [str(n) for n in names]
-    if len(names) != len(experts):
-        raise ConfigError(f"--names: {len(names)} names for {len(experts)} experts")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"expert names are not unique: {names} (pass --names)")
     ref = materialize(load_state_dict(reference))
+    require_finite(ref, reference)
     spec = spec_for(arch, ref, heads)
     oth = materialize(load_state_dict(other))
+    require_finite(oth, other)
     _same_layout(ref, oth, str(other))
     spec.check(oth, str(other))
     expert_states = [load_state_dict(p) for p in experts]

@@ -102,13 +102,19 @@ def lines_method(
     masks: MaskSet | None = None,
     device: str = "cpu",
 ) -> ScaledVector:
-    """The base method's vector with LiNeS's per-key coefficients (k: 100 for sum/consensus, 20 for ties)."""
+    """The base method's vector with LiNeS's per-key coefficients (k: 100 for sum/consensus, 20 for ties);
+    ``num_blocks`` is at most the blocks the keys index (``infer_num_blocks``, its default)."""
     if base_method not in BASE_METHODS:
         raise ConfigError(f"base_method must be one of {', '.join(BASE_METHODS)}, got {base_method!r}")
+    present = infer_num_blocks(cs.float_keys)
     if num_blocks is None:
-        num_blocks = infer_num_blocks(cs.float_keys)
+        num_blocks = present
     elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
         raise ConfigError(f"num_blocks must be a positive integer or None, got {num_blocks!r}")
+    elif num_blocks > present:
+        raise ConfigError(
+            f"num_blocks={num_blocks} is more than the {present} blocks of this model (its keys index blocks 0 to {present - 1})"
+        )
     params = _base_params(base_method, k, ties_agg, use_ties, prun_thre_k, masks)
     vector = merge(cs, base_method, device=device, **params)
     # the reference's ||sum_t tau_t||_1 uses the task vectors trimmed by k for TA-based vectors, untrimmed for TIES

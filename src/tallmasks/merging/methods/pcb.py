@@ -7,7 +7,9 @@ whole model (d entries per task, sorted ascending, 0-based indices):
      inter_t = tanh(tau_t * sum_s tau_s)                                         (inter-balancing)
      b_t = intra_t * inter_t
   3. drop and rescale: scale_t = (clamp(b_t, q_t, max b_t) - q_t) / (max b_t - q_t), with q_t the value
-     of b_t at int(d * (1 - pcb_ratio)), so only the top pcb_ratio of each task's scores survive;
+     of b_t at int(d * (1 - pcb_ratio)), so only the top pcb_ratio of each task's scores survive (that
+     index is at most d - 1: a ratio so small that d * (1 - pcb_ratio) rounds to d cuts at the largest
+     score, as a slightly larger one does, where the reference would index past the end);
   4. tau = sum_t sign(tau_t) clamped|tau_t| * scale_t / max(sum_t scale_t, 1e-12).
 The paper writes steps 2-3 with softmax normalisations; the released code (used for the paper's
 numbers) applies exp and tanh without them, and we follow the code. Its coefficient (1.2 in the vision
@@ -41,6 +43,12 @@ def _scalars(values: list[float], device) -> list[torch.Tensor]:
     return [torch.tensor(v, dtype=torch.float32, device=device) for v in values]
 
 
+def cut_rank(d: int, pcb_ratio: float) -> int:
+    """1-based rank (ascending) of the score cut among ``d`` scores: the reference's 0-based index
+    int(d * (1 - pcb_ratio)), at most d - 1 (the largest score) for any ratio in (0, 1]."""
+    return min(int(d * (1 - pcb_ratio)), d - 1) + 1
+
+
 @register("pcb", COEF_GRID, "PCB-merging: intra/inter balancing scores, drop the low ones, score-weighted mean; alpha on validation")
 def pcb_method(cs: CheckpointSet, *, pcb_ratio: PositiveFraction = 0.1, device: str = "cpu") -> Vector:
     """Score-weighted mean of the clamped task vectors, keeping each task's top pcb_ratio scores."""
@@ -70,7 +78,7 @@ def pcb_method(cs: CheckpointSet, *, pcb_ratio: PositiveFraction = 0.1, device: 
             scores = clamped_and_scores(block)[1]
             yield scores + scores
 
-    cut_max = kth_smallest_values(scores_twice, [int(d * (1 - pcb_ratio)) + 1] * count + [d] * count)
+    cut_max = kth_smallest_values(scores_twice, [cut_rank(d, pcb_ratio)] * count + [d] * count)
     cuts, maxima = _scalars(cut_max[:count], device), _scalars(cut_max[count:], device)
 
     def merge_block(block: Block) -> torch.Tensor:
