@@ -140,9 +140,9 @@ def test_collection_parts_from_another_collection_are_refused(tmp_path, ckpts, c
 @pytest.mark.parametrize(
     "meta, message",
     [
-        ([1, 2], "expected a JSON object"),
-        ({"format": "tallmasks-compressed-v1", "tasks": ["x"]}, "field 'masks' missing"),
-        ({"format": "tallmasks-compressed-v1", "tasks": ["x", "x"], "masks": {}, "num_params": 1, "pretrained": {}}, "distinct task names"),
+        ([1, 2], "not a compressed collection"),
+        ({"format": "tallmasks-compressed-v2", "tasks": ["x"]}, "masks: missing"),
+        ({"format": "tallmasks-compressed-v2", "tasks": ["x", "x"], "masks": {}, "num_params": 1, "pretrained": {}}, "'x' appears twice"),
     ],
 )
 def test_damaged_meta_json_is_one_line(tmp_path, ckpts, capsys, meta, message):

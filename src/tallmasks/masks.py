@@ -8,6 +8,7 @@ released TALL masks, so that the paper's mask files and ours share a layout.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +22,13 @@ from tallmasks.algebra.topk import KthInWindows, KthMagnitudes, check_k, kth_ran
 from tallmasks.core.errors import CheckpointError, ConfigError
 from tallmasks.io.checkpoints import atomic_path
 from tallmasks.io.guard import require_file
+from tallmasks.io.integrity import checksum
 
-MASKSET_FORMAT = "tallmasks-maskset-v1"
+log = logging.getLogger(__name__)
+
+MASKSET_FORMAT = "tallmasks-maskset-v2"
+#: written before mask files had checksums; still read, with a warning
+MASKSET_FORMAT_V1 = "tallmasks-maskset-v1"
 _UNPACK_CHUNK_BYTES = 1 << 22
 
 
@@ -97,6 +103,12 @@ class BitPacker:
         if self._pending.size:
             self.data[self._byte] = np.packbits(self._pending)[0]
         return self.data
+
+
+def _metadata_check(metadata: Mapping[str, str]) -> str:
+    """The checksum of a mask file's metadata (every field but ``check``, in a fixed order)."""
+    fields = ("format", "names", "layout", "info", "checks")
+    return checksum(*(part for key in fields for part in (key, "\0", str(metadata.get(key, "")), "\0")))
 
 
 class MaskSet:
@@ -205,7 +217,8 @@ class MaskSet:
         return [int(v) for v in hist]
 
     def save(self, path: str | Path) -> None:
-        """Atomically write the masks as a safetensors file (uint8 packed bits + layout metadata)."""
+        """Atomically write the masks as a safetensors file (uint8 packed bits + layout metadata, a checksum
+        of each mask and one of the metadata)."""
         from safetensors.torch import save_file
 
         tensors = {f"mask/{i}": torch.from_numpy(self.packed[n]) for i, n in enumerate(self.names)}
@@ -214,7 +227,9 @@ class MaskSet:
             "names": json.dumps(self.names),
             "layout": self.layout.to_json(),
             "info": json.dumps(self.info),
+            "checks": json.dumps([checksum(self.packed[n]) for n in self.names]),
         }
+        metadata["check"] = _metadata_check(metadata)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -226,13 +241,27 @@ class MaskSet:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
-                if meta.get("format") != MASKSET_FORMAT:
+                if meta.get("format") not in (MASKSET_FORMAT, MASKSET_FORMAT_V1):
                     raise CheckpointError(f"{path}: not a tallmasks mask file")
+                checked = meta["format"] == MASKSET_FORMAT
+                if checked and meta.get("check") != _metadata_check(meta):
+                    raise CheckpointError(f"{path}: damaged mask file (the metadata's checksum does not match)")
+                if not checked:
+                    log.warning("%s: written before mask files had checksums (%s): damage cannot be detected", path, meta["format"])
                 names = json.loads(meta["names"])
+                if not isinstance(names, list) or len(names) > 1024:
+                    raise ValueError("malformed metadata")
                 layout = Layout.from_json(meta["layout"])
                 packed = [handle.get_tensor(f"mask/{i}").numpy() for i in range(len(names))]
                 info = json.loads(meta.get("info", "{}"))
-            if not isinstance(info, dict) or not isinstance(names, list):
+                if checked:
+                    checks = json.loads(meta["checks"])
+                    if not isinstance(checks, list) or len(checks) != len(names):
+                        raise ValueError("malformed checksums")
+                    for name, array, expected in zip(names, packed, checks):
+                        if checksum(array) != expected:
+                            raise CheckpointError(f"{path}: damaged mask of {name!r} (checksum mismatch)")
+            if not isinstance(info, dict):
                 raise ValueError("malformed metadata")
         except CheckpointError:
             raise

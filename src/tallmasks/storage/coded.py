@@ -37,6 +37,7 @@ few threads, largest first.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -48,11 +49,20 @@ import numpy as np
 import torch
 
 from tallmasks.core.errors import CheckpointError
+from tallmasks.core.schema import Enum, Int, List, Map, Obj, Str, check, names, parse_json
 from tallmasks.io.checkpoints import atomic_path
+from tallmasks.io.integrity import checksum, is_checksum
 from tallmasks.masks import Layout, MaskSet
 
-CODED_FORMAT = "tallmasks-coded-v1"
+log = logging.getLogger(__name__)
+
+#: v2 adds a CRC-32 to every stream and one over the index and metadata; v1 files (none) are still read
+CODED_FORMAT = "tallmasks-coded-v2"
+CODED_FORMATS = ("tallmasks-coded-v1", CODED_FORMAT)
 CHUNK = 1 << 22
+#: the largest index (JSON bytes) a reader decompresses: about 400 bytes per chunk, so room for 600,000
+#: chunks (2.5e12 weights); a frame declaring more is refused before anything is allocated
+INDEX_MAX_BYTES = 1 << 28
 ZSTD_LEVEL = 6
 #: a slower coder is chosen only when it saves more than this share of the faster one's bytes
 #: (measured: rANS decodes at 3 to 45 ns per symbol, zstd at about 1 ns per byte, raw is a copy; on a
@@ -163,6 +173,24 @@ def encode_stream(symbols: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[dict, b
     return min(candidates, key=lambda c: cost(c[0], len(c[1])))
 
 
+def unzstd(payload: bytes | np.ndarray, limit: int, what: str = "coded chunk") -> bytes:
+    """One Zstandard frame decompressed to at most ``limit`` bytes: a frame that declares more, or (without a
+    declared size) produces more, is refused before its output is allocated."""
+    import zstandard
+
+    if len(payload) < 4:  # numpy slices of the memory-mapped data are read through the buffer protocol
+        raise CheckpointError(f"{what}: not a Zstandard frame ({len(payload)} bytes)")
+    declared = zstandard.frame_content_size(payload)
+    if declared > limit:
+        raise CheckpointError(f"{what}: declares {declared} bytes once decompressed, at most {limit} expected")
+    if declared >= 0:
+        return zstandard.ZstdDecompressor().decompress(payload)
+    data = zstandard.ZstdDecompressor().stream_reader(payload).read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{what}: decompresses to more than {limit} bytes")
+    return data
+
+
 def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.ndarray:
     """The symbols of one chunk coded by ``encode_stream``."""
     coder = spec.get("coder")
@@ -171,15 +199,11 @@ def decode_stream(spec: Mapping, payload: bytes, n: int, dtype: np.dtype) -> np.
     if coder == "raw":
         data = payload
     elif coder == "zstd":
-        import zstandard
-
-        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=n * dtype.itemsize)
+        data = unzstd(payload, n * dtype.itemsize)
     elif coder == "ans":
         return _decode_ans(payload, n, int(spec["values"]), dtype)
     elif coder == "bits":
-        import zstandard
-
-        packed = zstandard.ZstdDecompressor().decompress(payload, max_output_size=(n + 7) // 8)
+        packed = unzstd(payload, (n + 7) // 8)
         if len(packed) != (n + 7) // 8:
             raise CheckpointError(f"coded chunk holds {8 * len(packed)} bits, expected {n}")
         return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n).astype(dtype)
@@ -319,6 +343,127 @@ _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float1
 
 
 # ---------------------------------------------------------------------------------------------
+# the index: one schema, then the rules between fields, all checked when a file is opened
+
+_LEAF_CODERS = ("const", "raw", "zstd", "bits", "ans")
+#: a stream inside another (a byte plane of ``bytes``, the kept bits or a group of ``context``): no offset
+_INNER = Obj(
+    {"coder": Enum((*_LEAF_CODERS, "bytes")), "bytes": Int(min=0)},
+    {
+        "value": Int(min=0, max=(1 << 64) - 1),
+        "values": Int(min=1, max=1 << 32),
+        "context": Int(0, 511),
+        "planes": List(Obj({"bytes": Int(min=0)})),
+    },
+)
+_STREAM = Obj(
+    {"coder": Enum((*_LEAF_CODERS, "bytes", "context")), "offset": Int(min=0), "bytes": Int(min=0)},
+    {
+        "check": Str(test=lambda v: None if is_checksum(v) else "not a checksum (16 hex digits)"),
+        "value": Int(min=0, max=(1 << 64) - 1),
+        "values": Int(min=1, max=1 << 32),
+        "planes": List(_INNER, max_len=8),
+        "lo": Int(0, 511),
+        "hi": Int(0, 511),
+        "kept": _INNER,
+        "groups": List(_INNER, max_len=512),
+    },
+)
+_CHUNK_SCHEMA = Obj({"n": Int(1, CHUNK), "kept": Int(min=0), "patterns": _STREAM, "planes": List(_STREAM, max_len=8)})
+INDEX_SCHEMA = Map(
+    Obj({"shape": List(Int(min=0), max_len=16), "dtype": Enum(tuple(_DTYPES)), "chunks": List(_CHUNK_SCHEMA)}),
+    key=Str(max_len=1024),
+)
+INFO_SCHEMA = Obj(optional={"collection": Str(max_len=64), "kind": Str(max_len=64)})
+
+
+def header_check(packed_index: bytes, names_json: str, info_json: str) -> str:
+    """The checksum of what a coded file's header holds: the compressed index, then the names and info JSON."""
+    return checksum(packed_index, "\0", names_json, "\0", info_json)
+
+
+def _check_inner(spec: Mapping, n: int, itemsize: int, where: str, exact: bool = True) -> None:
+    """The rules between fields of one stream that decodes to ``n`` symbols (at most ``n`` unless ``exact``: a
+    context group, whose size the kept values decide) of ``itemsize`` bytes."""
+    coder = spec["coder"]
+    if coder == "const" and "value" not in spec:
+        raise CheckpointError(f"{where}: a const stream without its value")
+    if coder == "const" and spec["value"] >= 1 << (8 * itemsize):
+        raise CheckpointError(f"{where}: const value {spec['value']} does not fit {itemsize} byte(s)")
+    if coder == "ans" and ("values" not in spec or spec["values"] > n or spec["values"] > 1 << (8 * itemsize)):
+        raise CheckpointError(f"{where}: rANS table of {spec.get('values')} values for {n} symbols")
+    if coder == "raw" and (spec["bytes"] != n * itemsize if exact else spec["bytes"] > n * itemsize or spec["bytes"] % itemsize):
+        raise CheckpointError(f"{where}: {spec['bytes']} raw bytes for {n} symbols of {itemsize} byte(s)")
+    if coder == "bytes":
+        planes = spec.get("planes") or []
+        if len(planes) != itemsize or itemsize == 1:
+            raise CheckpointError(f"{where}: {len(planes)} byte planes for {itemsize}-byte symbols")
+        for j, plane in enumerate(planes):
+            check(plane, _INNER, f"{where}.planes[{j}]", CheckpointError)
+            if plane["coder"] == "bytes":
+                raise CheckpointError(f"{where}.planes[{j}]: a byte plane split again")
+            _check_inner(plane, n, 1, f"{where}.planes[{j}]", exact)
+        if sum(p["bytes"] for p in planes) != spec["bytes"]:
+            raise CheckpointError(f"{where}: its byte planes' lengths do not add up to its {spec['bytes']} bytes")
+
+
+def check_index(index: dict, names_count: int, data_size: int, source: object, checksums: bool) -> None:
+    """The rules of an index beyond its schema: each tensor's chunks cover its shape, each chunk keeps at most
+    its weights and has a byte plane per byte of its dtype where it keeps any, every stream's sub-streams add
+    up, and the streams lie inside the data without overlapping (in a v2 file they tile it and have CRCs)."""
+    width = pattern_dtype(names_count).itemsize
+    ranges = []
+    for key, entry in index.items():
+        where = f"{source}: {key!r}"
+        numel = math.prod(entry["shape"])
+        if sum(chunk["n"] for chunk in entry["chunks"]) != numel:
+            raise CheckpointError(
+                f"{where}: its chunks hold {sum(c['n'] for c in entry['chunks'])} weights, its shape {entry['shape']} needs {numel}"
+            )
+        itemsize = _DTYPES[entry["dtype"]].itemsize
+        for c, chunk in enumerate(entry["chunks"]):
+            at = f"{where} chunk {c}"
+            n, kept = chunk["n"], chunk["kept"]
+            if kept > n:
+                raise CheckpointError(f"{at}: {kept} kept weights of {n}")
+            if len(chunk["planes"]) != (itemsize if kept else 0):
+                raise CheckpointError(f"{at}: {len(chunk['planes'])} byte planes for {entry['dtype']}")
+            patterns = chunk["patterns"]
+            if patterns["coder"] == "context":
+                if "kept" not in patterns or "groups" not in patterns or not patterns.get("lo", 0) <= patterns.get("hi", -1):
+                    raise CheckpointError(f"{at}: patterns coded in context without their kept bits, groups or range")
+                _check_inner(patterns["kept"], n, 1, f"{at} patterns.kept")
+                contexts = [g.get("context") for g in patterns["groups"]]
+                if None in contexts or contexts != sorted(set(contexts)):
+                    raise CheckpointError(f"{at}: context groups out of order")
+                for g, group in enumerate(patterns["groups"]):
+                    _check_inner(group, kept, width, f"{at} patterns.groups[{g}]", exact=False)
+                if patterns["kept"]["bytes"] + sum(g["bytes"] for g in patterns["groups"]) != patterns["bytes"]:
+                    raise CheckpointError(f"{at}: the context groups' lengths do not add up to the stream's {patterns['bytes']} bytes")
+            else:
+                _check_inner(patterns, n, width, f"{at} patterns")
+            for j, plane in enumerate(chunk["planes"]):
+                if plane["coder"] == "context":
+                    raise CheckpointError(f"{at} planes[{j}]: a byte plane coded in context")
+                _check_inner(plane, kept, 1, f"{at} planes[{j}]")
+            for spec in (patterns, *chunk["planes"]):
+                if checksums and "check" not in spec:
+                    raise CheckpointError(f"{at}: a stream without its checksum")
+                if spec["bytes"]:
+                    ranges.append((spec["offset"], spec["bytes"], at))
+    ranges.sort()
+    end = 0
+    for offset, size, at in ranges:
+        if offset < end or (checksums and offset != end):
+            raise CheckpointError(f"{at}: its data at byte {offset} overlaps or skips another stream's (damaged index)")
+        end = offset + size
+        if end > data_size:
+            raise CheckpointError(f"{at}: its data ends at byte {end}, past the {data_size} bytes stored")
+    if checksums and end != data_size and not (end == 0 and data_size == 1):  # an empty file stores one byte
+        raise CheckpointError(f"{source}: the streams cover {end} of the {data_size} data bytes (damaged index)")
+
+
+# ---------------------------------------------------------------------------------------------
 # writing and reading a coded file
 
 
@@ -361,9 +506,10 @@ def write_coded(path: str | Path, masks: MaskSet, vector: Mapping[str, torch.Ten
             chunks.append(entry)
         index[key] = {"shape": list(shape), "dtype": str(flat.dtype).replace("torch.", ""), "chunks": chunks}
         offset += numel
-    packed_index = zstandard.ZstdCompressor(level=19).compress(json.dumps(index, separators=(",", ":")).encode())
+    packed_index = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(json.dumps(index, separators=(",", ":")).encode())
     tensors = {"index": torch.frombuffer(bytearray(packed_index), dtype=torch.uint8), "data": data.tensor()}
     metadata = {"format": CODED_FORMAT, "names": json.dumps(masks.names), "info": json.dumps(masks.info)}
+    metadata["check"] = header_check(packed_index, metadata["names"], metadata["info"])
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return index
@@ -377,7 +523,7 @@ class _Payloads:
         self.size = 0
 
     def add(self, spec: dict, blob: bytes) -> dict:
-        spec = {**spec, "offset": self.size, "bytes": len(blob)}
+        spec = {**spec, "offset": self.size, "bytes": len(blob), "check": checksum(blob)}
         self.parts.append(blob)
         self.size += len(blob)
         return spec
@@ -457,25 +603,38 @@ class CodedFile:
             raise CheckpointError(
                 f"{self.path}: unreadable coded file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from None
-        if meta.get("format") != CODED_FORMAT:
-            raise CheckpointError(f"{self.path}: not a tallmasks coded file")
+        if meta.get("format") not in CODED_FORMATS:
+            raise CheckpointError(f"{self.path}: not a tallmasks coded file (format {meta.get('format')!r})")
+        self.checksums = meta["format"] != CODED_FORMATS[0]
+        source = f"{self.path}: header"
+        self.names: list[str] = parse_json(meta.get("names", ""), f"{source} names", CheckpointError, names())
+        pattern_dtype(len(self.names))  # 1 to MAX_TASKS tasks
+        self.info: dict = parse_json(meta.get("info", "{}"), f"{source} info", CheckpointError, INFO_SCHEMA)
         try:
-            import zstandard
-
-            self.names: list[str] = json.loads(meta["names"])
-            self.info: dict = json.loads(meta.get("info", "{}"))
             packed = self._handle.get_tensor("index").numpy().tobytes()
-            self.index: dict[str, dict] = json.loads(zstandard.ZstdDecompressor().decompress(packed))
             self._data = _mapped_tensor(self.path, "data")
-        except Exception:
-            raise CheckpointError(f"{self.path}: damaged coded file (unreadable index)") from None
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: damaged coded file (no index or data: {type(exc).__name__})") from None
+        if self.checksums:
+            if meta.get("check") != header_check(packed, meta.get("names", ""), meta.get("info", "{}")):
+                raise CheckpointError(f"{self.path}: damaged coded file (the header's checksum does not match)")
+        else:
+            log.warning("%s: written before coded files had checksums (%s): damage to it cannot be detected", self.path, meta["format"])
+        text = unzstd(packed, INDEX_MAX_BYTES, f"{self.path}: index")
+        self.index: dict[str, dict] = parse_json(text, f"{self.path}: index", CheckpointError, INDEX_SCHEMA)
+        check_index(self.index, len(self.names), int(self._data.size) or 1, f"{self.path}: index", self.checksums)
         self.pattern_dtype = pattern_dtype(len(self.names))
         self.layout = Layout(tuple(self.index), tuple(tuple(v["shape"]) for v in self.index.values()))
 
-    def _payload(self, spec: Mapping) -> np.ndarray | bytes:
+    def _payload(self, spec: Mapping, key: str = "") -> np.ndarray | bytes:
+        """A stream's bytes (its offset and length checked when the file was opened), their checksum checked (files written before checksums: none)."""
         if not spec["bytes"]:
-            return b""
-        return self._data[spec["offset"] : spec["offset"] + spec["bytes"]]
+            blob: np.ndarray | bytes = b""
+        else:
+            blob = self._data[spec["offset"] : spec["offset"] + spec["bytes"]]
+        if self.checksums and "check" in spec and checksum(blob) != spec["check"]:
+            raise CheckpointError(f"{self.path}: damaged data of {key!r} at byte {spec['offset']} (checksum mismatch)")
+        return blob
 
     @contextmanager
     def _reading(self, key: str):
@@ -494,13 +653,13 @@ class CodedFile:
         of the kept values) of one chunk, their sizes checked against the index."""
         spec = chunk["patterns"]
         if spec.get("coder") == "context":
-            head = decode_kept(spec, self._payload(spec), chunk["n"])
+            head = decode_kept(spec, self._payload(spec, key), chunk["n"])
         else:
-            head = decode_stream(spec, self._payload(spec), chunk["n"], self.pattern_dtype)
+            head = decode_stream(spec, self._payload(spec, key), chunk["n"], self.pattern_dtype)
         kept = int(np.count_nonzero(head))
         if kept != chunk["kept"]:
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
-        planes = [decode_stream(s, self._payload(s), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
+        planes = [decode_stream(s, self._payload(s, key), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
         if len(planes) != (dtype.itemsize if kept else 0):
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
         return spec, head, planes
@@ -511,29 +670,51 @@ class CodedFile:
             raise CheckpointError(f"{self.path}: unknown dtype {self.index[key].get('dtype')!r} for {key!r}")
         return dtype
 
-    def read(self, key: str) -> CodedTensor:
-        """Decode one tensor; a damaged or inconsistent chunk raises a one-line CheckpointError."""
-        entry = self.index[key]
+    def chunks(self, key: str) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(patterns, kept values) of each chunk of one tensor in turn: at most ``CHUNK`` weights at a time."""
         dtype = self._dtype(key)
-        shape = tuple(entry["shape"])
-        patterns, values = [], []
         with self._reading(key):
-            for chunk in entry["chunks"]:
+            for chunk in self.index[key]["chunks"]:
                 spec, p, planes = self._chunk(key, chunk, dtype)
                 kept_values = from_planes(planes, dtype)
                 if spec.get("coder") == "context":
                     try:
-                        p = decode_in_context(spec, self._payload(spec), p, kept_values, self.pattern_dtype)
+                        p = decode_in_context(spec, self._payload(spec, key), p, kept_values, self.pattern_dtype)
                     except CheckpointError as exc:
                         raise CheckpointError(f"{self.path}: chunk of {key!r}: {exc}") from None
-                patterns.append(p)
-                values.append(kept_values)
+                yield p, kept_values
+
+    def read(self, key: str) -> CodedTensor:
+        """Decode one tensor; a damaged or inconsistent chunk raises a one-line CheckpointError."""
+        dtype = self._dtype(key)
+        shape = tuple(self.index[key]["shape"])
+        patterns, values = [], []
+        for p, kept_values in self.chunks(key):
+            patterns.append(p)
+            values.append(kept_values)
         flat_patterns = np.concatenate(patterns) if patterns else np.zeros(0, self.pattern_dtype)
         if flat_patterns.size != math.prod(shape):
             raise CheckpointError(
                 f"{self.path}: {key!r} holds {flat_patterns.size} weights, its shape {list(shape)} needs {math.prod(shape)}"
             )
         return CodedTensor(key, shape, flat_patterns, torch.cat(values) if values else torch.zeros(0, dtype=dtype))
+
+    def profile(self) -> tuple[dict[str, float], list[int]]:
+        """(each task's mask density, the agreement profile) decoded chunk by chunk: the memory of one chunk,
+        whatever size the file declares; the same numbers as ``masks()``'s ``density`` and ``agreement``."""
+        tasks = len(self.names)
+        ones = np.zeros(tasks, dtype=np.int64)
+        hist = np.zeros(tasks + 1, dtype=np.int64)
+        for key in self.index:
+            for patterns, _ in self.chunks(key):
+                count = np.zeros(patterns.shape, dtype=np.int64)  # tasks per weight (numpy 1.x has no bitwise_count)
+                for t in range(tasks):
+                    bit = _bit(patterns, t)
+                    ones[t] += int(np.count_nonzero(bit))
+                    count += bit
+                hist += np.bincount(count, minlength=tasks + 1)[: tasks + 1]
+        numel = max(self.layout.numel, 1)
+        return {name: int(ones[t]) / numel for t, name in enumerate(self.names)}, [int(v) for v in hist]
 
     def apply_task(self, key: str, theta0: torch.Tensor, task: int) -> torch.Tensor | None:
         """``read(key).apply(theta0, task)`` for a float32 tensor, the same bits, chunk by chunk in fused passes
@@ -568,7 +749,7 @@ class CodedFile:
                     kernels.apply_bit(base, head, words.view(np.float32), task, into)
                     continue
                 try:
-                    grouped, starts = _decode_groups(spec, self._payload(spec), counts, self.pattern_dtype)
+                    grouped, starts = _decode_groups(spec, self._payload(spec, key), counts, self.pattern_dtype)
                 except CheckpointError as exc:
                     raise CheckpointError(f"{self.path}: chunk of {key!r}: {exc}") from None
                 if kernels.apply_task_grouped(base, head, words, grouped, starts, lo, hi, task, into):

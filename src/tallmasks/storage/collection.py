@@ -14,8 +14,13 @@ That is the paper's scheme (``storage="packbits"``). The default, ``storage="cod
 data files with ``coded.safetensors`` (``tallmasks.storage.coded``: masks entropy-coded jointly, the merged
 vector only where some mask keeps a weight, the collection id in its metadata), losslessly.
 
+Every part records checksums of what it holds (``tallmasks.io.integrity``): each merged tensor, each mask,
+each coded stream and header, and meta.json itself, with the size of every part. Every read path checks them
+before the bytes are used, so a damaged collection is a one-line error naming the part, never a wrong model.
+Collections written before checksums (format ``...-v1``) are still read, with a warning.
+
 Writing a collection replaces only a previous collection's own files (meta.json last); a non-empty folder
-that is not a collection is refused.
+that is not a collection is refused (its own stale temporaries apart, which are removed).
 """
 
 from __future__ import annotations
@@ -31,17 +36,32 @@ import torch
 
 from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
 from tallmasks.core.errors import CheckpointError, ConfigError
-from tallmasks.io.checkpoints import LazyStateDict, atomic_path, load_state_dict, save_state_dict, sha256_file
-from tallmasks.io.guard import check_output, file_size, require_file
+from tallmasks.core.schema import Any_, Bool, Int, List, Map, Null, Num, Obj, Str, check, optional, parse_json
+from tallmasks.io.checkpoints import (
+    LazyStateDict,
+    atomic_path,
+    checkpoint_size,
+    load_state_dict,
+    require_checkpoint,
+    save_state_dict,
+    sha256_file,
+)
+from tallmasks.io.guard import check_output, file_size, remove_stale_temporaries, require_file
+from tallmasks.io.integrity import CheckedStateDict, is_checksum, json_checksum, tensor_checksum
 from tallmasks.masks import Layout, MaskSet
 from tallmasks.merging import get_method, merge
 from tallmasks.merging.per_task import mask_scales, task_models
-from tallmasks.storage.coded import CODED_FORMAT, CodedFile, decode_task, write_coded
+from tallmasks.storage.coded import CODED_FORMAT, CODED_FORMATS, CodedFile, decode_task, write_coded
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tallmasks-compressed-v1"
+FORMAT = "tallmasks-compressed-v2"
 STORAGES = {"packbits": FORMAT, "coded": CODED_FORMAT}
+#: every format read, and its storage: the current ones, and those written before checksums
+READ_FORMATS = {FORMAT: "packbits", CODED_FORMAT: "coded", "tallmasks-compressed-v1": "packbits", CODED_FORMATS[0]: "coded"}
+LEGACY_FORMATS = ("tallmasks-compressed-v1", CODED_FORMATS[0])
+META_MAX_BYTES = 1 << 26
+MAX_TASKS = 1024  # names in meta.json; a coded file holds at most 64
 MERGED_FILE = "merged.safetensors"
 MASKS_FILE = "masks.safetensors"
 CODED_FILE = "coded.safetensors"
@@ -54,20 +74,61 @@ DEFAULT_LAMBDA = 0.4
 MASK_METHODS = {"tall": "tall_mask", "magnitude": "mag_masking", "emr": "emr"}
 
 
+_CHECKSUM = Str(test=lambda v: None if is_checksum(v) else "not a checksum (16 hex digits)")
+#: meta.json: the fields the readers use (others, such as ``finetuned``, are kept as written)
+META_SCHEMA = Obj(
+    {
+        "format": Str(max_len=64),
+        "tasks": List(Str(max_len=200, test=lambda v: None if v else "an empty name"), min_len=1, max_len=MAX_TASKS, unique=True),
+        "masks": Obj(
+            {"kind": Str(max_len=64)},
+            {
+                "scales": optional(Map(Num(), max_len=MAX_TASKS)),
+                "lambdas": Any_((Null(), List(optional(Num()), max_len=MAX_TASKS), Map(optional(Num()), max_len=MAX_TASKS))),
+                "use_ties": Bool(),
+                "k": Num(),
+            },
+        ),
+        "num_params": Int(min=0, max=1 << 48),
+        "pretrained": Obj({"path": Str(max_len=4096), "sha256": Str(max_len=64)}),
+    },
+    {
+        "collection": Str(max_len=64),
+        "model": optional(Str(max_len=256)),
+        "parts": Map(Int(min=0), max_len=8),
+        "check": _CHECKSUM,
+    },
+)
+
+
 def _load_meta(path: Path) -> object:
-    return json.loads(require_file(path, "collection metadata").read_text())
+    return parse_json(require_file(path, "collection metadata").read_bytes(), path, CheckpointError, max_bytes=META_MAX_BYTES)
 
 
 def is_collection(path: Path) -> bool:
+    """Whether ``path`` holds a readable collection's meta.json (see ``looks_like_collection``)."""
     try:
         meta = _load_meta(Path(path) / META_FILE)
-    except (OSError, ValueError, CheckpointError):
+    except (OSError, CheckpointError):
         return False
-    return isinstance(meta, dict) and meta.get("format") in STORAGES.values()
+    return isinstance(meta, dict) and meta.get("format") in READ_FORMATS
+
+
+def looks_like_collection(path: Path) -> bool:
+    """Whether ``path`` is a folder with a meta.json: a collection to read (and to refuse in one line when it
+    is damaged), not a folder of checkpoints."""
+    return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
+
+
+def storage_of(meta: dict) -> str:
+    """``"packbits"`` or ``"coded"``: the storage of a collection's (checked) meta.json."""
+    return READ_FORMATS[meta["format"]]
 
 
 def _check_out_dir(out_dir: Path, inputs: Sequence[str | Path], expected_bytes: int) -> None:
     check_output(out_dir, inputs, expected_bytes=expected_bytes, folder=True, label="--out")
+    for part in {*PARTS, CODED_FILE}:  # temporaries of an interrupted compress: cleaned, as every write does
+        remove_stale_temporaries(out_dir / part)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_collection(out_dir):
         raise CheckpointError(f"{out_dir}: folder is not empty and is not a compressed collection; choose another --out")
     for part in {*PARTS, CODED_FILE}:
@@ -99,8 +160,8 @@ def compress(
         raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if masks_file is not None and masks != "tall":
         raise ConfigError("masks_file holds TALL masks: it applies with masks='tall' only")
-    inputs = [require_file(p) for p in (pretrained, *finetuned)]
-    size = file_size(pretrained)
+    inputs = [require_checkpoint(pretrained), *(require_file(p) for p in finetuned)]
+    size = checkpoint_size(pretrained)
     _check_out_dir(out_dir, inputs, size + len(inputs) * (size // 32 + 1) + 65536)
     cs = CheckpointSet(pretrained, list(finetuned), names)
     cs.progress = progress
@@ -143,8 +204,11 @@ def compress(
     if storage == "coded":
         write_coded(out_dir / CODED_FILE, mask_set, stored, progress=progress)
     else:
-        save_state_dict(stored, out_dir / MERGED_FILE, metadata={"collection": collection_id}, finite=True)
+        checksums = json.dumps({key: tensor_checksum(value) for key, value in stored.items()}, sort_keys=True)
+        save_state_dict(stored, out_dir / MERGED_FILE, metadata={"collection": collection_id, "checksums": checksums}, finite=True)
         mask_set.save(out_dir / MASKS_FILE)
+    meta["parts"] = {part: (out_dir / part).stat().st_size for part in STORAGE_PARTS[storage] if part != META_FILE}
+    meta["check"] = json_checksum(meta)
     with atomic_path(out_dir / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     for stale in {MERGED_FILE, MASKS_FILE, CODED_FILE} - set(STORAGE_PARTS[storage]):  # the other storage's parts
@@ -153,7 +217,8 @@ def compress(
 
 
 def read_meta(collection: str | Path) -> dict:
-    """meta.json of a collection, checked: a one-line error when it is missing, not JSON, or lacks a field."""
+    """meta.json of a collection, checked: a one-line error when it is missing, not JSON, does not match its
+    schema or its checksum, or its parts are not the size it records."""
     collection = Path(collection).expanduser()
     if not collection.exists():
         raise CheckpointError(f"{collection}: no such compressed collection (expected a folder)")
@@ -164,32 +229,33 @@ def read_meta(collection: str | Path) -> dict:
         raise CheckpointError(f"{collection}: not a compressed collection (no {META_FILE})")
     try:
         meta = _load_meta(path)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    _check_meta(meta, path)
-    return meta  # type: ignore[return-value]
-
-
-def _check_meta(meta: object, path: Path) -> None:
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
-    if meta.get("format") not in STORAGES.values():
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS:
+        found = repr(meta.get("format"))[:60] if isinstance(meta, dict) else "no format"
         raise CheckpointError(
-            f"{path}: not a compressed collection (format {meta.get('format')!r}, expected one of "
-            f"{', '.join(map(repr, STORAGES.values()))})"
+            f"{path}: not a compressed collection (format {found}, expected one of {', '.join(map(repr, STORAGES.values()))})"
         )
-    fields = {"tasks": list, "masks": dict, "num_params": int, "pretrained": dict}
-    for key, kind in fields.items():
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
-    tasks = meta["tasks"]
-    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
-        raise CheckpointError(f"{path}: field 'tasks' must list distinct task names")
-    for key in ("path", "sha256"):
-        if not isinstance(meta["pretrained"].get(key), str):
-            raise CheckpointError(f"{path}: field 'pretrained.{key}' missing or not a string")
-    if "collection" in meta and not isinstance(meta["collection"], str):
-        raise CheckpointError(f"{path}: field 'collection' must be a string")
+    check(meta, META_SCHEMA, path, CheckpointError)
+    if meta["format"] in LEGACY_FORMATS:
+        log.warning("%s: written before collections had checksums (%s): damage to it cannot be detected", path, meta["format"])
+        return meta
+    if "check" not in meta or "parts" not in meta:
+        raise CheckpointError(f"{path}: damaged collection metadata (no {'check' if 'check' not in meta else 'parts'} field)")
+    if json_checksum({k: v for k, v in meta.items() if k != "check"}) != meta["check"]:
+        raise CheckpointError(f"{path}: damaged or edited collection metadata (checksum mismatch)")
+    expected = {p for p in STORAGE_PARTS[storage_of(meta)] if p != META_FILE}
+    if set(meta["parts"]) != expected:
+        raise CheckpointError(f"{path}: parts {sorted(meta['parts'])}, a {storage_of(meta)} collection has {sorted(expected)}")
+    return meta
+
+
+def _check_sizes(collection: Path, meta: dict) -> None:
+    """Each part the size meta.json records (a truncated or extended part), in a collection with checksums."""
+    for part, size in (meta.get("parts") or {}).items():
+        found = file_size(collection / part)
+        if found != size:
+            raise CheckpointError(f"{collection / part}: damaged part ({found} bytes, {META_FILE} records {size})")
 
 
 def open_collection(collection: str | Path) -> tuple[dict, LazyStateDict, MaskSet]:
@@ -197,24 +263,32 @@ def open_collection(collection: str | Path) -> tuple[dict, LazyStateDict, MaskSe
     the tasks of meta.json, and masks covering exactly the merged vector's keys and shapes."""
     collection = Path(collection).expanduser()
     meta = read_meta(collection)
-    if meta["format"] == CODED_FORMAT:
+    if storage_of(meta) == "coded":
         raise CheckpointError(f"{collection}: a coded collection (open it with open_coded)")
-    merged = load_state_dict(collection / MERGED_FILE)
+    merged = load_state_dict(require_file(collection / MERGED_FILE, "collection data"))
     masks = MaskSet.load(collection / MASKS_FILE)
     expected = meta.get("collection")
+    merged_meta = _merged_metadata(merged)
     if expected is not None:
-        for part, found in ((MERGED_FILE, _merged_id(merged)), (MASKS_FILE, masks.info.get("collection"))):
+        for part, found in ((MERGED_FILE, merged_meta.get("collection")), (MASKS_FILE, masks.info.get("collection"))):
             if found != expected:
                 raise CheckpointError(
                     f"{collection / part}: belongs to another collection than {collection / META_FILE} "
                     "(copied in, or left by an interrupted compress); compress again"
                 )
+    _check_sizes(collection, meta)
     if masks.names != meta["tasks"]:
         raise CheckpointError(f"{collection / MASKS_FILE}: masks for {masks.names}, {META_FILE} lists {meta['tasks']}")
     keys = sorted(k for k in merged if merged.dtype(k).is_floating_point)
     masks.check_layout(Layout(tuple(keys), tuple(merged.shape(k) for k in keys)), collection / MASKS_FILE)
     if masks.layout.numel != meta["num_params"]:
         raise CheckpointError(f"{collection / META_FILE}: num_params {meta['num_params']}, the parts have {masks.layout.numel}")
+    if meta["format"] not in LEGACY_FORMATS:
+        origin = collection / MERGED_FILE
+        if "checksums" not in merged_meta:
+            raise CheckpointError(f"{origin}: damaged collection data (no checksums recorded)")
+        recorded = parse_json(merged_meta["checksums"], f"{origin}: checksums", CheckpointError, Map(_CHECKSUM))
+        merged = CheckedStateDict(merged, recorded, origin)  # type: ignore[assignment]
     return meta, merged, masks
 
 
@@ -228,6 +302,7 @@ def open_coded(collection: str | Path) -> tuple[dict, CodedFile]:
             f"{collection / CODED_FILE}: belongs to another collection than {collection / META_FILE} "
             "(copied in, or left by an interrupted compress); compress again"
         )
+    _check_sizes(collection, meta)
     if coded.names != meta["tasks"]:
         raise CheckpointError(f"{collection / CODED_FILE}: masks for {coded.names}, {META_FILE} lists {meta['tasks']}")
     if coded.layout.numel != meta["num_params"]:
@@ -235,9 +310,9 @@ def open_coded(collection: str | Path) -> tuple[dict, CodedFile]:
     return meta, coded
 
 
-def _merged_id(merged: LazyStateDict) -> str | None:
+def _merged_metadata(merged: LazyStateDict) -> dict[str, str]:
     handle = getattr(merged, "_handle", None)
-    return (handle.metadata() or {}).get("collection") if handle is not None else None
+    return (handle.metadata() or {}) if handle is not None else {}
 
 
 def task_name(meta: dict, task: str | int) -> str:
@@ -260,7 +335,7 @@ def decompress(
     """Rebuild theta_0 + scale_t * (m_t * tau_MTL) for one task; saved atomically to ``out`` when given (an
     output that is theta_0 or lies inside the collection is refused before any work)."""
     collection = Path(collection).expanduser()
-    coded = read_meta(collection)["format"] == CODED_FORMAT
+    coded = storage_of(read_meta(collection)) == "coded"
     if coded:
         meta, coded_file = open_coded(collection)
     else:
@@ -269,9 +344,9 @@ def decompress(
     theta0_path = Path(pretrained).expanduser() if pretrained is not None else Path(meta["pretrained"]["path"])
     if not theta0_path.exists():
         raise CheckpointError(f"{theta0_path}: pre-trained checkpoint not found (pass --pretrained)")
-    require_file(theta0_path)
+    require_checkpoint(theta0_path)
     if out is not None:
-        check_output(out, [collection, theta0_path], expected_bytes=file_size(theta0_path), label="--out")
+        check_output(out, [collection, theta0_path], expected_bytes=checkpoint_size(theta0_path), label="--out")
     scale = float((meta["masks"].get("scales") or {}).get(name, 1.0))
     # theta_0's SHA-256 is computed beside the decoding (hashlib releases the interpreter's lock) and checked
     # before anything is returned or written; a mismatch is the error shown, whatever else went wrong
@@ -300,7 +375,7 @@ def decompress(
 
 def collection_masks(collection: str | Path) -> MaskSet:
     """Every task's mask of a compressed collection, whatever its storage."""
-    if read_meta(collection)["format"] == CODED_FORMAT:
+    if storage_of(read_meta(collection)) == "coded":
         return open_coded(collection)[1].masks()
     return open_collection(collection)[2]
 
@@ -310,14 +385,17 @@ def collection_report(collection: str | Path) -> dict:
     beyond theta_0 beside the paper's scheme (float32 merged vector + 1 bit per weight per task)."""
     collection = Path(collection).expanduser()
     meta = read_meta(collection)
-    storage = next(k for k, v in STORAGES.items() if v == meta["format"])
+    storage = storage_of(meta)
     if storage == "coded":
         meta, coded = open_coded(collection)
-        masks = coded.masks()
+        densities, agreement = coded.profile()  # chunk by chunk: the memory of one chunk, whatever is declared
         stats = coded.stats()
         mask_bytes, kept = stats["mask_bytes"], stats["kept"]
     else:
-        meta, _, masks = open_collection(collection)
+        meta, merged, masks = open_collection(collection)
+        for key in merged:  # every tensor read once: its checksum checked
+            merged[key]
+        densities, agreement = {name: masks.density(name) for name in masks.names}, masks.agreement()
         mask_bytes, kept = (collection / MASKS_FILE).stat().st_size, None
     sizes = {part: (collection / part).stat().st_size for part in STORAGE_PARTS[storage]}
     n = meta["num_params"]
@@ -340,8 +418,8 @@ def collection_report(collection: str | Path) -> dict:
         "paper_bytes": paper,
         "ratio_to_paper": total / max(paper, 1),
         "budget_bytes": paper + 64 * 1024,
-        "densities": {name: masks.density(name) for name in masks.names},
-        "agreement": masks.agreement(),
+        "densities": densities,
+        "agreement": agreement,
     }
 
 
