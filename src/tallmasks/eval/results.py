@@ -36,15 +36,12 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def read_json(path: str | Path) -> Any:
-    """Parsed JSON of ``path``; a corrupt file raises a one-line TallmasksError."""
-    path = require_file(path, "JSON", TallmasksError)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TallmasksError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TallmasksError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+def read_json(path: str | Path, schema: Any = None) -> Any:
+    """Parsed JSON of ``path`` (checked against ``schema`` when given, a ``tallmasks.core.schema`` part); a
+    corrupt, too large, too deeply nested or wrongly shaped file raises a one-line TallmasksError."""
+    from tallmasks.core.schema import read_json as read_checked
+
+    return read_checked(require_file(path, "JSON", TallmasksError), TallmasksError, schema)
 
 
 def file_signature(path: str | Path) -> list:

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tallmasks.core.schema import Any_, Bool, Int, List, Map, Null, Num, Obj, Str, check, optional
+
 log = logging.getLogger(__name__)
 
 #: the paper's rows, in its display order: key -> label
@@ -65,14 +67,22 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str
         writer.writerows(cells)
         return out.getvalue()
     if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        lines = ["| " + " | ".join(map(md_escape, headers)) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(map(md_escape, row)) + " |" for row in cells]
         return "\n".join(lines)
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     lines.append("-" * len(lines[0]))
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join(lines)
+
+
+def md_escape(text: str) -> str:
+    """Text from data as it may stand in a markdown table cell or line: no pipe ends a cell, no line break
+    starts a heading, no HTML tag or entity is interpreted."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+    return text.replace("|", "\\|")
 
 
 def cell(value: Any) -> str:
@@ -223,23 +233,104 @@ def runs_from_demo_summary(summary: Mapping[str, Any], source: str = "") -> list
     return runs
 
 
+# ---------------------------------------------------------------------------------------------
+# the two results file types, one schema each (checked where a file is read)
+
+
+def _name_complaint(value: str) -> str | None:
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.io.guard import safe_name
+
+    try:
+        safe_name(value)
+    except ConfigError as exc:
+        return str(exc).replace(f"name {value!r} ", "").strip() if len(value) <= 80 else "not a plain file name"
+    return None
+
+
+def _number_complaint(value: str) -> str | None:
+    try:
+        return None if math.isfinite(float(value)) else "not a finite number"
+    except ValueError:
+        return "not a number"
+
+
+#: a model, task or method name: it may end up in a figure's file name, so one safe file-name component
+NAME = Str(test=_name_complaint)
+#: an accuracy, as a fraction
+ACCURACY = Num(0.0, 1.0)
+#: a fine-tuned accuracy divides every normalized figure: below 0.1% it is not a model's accuracy
+DENOMINATOR = Num(1e-3, 1.0)
+TASKS = List(NAME, min_len=1, max_len=1024, unique=True)
+RESULTS_SCHEMA = Obj(
+    {
+        "method": Obj({"name": NAME}, {"prun_thre_k": Num(0, 1e6), "use_ties": Bool(), "load_mask": Bool()}),
+        "test": Map(Any_((Num(), Null(), Str(), Bool()))),
+        "datasets": TASKS,
+    },
+    {
+        "model": NAME,
+        "finetuned_accuracies": Map(DENOMINATOR),
+        "agreement": optional(List(Int(min=0), max_len=1025)),
+        "val": Map(Map(Any_((Num(), Null(), Str(), Bool()))), key=Str(test=_number_complaint)),
+        "selection": Obj(),
+        "mask_path": optional(Str(max_len=4096)),
+    },
+)
+SUMMARY_SCHEMA = Obj(
+    {"tasks": TASKS, "methods": Map(Obj({"per_task": Map(Obj({"top1": ACCURACY}))}), key=NAME)},
+    {"model": NAME, "mask_agreement": Obj({}, {"weights": optional(List(Int(min=0), max_len=1025))}), "selection": Map(Obj())},
+)
+
+
+def checked_results(data: Any, source: object) -> str | None:
+    """``"results"`` (a runner's results), ``"summary"`` (the demo's summary.json) or None (another JSON),
+    after checking the file against its schema and the fields that depend on each other: a one-line
+    TallmasksError naming the file and the place when a results file is malformed."""
+    from tallmasks.core.errors import TallmasksError
+
+    if not isinstance(data, Mapping):
+        return None
+    if "method" in data and "test" in data:
+        check(data, RESULTS_SCHEMA, source, TallmasksError)
+        check(data["test"], Obj({f"{d}:top1": ACCURACY for d in data["datasets"]}), f"{source}: test", TallmasksError)
+        return "results"
+    if "methods" in data and "tasks" in data:
+        check(data, SUMMARY_SCHEMA, source, TallmasksError)
+        per_task = Obj({"per_task": Obj({t: Obj({"top1": ACCURACY}) for t in data["tasks"]})})
+        check(data["methods"], Obj({"finetuned": per_task}), f"{source}: methods", TallmasksError)
+        for name, entry in data["methods"].items():
+            check(entry, per_task, f"{source}: methods.{name}", TallmasksError)
+        for t in data["tasks"]:
+            check(
+                data["methods"]["finetuned"]["per_task"][t]["top1"],
+                DENOMINATOR,
+                f"{source}: methods.finetuned.per_task.{t}.top1",
+                TallmasksError,
+            )
+        return "summary"
+    return None
+
+
 def collect(paths: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
     """Runs (results JSON files, recursively) and compressed collections (folders) under ``paths``.
     A run found twice (same model, tasks and method) is kept once: a runner's file before a demo summary,
     then the most recent."""
     from tallmasks.core.errors import TallmasksError
     from tallmasks.eval.results import read_json
-    from tallmasks.storage.collection import is_collection
+    from tallmasks.storage.collection import is_collection, looks_like_collection
 
     files: list[Path] = []
+    named: set[Path] = set()
     collections: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
             raise TallmasksError(f"{path}: no such results file or folder")
         if path.is_file():
             files.append(path)
+            named.add(path)
             continue
-        if is_collection(path):
+        if looks_like_collection(path):  # named by the user: read, and refused in one line when damaged
             collections.append(path)
         for meta in sorted(path.rglob("meta.json")):
             if is_collection(meta.parent) and meta.parent not in collections:
@@ -250,12 +341,15 @@ def collect(paths: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
         try:
             data = read_json(file)
         except TallmasksError as exc:
+            if file in named:  # a file the user named is refused; one found in a folder may be anything
+                raise
             log.warning("skipped %s", exc)
             continue
-        if not isinstance(data, Mapping):
+        kind = checked_results(data, file)  # a malformed results file is refused, not skipped
+        if kind is None:
             continue
-        run = run_from_results(data, str(file))
-        runs = [run] if run is not None else runs_from_demo_summary(data, str(file))
+        run = run_from_results(data, str(file)) if kind == "results" else None
+        runs = [run] if run is not None else runs_from_demo_summary(data, str(file)) if kind == "summary" else []
         for r in runs:
             key = (r.model, r.datasets, r.method)
             rank = (bool(r.val), file.stat().st_mtime)  # a runner's file (with its validation curve) first
@@ -704,6 +798,7 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
     runs, collections = collect(paths)
     if not runs and not collections:
         raise TallmasksError(f"no results or compressed collections found under {', '.join(map(str, paths))}")
+    storage = storage_rows(collections, runs)  # every collection read (and checked) before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
@@ -713,9 +808,9 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
         n = len(datasets)
         tag = f"{model}_{n}tasks" + ("" if _paper_group(model, datasets) or model not in leaky_denominators() else "_custom")
         md += [
-            f"## {model}, {n} tasks",
+            f"## {md_escape(model)}, {n} tasks",
             "",
-            "Tasks: " + ", ".join(datasets),
+            "Tasks: " + md_escape(", ".join(datasets)),
             "",
             "Average test accuracy (%), ours beside the paper's table:",
             "",
@@ -739,8 +834,7 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
         figure = plot_tasks_scaling(model, groups, out / f"tasks_{model}.png")
         if figure is not None:
             figures.append(figure)
-            md += [f"## {model}: normalized accuracy against the number of tasks", "", f"![tasks]({figure.name})", ""]
-    storage = storage_rows(collections, runs)
+            md += [f"## {md_escape(model)}: normalized accuracy against the number of tasks", "", f"![tasks]({figure.name})", ""]
     if storage:
         md += [
             "## Storage",
