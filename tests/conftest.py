@@ -50,6 +50,15 @@ def tiny_state(seed: int, base: dict | None = None, scale: float = 0.05) -> dict
     return out
 
 
+def save_sharded(state: dict, folder: Path, max_shard_size: int = 200) -> Path:
+    """``state`` as a sharded safetensors checkpoint (Hugging Face's writer: shards and an index) in ``folder``."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, folder, max_shard_size=max_shard_size)
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread: the tiny models run faster so, and the suite shares two cores."""

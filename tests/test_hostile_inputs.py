@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_state
+from conftest import save_sharded, tiny_state
 
 from tallmasks.algebra.task_vectors import CheckpointSet
 from tallmasks.cli import main
@@ -228,14 +228,6 @@ def test_cli_pcb_with_a_tiny_ratio_writes_the_model(tmp_path, merge_inputs):
 
 # ---------------------------------------------------------------------------------------------
 # convert and sharded checkpoints
-
-
-def save_sharded(state: dict, folder: Path, max_shard_size: int = 200) -> Path:
-    from huggingface_hub import save_torch_state_dict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, folder, max_shard_size=max_shard_size)
-    return folder
 
 
 @pytest.fixture

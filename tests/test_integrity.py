@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from conftest import tiny_state
+from conftest import save_sharded, tiny_state
 
 from tallmasks.cli import main
 from tallmasks.core.errors import CheckpointError
@@ -20,7 +20,7 @@ from tallmasks.io.checkpoints import save_state_dict
 from tallmasks.io.integrity import checksum, json_checksum, tensor_checksum
 from tallmasks.masks import MaskSet
 from tallmasks.storage.coded import CODED_FORMATS, INDEX_MAX_BYTES, CodedFile
-from tallmasks.storage.collection import collection_report, compress, decompress, open_collection, read_meta
+from tallmasks.storage.collection import collection_report, compress, decompress, read_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,6 +99,15 @@ def refused_everywhere(capsys, folder: Path, pt: Path, out: Path, part: str) -> 
 # coded collections
 
 
+@pytest.fixture
+def coded(checkpoints, tmp_path) -> tuple[Path, dict, bytes, torch.Tensor]:
+    """A coded collection in ``tmp_path / "c"``: its coded file's (path, header metadata, packed index, data)."""
+    pt, fts = checkpoints
+    compress(pt, fts, tmp_path / "c", names=TASKS)
+    path = tmp_path / "c" / "coded.safetensors"
+    return (path, *read_coded(path))
+
+
 def read_coded(path: Path) -> tuple[dict, bytes, torch.Tensor]:
     """(header metadata, packed index, data tensor) of a coded file."""
     from safetensors import safe_open
@@ -156,11 +165,8 @@ def test_a_flipped_bit_in_any_coded_stream_is_found(checkpoints, tmp_path, capsy
 
 
 @pytest.mark.parametrize("change", ["alias", "negative", "beyond", "gap"])
-def test_aliased_or_negative_offsets_are_refused(checkpoints, tmp_path, change):
-    pt, fts = checkpoints
-    compress(pt, fts, tmp_path / "c", names=TASKS)
-    path = tmp_path / "c" / "coded.safetensors"
-    meta, _, data = read_coded(path)
+def test_aliased_or_negative_offsets_are_refused(coded, tmp_path, change):
+    path, meta, packed, data = coded
     index = json.loads(json.dumps(CodedFile(path).index))
     streams = [s for s in top_streams(index) if s["bytes"]]
     assert len(streams) >= 2
@@ -178,13 +184,10 @@ def test_aliased_or_negative_offsets_are_refused(checkpoints, tmp_path, change):
     assert "\n" not in str(info.value) and "coded.safetensors" in str(info.value)
 
 
-def test_an_index_bomb_is_refused_before_it_is_inflated(checkpoints, tmp_path):
+def test_an_index_bomb_is_refused_before_it_is_inflated(coded, tmp_path):
     import resource
 
-    pt, fts = checkpoints
-    compress(pt, fts, tmp_path / "c", names=TASKS)
-    path = tmp_path / "c" / "coded.safetensors"
-    meta, _, data = read_coded(path)
+    path, meta, packed, data = coded
     bomb = zstandard.ZstdCompressor(level=3).compress(b" " * (INDEX_MAX_BYTES + 1024))
     assert len(bomb) < 1 << 20
     write_coded_parts(path, meta, bomb, data)
@@ -195,11 +198,8 @@ def test_an_index_bomb_is_refused_before_it_is_inflated(checkpoints, tmp_path):
     assert grown_kib < 2 * INDEX_MAX_BYTES // 1024  # never more than the bound (plus the copy being decoded)
 
 
-def test_a_declared_chunk_of_billions_is_refused_not_allocated(checkpoints, tmp_path, capsys):
-    pt, fts = checkpoints
-    compress(pt, fts, tmp_path / "c", names=TASKS)
-    path = tmp_path / "c" / "coded.safetensors"
-    meta, _, data = read_coded(path)
+def test_a_declared_chunk_of_billions_is_refused_not_allocated(coded, tmp_path, capsys):
+    path, meta, packed, data = coded
     index = json.loads(json.dumps(CodedFile(path).index))
     entry = next(iter(index.values()))
     entry["chunks"][0]["n"] = 5_000_000_000
@@ -211,11 +211,8 @@ def test_a_declared_chunk_of_billions_is_refused_not_allocated(checkpoints, tmp_
 
 @pytest.mark.parametrize("field", ["index", "names", "info"])
 @pytest.mark.parametrize("value", ["[" * 100_000 + "]" * 100_000, "[1, 2]", '"text"', "{", "NaN"])
-def test_wrong_json_types_and_deep_nesting_in_the_coded_header(checkpoints, tmp_path, field, value):
-    pt, fts = checkpoints
-    compress(pt, fts, tmp_path / "c", names=TASKS)
-    path = tmp_path / "c" / "coded.safetensors"
-    meta, packed, data = read_coded(path)
+def test_wrong_json_types_and_deep_nesting_in_the_coded_header(coded, tmp_path, field, value):
+    path, meta, packed, data = coded
     if field == "index":
         packed = packed_json(value)
     else:
@@ -226,11 +223,8 @@ def test_wrong_json_types_and_deep_nesting_in_the_coded_header(checkpoints, tmp_
     assert "\n" not in str(info.value) and "coded.safetensors" in str(info.value)
 
 
-def test_an_edited_coded_header_is_refused(checkpoints, tmp_path):
-    pt, fts = checkpoints
-    compress(pt, fts, tmp_path / "c", names=TASKS)
-    path = tmp_path / "c" / "coded.safetensors"
-    meta, packed, data = read_coded(path)
+def test_an_edited_coded_header_is_refused(coded, tmp_path):
+    path, meta, packed, data = coded
     write_coded_parts(path, {**meta, "names": json.dumps(["Cars", "MNIST", "DTD"])}, packed, data, fix_check=False)
     with pytest.raises(CheckpointError, match="header's checksum does not match"):
         CodedFile(path)
@@ -357,32 +351,15 @@ def test_a_stale_temporary_alone_does_not_block_compress(checkpoints, tmp_path):
 
 
 def test_compress_from_a_sharded_theta0(checkpoints, tmp_path):
-    from safetensors.torch import save_file
-
-    pt, fts = checkpoints
+    """A sharded theta_0 compresses and rebuilds the same task as the single file it was cut from."""
     from tallmasks.io.checkpoints import load_state_dict
 
-    state = dict(load_state_dict(pt))
-    folder = tmp_path / "sharded"
-    folder.mkdir()
-    keys = sorted(state)
-    half = len(keys) // 2
-    weight_map = {}
-    for i, part in enumerate((keys[:half], keys[half:])):
-        name = f"model-{i + 1:05d}-of-00002.safetensors"
-        save_file({k: state[k].contiguous() for k in part}, str(folder / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    pt, fts = checkpoints
+    folder = save_sharded(dict(load_state_dict(pt)), tmp_path / "sharded", max_shard_size=4096)
+    assert len(list(folder.glob("*.safetensors"))) > 1  # really sharded
     compress(folder, fts, tmp_path / "c", names=TASKS)
+    compress(pt, fts, tmp_path / "single", names=TASKS)
     got = decompress(tmp_path / "c", "DTD", pretrained=folder)
-    ref = decompress(tmp_path / "c", "DTD", pretrained=folder)
-    assert set(got) == set(state) and all(torch.equal(got[k], ref[k]) for k in got)
-    report = collection_report(tmp_path / "c")
-    assert report["tasks"] == TASKS
-    meta, merged, _ = open_collection(_packbits(pt, fts, tmp_path))
-    assert all(torch.isfinite(merged[k]).all() for k in merged)
-
-
-def _packbits(pt, fts, tmp_path):
-    compress(pt, fts, tmp_path / "pb", names=TASKS, storage="packbits")
-    return tmp_path / "pb"
+    ref = decompress(tmp_path / "single", "DTD", pretrained=pt)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in got)
+    assert collection_report(tmp_path / "c")["tasks"] == TASKS

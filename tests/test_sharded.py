@@ -6,19 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_state
-from huggingface_hub import save_torch_state_dict
+from conftest import run_cli, save_sharded, tiny_state
 
 from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
 from tallmasks.core.errors import CheckpointError
 from tallmasks.io.checkpoints import ShardedStateDict, load_state_dict, sha256_file
 from tallmasks.merging import merge
-
-
-def save_sharded(state, folder, max_shard_size=200):
-    folder.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, folder, max_shard_size=max_shard_size)
-    return folder
 
 
 @pytest.fixture

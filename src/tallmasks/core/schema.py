@@ -275,9 +275,9 @@ def read_json(
     return parse_json(text, path, error, schema, max_bytes)
 
 
-def names(max_len: int = 200) -> List:
-    """A list of distinct non-empty strings."""
-    return List(Str(max_len=max_len, test=lambda s: None if s else "an empty name"), unique=True)
+def names(max_len: int = 200, min_count: int = 0, max_count: int | None = None) -> List:
+    """A list of ``min_count`` to ``max_count`` distinct non-empty strings of at most ``max_len`` characters."""
+    return List(Str(max_len=max_len, test=lambda s: None if s else "an empty name"), min_len=min_count, max_len=max_count, unique=True)
 
 
 __all__: Sequence[str] = (

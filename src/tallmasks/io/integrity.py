@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tallmasks.core.errors import CheckpointError
+from tallmasks.core.schema import Str
 
 #: the name recorded with the checksums, so a later algorithm can be told apart
 CHECKSUM = "xxh3-64"
@@ -48,6 +49,10 @@ def json_checksum(value: Any) -> str:
 
 def is_checksum(value: object) -> bool:
     return isinstance(value, str) and len(value) == HEX_DIGITS and all(c in "0123456789abcdef" for c in value)
+
+
+#: a checksum field of a JSON document
+CHECKSUM_SCHEMA = Str(test=lambda v: None if is_checksum(v) else "not a checksum (16 hex digits)")
 
 
 class CheckedStateDict(Mapping[str, torch.Tensor]):

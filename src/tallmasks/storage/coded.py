@@ -51,7 +51,7 @@ import torch
 from tallmasks.core.errors import CheckpointError
 from tallmasks.core.schema import Enum, Int, List, Map, Obj, Str, check, names, parse_json
 from tallmasks.io.checkpoints import atomic_path
-from tallmasks.io.integrity import checksum, is_checksum
+from tallmasks.io.integrity import CHECKSUM_SCHEMA, checksum
 from tallmasks.masks import Layout, MaskSet
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ _INNER = Obj(
 _STREAM = Obj(
     {"coder": Enum((*_LEAF_CODERS, "bytes", "context")), "offset": Int(min=0), "bytes": Int(min=0)},
     {
-        "check": Str(test=lambda v: None if is_checksum(v) else "not a checksum (16 hex digits)"),
+        "check": CHECKSUM_SCHEMA,
         "value": Int(min=0, max=(1 << 64) - 1),
         "values": Int(min=1, max=1 << 32),
         "planes": List(_INNER, max_len=8),

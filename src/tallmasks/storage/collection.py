@@ -36,7 +36,7 @@ import torch
 
 from tallmasks.algebra.task_vectors import CheckpointSet, apply_vector
 from tallmasks.core.errors import CheckpointError, ConfigError
-from tallmasks.core.schema import Any_, Bool, Int, List, Map, Null, Num, Obj, Str, check, optional, parse_json
+from tallmasks.core.schema import Any_, Bool, Int, List, Map, Null, Num, Obj, Str, check, names, optional, parse_json
 from tallmasks.io.checkpoints import (
     LazyStateDict,
     atomic_path,
@@ -47,7 +47,7 @@ from tallmasks.io.checkpoints import (
     sha256_file,
 )
 from tallmasks.io.guard import check_output, file_size, remove_stale_temporaries, require_file
-from tallmasks.io.integrity import CheckedStateDict, is_checksum, json_checksum, tensor_checksum
+from tallmasks.io.integrity import CHECKSUM_SCHEMA, CheckedStateDict, json_checksum, tensor_checksum
 from tallmasks.masks import Layout, MaskSet
 from tallmasks.merging import get_method, merge
 from tallmasks.merging.per_task import mask_scales, task_models
@@ -74,12 +74,11 @@ DEFAULT_LAMBDA = 0.4
 MASK_METHODS = {"tall": "tall_mask", "magnitude": "mag_masking", "emr": "emr"}
 
 
-_CHECKSUM = Str(test=lambda v: None if is_checksum(v) else "not a checksum (16 hex digits)")
 #: meta.json: the fields the readers use (others, such as ``finetuned``, are kept as written)
 META_SCHEMA = Obj(
     {
         "format": Str(max_len=64),
-        "tasks": List(Str(max_len=200, test=lambda v: None if v else "an empty name"), min_len=1, max_len=MAX_TASKS, unique=True),
+        "tasks": names(min_count=1, max_count=MAX_TASKS),
         "masks": Obj(
             {"kind": Str(max_len=64)},
             {
@@ -96,7 +95,7 @@ META_SCHEMA = Obj(
         "collection": Str(max_len=64),
         "model": optional(Str(max_len=256)),
         "parts": Map(Int(min=0), max_len=8),
-        "check": _CHECKSUM,
+        "check": CHECKSUM_SCHEMA,
     },
 )
 
@@ -217,8 +216,8 @@ def compress(
 
 
 def read_meta(collection: str | Path) -> dict:
-    """meta.json of a collection, checked: a one-line error when it is missing, not JSON, does not match its
-    schema or its checksum, or its parts are not the size it records."""
+    """meta.json of a collection, checked: a one-line error when it is missing, not JSON, or does not match its
+    schema or its checksum (the parts' sizes are checked when the parts are opened)."""
     collection = Path(collection).expanduser()
     if not collection.exists():
         raise CheckpointError(f"{collection}: no such compressed collection (expected a folder)")
@@ -287,7 +286,7 @@ def open_collection(collection: str | Path) -> tuple[dict, LazyStateDict, MaskSe
         origin = collection / MERGED_FILE
         if "checksums" not in merged_meta:
             raise CheckpointError(f"{origin}: damaged collection data (no checksums recorded)")
-        recorded = parse_json(merged_meta["checksums"], f"{origin}: checksums", CheckpointError, Map(_CHECKSUM))
+        recorded = parse_json(merged_meta["checksums"], f"{origin}: checksums", CheckpointError, Map(CHECKSUM_SCHEMA))
         merged = CheckedStateDict(merged, recorded, origin)  # type: ignore[assignment]
     return meta, merged, masks
 
