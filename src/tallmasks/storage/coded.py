@@ -56,7 +56,7 @@ from tallmasks.masks import Layout, MaskSet
 
 log = logging.getLogger(__name__)
 
-#: v2 adds a CRC-32 to every stream and one over the index and metadata; v1 files (none) are still read
+#: v2 adds a checksum (XXH3-64) to every stream and one over the index and metadata; v1 files are still read, unchecked
 CODED_FORMAT = "tallmasks-coded-v2"
 CODED_FORMATS = ("tallmasks-coded-v1", CODED_FORMAT)
 CHUNK = 1 << 22
@@ -410,7 +410,7 @@ def _check_inner(spec: Mapping, n: int, itemsize: int, where: str, exact: bool =
 def check_index(index: dict, names_count: int, data_size: int, source: object, checksums: bool) -> None:
     """The rules of an index beyond its schema: each tensor's chunks cover its shape, each chunk keeps at most
     its weights and has a byte plane per byte of its dtype where it keeps any, every stream's sub-streams add
-    up, and the streams lie inside the data without overlapping (in a v2 file they tile it and have CRCs)."""
+    up, and the streams lie inside the data without overlapping (in a v2 file they tile it and have checksums)."""
     width = pattern_dtype(names_count).itemsize
     ranges = []
     for key, entry in index.items():
