@@ -190,7 +190,12 @@ def _released_inputs(args) -> tuple[str, list[str], list[str], str]:
 def cmd_compress(args) -> int:
     from tallmasks.core.params import Percent, coerce
     from tallmasks.storage.collection import DEFAULT_LAMBDA, collection_report, compress
+    from tallmasks.storage.values import VALUE_SETTINGS
 
+    if args.values not in VALUE_SETTINGS:
+        raise ConfigError(f"--values must be one of {', '.join(VALUE_SETTINGS)}, got {args.values!r}")
+    if args.storage != "coded" and (args.values != "float32" or args.prune_zeros):
+        raise ConfigError("--values other than float32 and --prune-zeros need --storage coded (packbits is the paper's float32 scheme)")
     if args.masks != "tall" and (args.use_ties or args.tall_mask_lambda or args.masks_file):
         raise ConfigError("--use-ties, --tall-mask-lambda and --masks-file apply to --masks tall only")
     if args.masks != "magnitude" and args.k is not None:
@@ -220,6 +225,8 @@ def cmd_compress(args) -> int:
         storage=args.storage,
         masks_file=masks_file,
         model=args.model,
+        values=args.values,
+        prune_zeros=args.prune_zeros,
     )
     report = collection_report(args.out)
     log.info(
@@ -318,6 +325,13 @@ def cmd_inspect(args) -> int:
             f"ratio {report['ratio_to_paper']:.3f}"
         )
         print(f"  masks: {report['mask_bits_per_weight_per_task']:.3f} bits per weight per task")
+        values = report["values"]
+        line = f"  values: {values.get('description') or values['setting']}"
+        if values.get("lossy"):
+            line += f"; LOSSY, largest |error| {values.get('max_abs_error', float('nan')):.3g}"
+        if values.get("prune_zeros"):
+            line += "; mask bits of zero values cleared"
+        print(line)
     print("  mask density per task: " + ", ".join(f"{n} {100 * d:.1f}%" for n, d in densities.items()))
     scales = (report.get("masks") or {}).get("scales")
     if scales:
@@ -477,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["coded", "packbits"],
         default="coded",
         help="coded: masks entropy-coded jointly, merged vector where some mask keeps it (default); packbits: the paper's scheme",
+    )
+    comp.add_argument(
+        "--values",
+        default="float32",
+        help="how the coded storage keeps the merged vector: float32 (exact, default), or lossy bfloat16, int8, int4, int3, int2 "
+        "(absmax per block of 256 weights, round to nearest)",
+    )
+    comp.add_argument(
+        "--prune-zeros",
+        action="store_true",
+        help="clear the mask bits of weights whose stored value is zero (same models; the stored masks then differ from the TALL masks)",
     )
     comp.add_argument("--masks-file", help="existing TALL masks (ours, or a released TALL_mask_<N>task.npy) instead of building them")
     comp.add_argument("--model", help="read theta_0, the fine-tuned checkpoints and the masks from the released layout")

@@ -574,8 +574,11 @@ def storage_rows(collections: Sequence[Path], runs: Sequence[Run]) -> list[list[
         paper_total = theta0_bytes + report["paper_bytes"] if theta0_bytes is not None else None
         ours_total = theta0_bytes + report["total_bytes"] if theta0_bytes is not None else None
         use_ties = bool((report["masks"] or {}).get("use_ties"))
-        retained = _retained(runs, tasks, use_ties, report.get("model"))
-        model = report.get("model") or (retained.model if retained else None)
+        values = report.get("values") or {}
+        found = _retained(runs, tasks, use_ties, report.get("model"))
+        # a run's accuracy is that of exact values: it is not shown for a lossy collection
+        retained = None if values.get("lossy") else found
+        model = report.get("model") or (found.model if found else None)
         n = _paper_group(model or "", tasks)
         paper_ft = paper_table().get((model, n, "finetuned"), {}).get("storage_gb")
         paper_tall = paper_table().get((model, n, "tall_mask"), {}).get("storage_gb")
@@ -584,7 +587,7 @@ def storage_rows(collections: Sequence[Path], runs: Sequence[Run]) -> list[list[
                 model or "?",
                 len(tasks),
                 (report["masks"] or {}).get("kind", "?") + (" (TIES)" if use_ties else ""),
-                report["storage"],
+                report["storage"] + (f" ({values.get('setting')}, lossy)" if values.get("lossy") else ""),
                 _mb(ft_bytes),
                 _mb(theta0_bytes),
                 _mb(paper_total),

@@ -1,5 +1,6 @@
 """The coded collection format: every task's TALL mask entropy-coded jointly, and the merged vector
-stored only where some mask keeps a weight. Lossless.
+stored only where some mask keeps a weight. Lossless, unless its values are quantized (``--values``:
+``tallmasks.storage.values``; such a file has its own format name, ``CODED_LOSSY_FORMAT``).
 
 For each floating-point tensor (sorted key order, as the bit-packed masks), weight i gets a T-bit
 pattern whose bit t is task t's mask. The merged vector tau_MTL is kept only where the pattern is not
@@ -53,12 +54,16 @@ from tallmasks.core.schema import Enum, Int, List, Map, Obj, Str, check, names, 
 from tallmasks.io.checkpoints import atomic_path
 from tallmasks.io.integrity import CHECKSUM_SCHEMA, checksum
 from tallmasks.masks import Layout, MaskSet
+from tallmasks.storage.values import VALUE_SETTINGS, ValueCodec, codec_of
 
 log = logging.getLogger(__name__)
 
 #: v2 adds a checksum (XXH3-64) to every stream and one over the index and metadata; v1 files are still read, unchecked
 CODED_FORMAT = "tallmasks-coded-v2"
-CODED_FORMATS = ("tallmasks-coded-v1", CODED_FORMAT)
+#: a file whose values are quantized (``tallmasks.storage.values``): its own format name, so that no reader
+#: of the lossless format takes it for one; otherwise v2 with a ``values`` field in its header and ``scales``
+CODED_LOSSY_FORMAT = "tallmasks-coded-lossy-v1"
+CODED_FORMATS = ("tallmasks-coded-v1", CODED_FORMAT, CODED_LOSSY_FORMAT)
 CHUNK = 1 << 22
 #: the largest index (JSON bytes) a reader decompresses: about 400 bytes per chunk, so room for 600,000
 #: chunks (2.5e12 weights); a frame declaring more is refused before anything is allocated
@@ -369,16 +374,23 @@ _STREAM = Obj(
         "groups": List(_INNER, max_len=512),
     },
 )
-_CHUNK_SCHEMA = Obj({"n": Int(1, CHUNK), "kept": Int(min=0), "patterns": _STREAM, "planes": List(_STREAM, max_len=8)})
+_CHUNK_SCHEMA = Obj(
+    {"n": Int(1, CHUNK), "kept": Int(min=0), "patterns": _STREAM, "planes": List(_STREAM, max_len=8)},
+    {"scales": List(_STREAM, max_len=4)},
+)
 INDEX_SCHEMA = Map(
     Obj({"shape": List(Int(min=0), max_len=16), "dtype": Enum(tuple(_DTYPES)), "chunks": List(_CHUNK_SCHEMA)}),
     key=Str(max_len=1024),
 )
 INFO_SCHEMA = Obj(optional={"collection": Str(max_len=64), "kind": Str(max_len=64)})
+VALUES_SCHEMA = Obj({"setting": Enum(VALUE_SETTINGS)}, {"block": Int(1, CHUNK)})
 
 
-def header_check(packed_index: bytes, names_json: str, info_json: str) -> str:
-    """The checksum of what a coded file's header holds: the compressed index, then the names and info JSON."""
+def header_check(packed_index: bytes, names_json: str, info_json: str, values_json: str = "") -> str:
+    """The checksum of what a coded file's header holds: the compressed index, then the names and info JSON
+    (and, in a lossy file, the values JSON)."""
+    if values_json:
+        return checksum(packed_index, "\0", names_json, "\0", info_json, "\0", values_json)
     return checksum(packed_index, "\0", names_json, "\0", info_json)
 
 
@@ -407,10 +419,12 @@ def _check_inner(spec: Mapping, n: int, itemsize: int, where: str, exact: bool =
             raise CheckpointError(f"{where}: its byte planes' lengths do not add up to its {spec['bytes']} bytes")
 
 
-def check_index(index: dict, names_count: int, data_size: int, source: object, checksums: bool) -> None:
+def check_index(index: dict, names_count: int, data_size: int, source: object, checksums: bool, codec: ValueCodec | None = None) -> None:
     """The rules of an index beyond its schema: each tensor's chunks cover its shape, each chunk keeps at most
-    its weights and has a byte plane per byte of its dtype where it keeps any, every stream's sub-streams add
-    up, and the streams lie inside the data without overlapping (in a v2 file they tile it and have checksums)."""
+    its weights and has its value planes (a byte plane per byte of its dtype, or the codec's planes and scales)
+    where it keeps any, every stream's sub-streams add up, and the streams lie inside the data without
+    overlapping (in a v2 file they tile it and have checksums)."""
+    codec = codec or ValueCodec()
     width = pattern_dtype(names_count).itemsize
     ranges = []
     for key, entry in index.items():
@@ -426,8 +440,11 @@ def check_index(index: dict, names_count: int, data_size: int, source: object, c
             n, kept = chunk["n"], chunk["kept"]
             if kept > n:
                 raise CheckpointError(f"{at}: {kept} kept weights of {n}")
-            if len(chunk["planes"]) != (itemsize if kept else 0):
-                raise CheckpointError(f"{at}: {len(chunk['planes'])} byte planes for {entry['dtype']}")
+            if len(chunk["planes"]) != (codec.planes(itemsize) if kept else 0):
+                raise CheckpointError(f"{at}: {len(chunk['planes'])} byte planes for {entry['dtype']} ({codec.setting} values)")
+            scales = chunk.get("scales", [])
+            if len(scales) != (codec.scale_planes() if kept else 0):
+                raise CheckpointError(f"{at}: {len(scales)} scale planes for {codec.setting} values")
             patterns = chunk["patterns"]
             if patterns["coder"] == "context":
                 if "kept" not in patterns or "groups" not in patterns or not patterns.get("lo", 0) <= patterns.get("hi", -1):
@@ -446,7 +463,11 @@ def check_index(index: dict, names_count: int, data_size: int, source: object, c
                 if plane["coder"] == "context":
                     raise CheckpointError(f"{at} planes[{j}]: a byte plane coded in context")
                 _check_inner(plane, kept, 1, f"{at} planes[{j}]")
-            for spec in (patterns, *chunk["planes"]):
+            for j, plane in enumerate(scales):
+                if plane["coder"] == "context":
+                    raise CheckpointError(f"{at} scales[{j}]: a byte plane coded in context")
+                _check_inner(plane, codec.blocks(n), 1, f"{at} scales[{j}]")
+            for spec in (patterns, *chunk["planes"], *scales):
                 if checksums and "check" not in spec:
                     raise CheckpointError(f"{at}: a stream without its checksum")
                 if spec["bytes"]:
@@ -467,16 +488,29 @@ def check_index(index: dict, names_count: int, data_size: int, source: object, c
 # writing and reading a coded file
 
 
-def write_coded(path: str | Path, masks: MaskSet, vector: Mapping[str, torch.Tensor], progress: bool = False) -> dict:
+def write_coded(
+    path: str | Path,
+    masks: MaskSet,
+    vector: Mapping[str, torch.Tensor],
+    progress: bool = False,
+    values: ValueCodec | None = None,
+    prune_zeros: bool = False,
+    report: dict | None = None,
+) -> dict:
     """Code ``masks`` and ``vector`` (stored dtypes) into one safetensors file; returns its index.
 
     The file holds two uint8 tensors: ``data`` (every chunk's payload, one after the other) and ``index``
-    (zstd-compressed JSON: per key its shape, dtype and chunks, each stream's coder, offset and length)."""
+    (zstd-compressed JSON: per key its shape, dtype and chunks, each stream's coder, offset and length).
+    ``values``: how the kept values are stored (``tallmasks.storage.values``; default exact); ``prune_zeros``:
+    clear the mask bits of weights whose stored value is zero; ``report``, when given, receives
+    ``max_abs_error``: the largest |stored - given| value over the kept weights (0 for exact values)."""
     import zstandard
     from safetensors.torch import save_file
 
     from tallmasks.core.progress import progress
 
+    codec = values or ValueCodec()
+    worst = 0.0
     layout = masks.layout
     index: dict[str, dict] = {}
     data = _Payloads()
@@ -494,24 +528,46 @@ def write_coded(path: str | Path, masks: MaskSet, vector: Mapping[str, torch.Ten
         for start in range(0, numel, CHUNK):
             stop = min(numel, start + CHUNK)
             patterns = tensor_patterns(masks, offset + start, stop - start)
-            kept = torch.from_numpy(patterns != 0)
-            kept_values = flat[start:stop][kept]
+            kept = patterns != 0
+            scales: list[np.ndarray] = []
+            if codec.lossy:
+                planes, scales, kept_values = codec.encode(flat[start:stop], kept)
+                if kept_values.numel():
+                    exact = flat[start:stop][torch.from_numpy(kept)].to(torch.float32)
+                    worst = max(worst, float((kept_values - exact).abs().max()))
+            else:
+                kept_values = flat[start:stop][torch.from_numpy(kept)]
+                planes = byte_planes(kept_values) if kept_values.numel() else []
+            if prune_zeros and kept_values.numel():
+                zero = (kept_values == 0).numpy()
+                if zero.any():
+                    patterns[np.flatnonzero(kept)[zero]] = 0
+                    planes = [plane[~zero] for plane in planes]
+                    kept_values = kept_values[torch.from_numpy(~zero)]
+            if not kept_values.numel():
+                planes, scales = [], []
             coded_patterns = encode_stream(patterns)
             if kept_values.numel() >= CONTEXT_MIN:
                 in_context = encode_in_context(patterns, kept_values)
                 if len(in_context[1]) < len(coded_patterns[1]):
                     coded_patterns = in_context
             entry = {"n": stop - start, "kept": int(kept_values.numel()), "patterns": data.add(*coded_patterns)}
-            entry["planes"] = [data.add(*encode_stream(plane)) for plane in (byte_planes(kept_values) if entry["kept"] else [])]
+            entry["planes"] = [data.add(*encode_stream(plane)) for plane in planes]
+            if codec.scale_planes():
+                entry["scales"] = [data.add(*encode_stream(plane)) for plane in scales]
             chunks.append(entry)
         index[key] = {"shape": list(shape), "dtype": str(flat.dtype).replace("torch.", ""), "chunks": chunks}
         offset += numel
     packed_index = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(json.dumps(index, separators=(",", ":")).encode())
     tensors = {"index": torch.frombuffer(bytearray(packed_index), dtype=torch.uint8), "data": data.tensor()}
     metadata = {"format": CODED_FORMAT, "names": json.dumps(masks.names), "info": json.dumps(masks.info)}
-    metadata["check"] = header_check(packed_index, metadata["names"], metadata["info"])
+    if codec.lossy:
+        metadata["format"], metadata["values"] = CODED_LOSSY_FORMAT, json.dumps(codec.spec())
+    metadata["check"] = header_check(packed_index, metadata["names"], metadata["info"], metadata.get("values", ""))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+    if report is not None:
+        report["max_abs_error"] = worst
     return index
 
 
@@ -610,19 +666,31 @@ class CodedFile:
         self.names: list[str] = parse_json(meta.get("names", ""), f"{source} names", CheckpointError, names())
         pattern_dtype(len(self.names))  # 1 to MAX_TASKS tasks
         self.info: dict = parse_json(meta.get("info", "{}"), f"{source} info", CheckpointError, INFO_SCHEMA)
+        self.lossy = meta["format"] == CODED_LOSSY_FORMAT
+        if self.lossy and "values" not in meta:
+            raise CheckpointError(f"{self.path}: damaged coded file (a lossy file without its values setting)")
+        spec = parse_json(meta["values"], f"{source} values", CheckpointError, VALUES_SCHEMA) if self.lossy else None
+        try:
+            self.values: ValueCodec = codec_of(spec)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
+        if self.lossy != self.values.lossy:
+            raise CheckpointError(f"{self.path}: damaged coded file (format {meta['format']} with {self.values.setting} values)")
         try:
             packed = self._handle.get_tensor("index").numpy().tobytes()
             self._data = _mapped_tensor(self.path, "data")
         except Exception as exc:
             raise CheckpointError(f"{self.path}: damaged coded file (no index or data: {type(exc).__name__})") from None
         if self.checksums:
-            if meta.get("check") != header_check(packed, meta.get("names", ""), meta.get("info", "{}")):
+            if meta.get("check") != header_check(
+                packed, meta.get("names", ""), meta.get("info", "{}"), meta.get("values", "") if self.lossy else ""
+            ):
                 raise CheckpointError(f"{self.path}: damaged coded file (the header's checksum does not match)")
         else:
             log.warning("%s: written before coded files had checksums (%s): damage to it cannot be detected", self.path, meta["format"])
         text = unzstd(packed, INDEX_MAX_BYTES, f"{self.path}: index")
         self.index: dict[str, dict] = parse_json(text, f"{self.path}: index", CheckpointError, INDEX_SCHEMA)
-        check_index(self.index, len(self.names), int(self._data.size) or 1, f"{self.path}: index", self.checksums)
+        check_index(self.index, len(self.names), int(self._data.size) or 1, f"{self.path}: index", self.checksums, self.values)
         self.pattern_dtype = pattern_dtype(len(self.names))
         self.layout = Layout(tuple(self.index), tuple(tuple(v["shape"]) for v in self.index.values()))
 
@@ -648,9 +716,10 @@ class CodedFile:
                 raise
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({type(exc).__name__})") from None
 
-    def _chunk(self, key: str, chunk: Mapping, dtype: torch.dtype) -> tuple[Mapping, np.ndarray, list[np.ndarray]]:
+    def _chunk(self, key: str, chunk: Mapping, dtype: torch.dtype) -> tuple[Mapping, np.ndarray, list[np.ndarray], torch.Tensor | None]:
         """(patterns spec, the kept bits where the patterns are coded in context or else the patterns, byte planes
-        of the kept values) of one chunk, their sizes checked against the index."""
+        of the kept values, the kept values of a lossy file as float32) of one chunk, their sizes checked against
+        the index."""
         spec = chunk["patterns"]
         if spec.get("coder") == "context":
             head = decode_kept(spec, self._payload(spec, key), chunk["n"])
@@ -660,9 +729,17 @@ class CodedFile:
         if kept != chunk["kept"]:
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({kept} kept weights, index says {chunk['kept']})")
         planes = [decode_stream(s, self._payload(s, key), kept, np.dtype(np.uint8)) for s in chunk["planes"]]
-        if len(planes) != (dtype.itemsize if kept else 0):
+        if len(planes) != (self.values.planes(dtype.itemsize) if kept else 0):
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({len(planes)} byte planes for {dtype})")
-        return spec, head, planes
+        if not self.lossy or not kept:
+            return spec, head, planes, None
+        blocks = self.values.blocks(chunk["n"])
+        scales = [decode_stream(s, self._payload(s, key), blocks, np.dtype(np.uint8)) for s in chunk.get("scales", [])]
+        try:
+            stored = self.values.decode(planes, scales, np.flatnonzero(head), chunk["n"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({exc})") from None
+        return spec, head, planes, stored
 
     def _dtype(self, key: str) -> torch.dtype:
         dtype = _DTYPES.get(self.index[key].get("dtype"))
@@ -675,8 +752,8 @@ class CodedFile:
         dtype = self._dtype(key)
         with self._reading(key):
             for chunk in self.index[key]["chunks"]:
-                spec, p, planes = self._chunk(key, chunk, dtype)
-                kept_values = from_planes(planes, dtype)
+                spec, p, planes, stored = self._chunk(key, chunk, dtype)
+                kept_values = from_planes(planes, dtype) if stored is None else stored
                 if spec.get("coder") == "context":
                     try:
                         p = decode_in_context(spec, self._payload(spec, key), p, kept_values, self.pattern_dtype)
@@ -734,7 +811,7 @@ class CodedFile:
                 n = int(chunk["n"])
                 if not 0 <= n <= source.size - position:  # checked before decoding anything
                     break
-                spec, head, planes = self._chunk(key, chunk, torch.float32)
+                spec, head, planes, stored = self._chunk(key, chunk, torch.float32)
                 base, into = source[position : position + n], target[position : position + n]
                 position += n
                 if not planes:  # no weight kept
@@ -744,7 +821,11 @@ class CodedFile:
                 lo, hi = (int(spec["lo"]), int(spec["hi"])) if in_context else (0, 511)
                 if not 0 <= lo <= hi < 512:
                     raise CheckpointError(f"{self.path}: damaged chunk of {key!r} (context range {lo}..{hi})")
-                words, counts = kernels.join_words(planes, lo, hi)
+                if stored is None:
+                    words, counts = kernels.join_words(planes, lo, hi)
+                else:  # a lossy file: the decoded values' words, and their contexts counted
+                    words = stored.numpy().view(np.uint32)
+                    counts = np.bincount(np.clip(value_contexts(stored), lo, hi), minlength=512)
                 if not in_context:
                     kernels.apply_bit(base, head, words.view(np.float32), task, into)
                     continue
@@ -793,7 +874,7 @@ class CodedFile:
             for chunk in entry["chunks"]:
                 kept += chunk["kept"]
                 mask_bytes += chunk["patterns"]["bytes"]
-                value_bytes += sum(s["bytes"] for s in chunk["planes"])
+                value_bytes += sum(s["bytes"] for s in (*chunk["planes"], *chunk.get("scales", [])))
         tasks = len(self.names)
         return {
             "num_params": numel,
@@ -804,6 +885,7 @@ class CodedFile:
             "mask_bits_per_weight_per_task": 8 * mask_bytes / max(numel * tasks, 1),
             "file_bytes": self.path.stat().st_size,
             "paper_bytes": float_bytes + tasks * ((numel + 7) // 8),
+            "values": self.values.setting,
         }
 
 

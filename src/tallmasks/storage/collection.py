@@ -12,7 +12,10 @@ A compressed collection is a folder:
 Task t is rebuilt as theta_0 + scale_t * (m_t * tau_MTL), scale_t = 1 for TALL and magnitude masks.
 That is the paper's scheme (``storage="packbits"``). The default, ``storage="coded"``, replaces the two
 data files with ``coded.safetensors`` (``tallmasks.storage.coded``: masks entropy-coded jointly, the merged
-vector only where some mask keeps a weight, the collection id in its metadata), losslessly.
+vector only where some mask keeps a weight, the collection id in its metadata), losslessly; with
+``values`` other than ``"float32"`` the coded file quantizes the merged vector (``tallmasks.storage.values``),
+and meta.json's ``values`` field says so (``lossy``, the setting, and the largest error measured on the stored
+values), so a lossy collection is never taken for a lossless one.
 
 Every part records checksums of what it holds (``tallmasks.io.integrity``): each merged tensor, each mask,
 each coded stream and header, and meta.json itself, with the size of every part. Every read path checks them
@@ -51,14 +54,21 @@ from tallmasks.io.integrity import CHECKSUM_SCHEMA, CheckedStateDict, json_check
 from tallmasks.masks import Layout, MaskSet
 from tallmasks.merging import get_method, merge
 from tallmasks.merging.per_task import mask_scales, task_models
-from tallmasks.storage.coded import CODED_FORMAT, CODED_FORMATS, CodedFile, decode_task, write_coded
+from tallmasks.storage.coded import CODED_FORMAT, CODED_FORMATS, CODED_LOSSY_FORMAT, CodedFile, decode_task, write_coded
+from tallmasks.storage.values import VALUE_SETTINGS, ValueCodec
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tallmasks-compressed-v2"
 STORAGES = {"packbits": FORMAT, "coded": CODED_FORMAT}
 #: every format read, and its storage: the current ones, and those written before checksums
-READ_FORMATS = {FORMAT: "packbits", CODED_FORMAT: "coded", "tallmasks-compressed-v1": "packbits", CODED_FORMATS[0]: "coded"}
+READ_FORMATS = {
+    FORMAT: "packbits",
+    CODED_FORMAT: "coded",
+    CODED_LOSSY_FORMAT: "coded",  # quantized values: a name of its own, never read as a lossless collection
+    "tallmasks-compressed-v1": "packbits",
+    CODED_FORMATS[0]: "coded",
+}
 LEGACY_FORMATS = ("tallmasks-compressed-v1", CODED_FORMATS[0])
 META_MAX_BYTES = 1 << 26
 MAX_TASKS = 1024  # names in meta.json; a coded file holds at most 64
@@ -96,6 +106,10 @@ META_SCHEMA = Obj(
         "model": optional(Str(max_len=256)),
         "parts": Map(Int(min=0), max_len=8),
         "check": CHECKSUM_SCHEMA,
+        "values": Obj(
+            {"setting": Str(max_len=16), "lossy": Bool()},
+            {"block": Int(min=1), "prune_zeros": Bool(), "max_abs_error": Num(), "description": Str(max_len=256)},
+        ),
     },
 )
 
@@ -148,10 +162,13 @@ def compress(
     storage: str = "coded",
     masks_file: str | Path | None = None,
     model: str | None = None,
+    values: str = "float32",
+    prune_zeros: bool = False,
 ) -> dict:
     """Write a compressed collection to ``out_dir`` (each part atomically, meta.json last); returns its metadata.
     ``masks_file``: existing TALL masks (ours or a released ``.npy``) instead of building them; ``model``: a
-    name recorded in meta.json."""
+    name recorded in meta.json; ``values``: how the coded storage keeps the merged vector (one of
+    ``VALUE_SETTINGS``; float32 is exact); ``prune_zeros``: clear the mask bits where the stored value is zero."""
     out_dir = Path(out_dir).expanduser()
     if masks not in MASK_METHODS:
         raise ConfigError(f"masks must be one of {', '.join(MASK_METHODS)}, got {masks!r}")
@@ -159,6 +176,13 @@ def compress(
         raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if masks_file is not None and masks != "tall":
         raise ConfigError("masks_file holds TALL masks: it applies with masks='tall' only")
+    if values not in VALUE_SETTINGS:
+        raise ConfigError(f"values must be one of {', '.join(VALUE_SETTINGS)}, got {values!r}")
+    if storage != "coded" and (values != "float32" or prune_zeros):
+        raise ConfigError(
+            f"values {values!r}{' and prune_zeros' if prune_zeros else ''} need storage 'coded' (packbits keeps the paper's float32)"
+        )
+    codec = ValueCodec(values)
     inputs = [require_checkpoint(pretrained), *(require_file(p) for p in finetuned)]
     size = checkpoint_size(pretrained)
     _check_out_dir(out_dir, inputs, size + len(inputs) * (size // 32 + 1) + 65536)
@@ -188,7 +212,7 @@ def compress(
     stored = {key: value.to(cs.dtypes[key]) for key, value in vector.items()}
     collection_id = uuid.uuid4().hex
     meta = {
-        "format": STORAGES[storage],
+        "format": CODED_LOSSY_FORMAT if codec.lossy else STORAGES[storage],
         "collection": collection_id,
         "model": model,
         "tasks": cs.names,
@@ -201,7 +225,13 @@ def compress(
     # a previous collection's meta.json stays until the new parts are in place: an interrupted rewrite is
     # still recognised as a collection (and replaced next time) but its parts' ids no longer match
     if storage == "coded":
-        write_coded(out_dir / CODED_FILE, mask_set, stored, progress=progress)
+        written: dict = {}
+        write_coded(out_dir / CODED_FILE, mask_set, stored, progress=progress, values=codec, prune_zeros=prune_zeros, report=written)
+        meta["values"] = {"setting": values, "lossy": codec.lossy, "prune_zeros": prune_zeros, "description": codec.describe()}
+        if codec.bits:
+            meta["values"]["block"] = codec.block
+        if codec.lossy:
+            meta["values"]["max_abs_error"] = written["max_abs_error"]
     else:
         checksums = json.dumps({key: tensor_checksum(value) for key, value in stored.items()}, sort_keys=True)
         save_state_dict(stored, out_dir / MERGED_FILE, metadata={"collection": collection_id, "checksums": checksums}, finite=True)
@@ -213,6 +243,11 @@ def compress(
     for stale in {MERGED_FILE, MASKS_FILE, CODED_FILE} - set(STORAGE_PARTS[storage]):  # the other storage's parts
         (out_dir / stale).unlink(missing_ok=True)
     return meta
+
+
+def values_of(meta: dict) -> dict:
+    """meta.json's ``values`` field: how the merged vector is stored (collections without one: float32, exact)."""
+    return meta.get("values") or {"setting": "float32", "lossy": False}
 
 
 def read_meta(collection: str | Path) -> dict:
@@ -243,6 +278,10 @@ def read_meta(collection: str | Path) -> dict:
         raise CheckpointError(f"{path}: damaged collection metadata (no {'check' if 'check' not in meta else 'parts'} field)")
     if json_checksum({k: v for k, v in meta.items() if k != "check"}) != meta["check"]:
         raise CheckpointError(f"{path}: damaged or edited collection metadata (checksum mismatch)")
+    if (meta["format"] == CODED_LOSSY_FORMAT) != bool(values_of(meta).get("lossy")):
+        raise CheckpointError(
+            f"{path}: format {meta['format']} with values {values_of(meta).get('setting')!r}: lossy and lossless mixed up"
+        )
     expected = {p for p in STORAGE_PARTS[storage_of(meta)] if p != META_FILE}
     if set(meta["parts"]) != expected:
         raise CheckpointError(f"{path}: parts {sorted(meta['parts'])}, a {storage_of(meta)} collection has {sorted(expected)}")
@@ -304,6 +343,12 @@ def open_coded(collection: str | Path) -> tuple[dict, CodedFile]:
     _check_sizes(collection, meta)
     if coded.names != meta["tasks"]:
         raise CheckpointError(f"{collection / CODED_FILE}: masks for {coded.names}, {META_FILE} lists {meta['tasks']}")
+    recorded = values_of(meta)
+    if recorded.get("setting") != coded.values.setting or bool(recorded.get("lossy")) != coded.lossy:
+        raise CheckpointError(
+            f"{collection / CODED_FILE}: holds {coded.values.setting} values, {META_FILE} records {recorded.get('setting')!r} "
+            f"({'lossy' if recorded.get('lossy') else 'lossless'})"
+        )
     if coded.layout.numel != meta["num_params"]:
         raise CheckpointError(f"{collection / META_FILE}: num_params {meta['num_params']}, the parts have {coded.layout.numel}")
     return meta, coded
@@ -404,6 +449,7 @@ def collection_report(collection: str | Path) -> dict:
     return {
         "format": meta["format"],
         "storage": storage,
+        "values": values_of(meta),
         "model": meta.get("model"),
         "tasks": meta["tasks"],
         "masks": meta["masks"],
