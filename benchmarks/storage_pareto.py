@@ -7,13 +7,14 @@ int4, int3, int2), each also with ``--prune-zeros``. Every task is rebuilt from 
 ``decompress`` code path) and scored on its test split; normalized accuracy is the mean over tasks of that
 accuracy over the fine-tuned expert's. The masks and lambdas are the same for every setting (chosen on the
 lossless vector; no setting looks at a test split). Rows go to ``results/storage/demo_pareto.json`` with the
-figure ``docs/storage_pareto.png``.
+figure ``docs/storage_pareto.png`` (``--tasks 8 14 20``: the 14- and 20-task collections too, after the demo has run with
+``--num-tasks 14`` / ``20``; one figure each).
 
 Part 2 (``--synthetic MODEL``): a real-size synthetic collection (random task vectors, ``merge_bench``), in
 one run per setting: the time to compress the whole collection and to decompress one task, each beside the
 lossless coded format's in the same run (a ratio; the best of ``--repeat`` runs).
 
-    python benchmarks/storage_pareto.py --demo
+    python benchmarks/storage_pareto.py --demo --tasks 8 14 20
     python benchmarks/storage_pareto.py --synthetic ViT-B-32 --tasks 8 --json benchmarks/results/storage_pareto_b32_2cpu.json
 """
 
@@ -73,7 +74,7 @@ def _evaluate(location: Path, cache: Path, model: str, task: str, state: dict) -
     return correct / total
 
 
-def demo_pareto(cache: Path, workdir: Path, settings=SETTINGS) -> list[dict]:
+def demo_pareto(cache: Path, workdir: Path, settings=SETTINGS, tasks: int = 8) -> list[dict]:
     from collection_bench import demo_collections
 
     from tallmasks.core.progress import progress
@@ -81,9 +82,9 @@ def demo_pareto(cache: Path, workdir: Path, settings=SETTINGS) -> list[dict]:
     from tallmasks.eval.selection import FT_FILE
     from tallmasks.storage.collection import collection_report, compress, decompress
 
-    source = next((c for c in demo_collections(cache) if not c["use_ties"]), None)
+    source = next((c for c in demo_collections(cache) if not c["use_ties"] and len(c["names"]) == tasks), None)
     if source is None:
-        raise SystemExit(f"{cache}: no task-arithmetic TALL masks of the demo (run `make demo` first)")
+        raise SystemExit(f"{cache}: no {tasks}-task TALL masks of the demo (run `make demo`, or the demo with --num-tasks {tasks})")
     location = Path(source["masks_file"]).parents[2] / "checkpoints"  # <experts>/tall_masks/<model>/<file>
     model = Path(source["masks_file"]).parent.name
     finetuned_top1 = read_json(location / model / FT_FILE)
@@ -257,7 +258,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "results" / "storage" / "demo_pareto.json"), help="the demo rows (JSON)")
     parser.add_argument("--figure", default=str(REPO / "docs" / "storage_pareto.png"), help="the figure of the demo rows")
     parser.add_argument("--synthetic", help="open_clip model of a synthetic collection to time (e.g. ViT-B-32)")
-    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[8], help="task counts (demo: each needs its masks; synthetic: the first)")
     parser.add_argument("--values", nargs="+", default=["bfloat16", "int8", "int4"], help="lossy settings to time beside float32")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="the timing rows (JSON)")
@@ -269,19 +270,23 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         if args.demo:
-            rows = demo_pareto(Path(args.demo), workdir)
+            rows = []
+            for tasks in args.tasks:
+                these = demo_pareto(Path(args.demo), workdir, tasks=tasks)
+                figure = Path(args.figure)
+                plot_pareto(these, figure if tasks == args.tasks[0] else figure.with_name(f"{figure.stem}_{tasks}tasks{figure.suffix}"))
+                rows += these
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(rows, indent=1) + "\n")
-            plot_pareto(rows, Path(args.figure))
-            print(f"{'setting':<24}{'bytes':>10}{'x paper':>9}{'bits/w/task':>12}{'norm. acc':>10}{'x lossless':>11}")
+            print(f"{'tasks':<6}{'setting':<24}{'bytes':>10}{'x paper':>9}{'bits/w/task':>12}{'norm. acc':>10}{'x lossless':>11}")
             for r in rows:
                 print(
-                    f"{label(r['values'], r['storage'], r['prune_zeros']):<24}{r['bytes']:>10,}{r['ratio_to_paper']:>9.3f}"
+                    f"{r['tasks']:<6}{label(r['values'], r['storage'], r['prune_zeros']):<24}{r['bytes']:>10,}{r['ratio_to_paper']:>9.3f}"
                     f"{r['bits_per_weight_per_task']:>12.3f}{100 * r['normalized_accuracy']:>9.1f}%{r['accuracy_vs_lossless']:>11.4f}"
                 )
         if args.synthetic:
-            rows = synthetic_times(args.synthetic, args.tasks, workdir, args.values, args.repeat)
+            rows = synthetic_times(args.synthetic, args.tasks[0], workdir, args.values, args.repeat)
             for r in rows:
                 print(
                     f"{r['values']:<10} {r['bytes']:>12,} B  x paper {r['ratio_to_paper']:.3f}  compress {r['compress_s']:.1f} s "
