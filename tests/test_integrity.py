@@ -234,24 +234,27 @@ def test_an_edited_coded_header_is_refused(coded, tmp_path):
 # packbits collections and mask files
 
 
-def test_a_flipped_bit_in_the_merged_vector_is_found(checkpoints, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "part, byte, message, read",
+    [
+        ("merged.safetensors", 100, "merged.safetensors: damaged tensor", lambda folder, pt: decompress(folder, "MNIST", pretrained=pt)),
+        (
+            "masks.safetensors",
+            3,
+            "masks.safetensors: damaged mask of 'MNIST'",
+            lambda folder, pt: MaskSet.load(folder / "masks.safetensors"),
+        ),
+    ],
+    ids=["merged vector", "mask"],
+)
+def test_a_flipped_bit_in_a_packbits_part_is_found(checkpoints, tmp_path, capsys, part, byte, message, read):
     pt, fts = checkpoints
     compress(pt, fts, tmp_path / "p", names=TASKS, storage="packbits")
-    flip_data_bit(tmp_path / "p" / "merged.safetensors", 100)
+    flip_data_bit(tmp_path / "p" / part, byte)
     refresh_meta(tmp_path / "p")
-    with pytest.raises(CheckpointError, match="merged.safetensors: damaged tensor"):
-        decompress(tmp_path / "p", "MNIST", pretrained=pt)
-    refused_everywhere(capsys, tmp_path / "p", pt, tmp_path / "out.safetensors", "merged.safetensors")
-
-
-def test_a_flipped_bit_in_a_mask_is_found(checkpoints, tmp_path, capsys):
-    pt, fts = checkpoints
-    compress(pt, fts, tmp_path / "p", names=TASKS, storage="packbits")
-    flip_data_bit(tmp_path / "p" / "masks.safetensors", 3)
-    refresh_meta(tmp_path / "p")
-    with pytest.raises(CheckpointError, match="masks.safetensors: damaged mask of 'MNIST'"):
-        MaskSet.load(tmp_path / "p" / "masks.safetensors")
-    refused_everywhere(capsys, tmp_path / "p", pt, tmp_path / "out.safetensors", "masks.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        read(tmp_path / "p", pt)
+    refused_everywhere(capsys, tmp_path / "p", pt, tmp_path / "out.safetensors", part)
 
 
 def test_a_truncated_part_is_named(checkpoints, tmp_path, capsys):

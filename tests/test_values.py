@@ -202,13 +202,13 @@ def test_a_damaged_value_code_is_a_one_line_error(checkpoints, tmp_path):
     from tallmasks.storage.values import ValueCodec
 
     codec = ValueCodec("int2")
-    planes, scales, _ = codec.encode(torch.tensor([1.0, -1.0, 0.5]), np.array([True, True, True]))
-    assert planes[0].max() <= 2
-    planes[0][0] = 7
+    codes, scales, _ = codec.encode(torch.tensor([1.0, -1.0, 0.5]), np.arange(3), 3)
+    assert codes.max() <= 2
+    codes[0] = 7
     with pytest.raises(CheckpointError, match="value code above 2"):
-        codec.decode(planes, scales, np.arange(3), 3)
+        codec.decode(codes, scales, np.arange(3), 3)
     with pytest.raises(CheckpointError, match="scales for"):
-        codec.decode(planes, [], np.arange(3), 3)
+        codec.decode(codes, None, np.arange(3), 3)
 
 
 def test_the_report_marks_a_lossy_collection(checkpoints, tmp_path):

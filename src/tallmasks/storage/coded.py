@@ -270,6 +270,12 @@ def value_contexts(values: torch.Tensor) -> np.ndarray:
     return ((bits & np.int32(0x7FFFFFFF)) >> np.int32(22)).astype(np.int16)  # 0..511; int16 sorts by radix
 
 
+def context_counts(values: torch.Tensor, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each value's context clipped to [lo, hi], how many values fall in each of the 512 contexts)."""
+    contexts = np.clip(value_contexts(values), lo, hi)
+    return contexts, np.bincount(contexts, minlength=512) if contexts.size else np.zeros(512, dtype=np.int64)
+
+
 #: the context groups' share of kept weights pooled at each extreme
 CONTEXT_TAIL = 0.01
 
@@ -330,8 +336,7 @@ def decode_in_context(
     """The patterns coded by ``encode_in_context``, given the kept bits and the kept values."""
     from tallmasks.algebra import kernels
 
-    contexts = np.clip(value_contexts(kept_values), int(spec["lo"]), int(spec["hi"]))
-    counts = np.bincount(contexts, minlength=512) if contexts.size else np.zeros(512, dtype=np.int64)
+    contexts, counts = context_counts(kept_values, int(spec["lo"]), int(spec["hi"]))
     values, starts = _decode_groups(spec, payload, counts, dtype)
     out = kernels.ungroup(contexts, values, starts, kept)
     if out is None:  # without the kernels: the inverse of the encoder's stable sort
@@ -528,33 +533,27 @@ def write_coded(
         for start in range(0, numel, CHUNK):
             stop = min(numel, start + CHUNK)
             patterns = tensor_patterns(masks, offset + start, stop - start)
-            kept = patterns != 0
-            scales: list[np.ndarray] = []
-            if codec.lossy:
-                planes, scales, kept_values = codec.encode(flat[start:stop], kept)
-                if kept_values.numel():
-                    exact = flat[start:stop][torch.from_numpy(kept)].to(torch.float32)
-                    worst = max(worst, float((kept_values - exact).abs().max()))
-            else:
-                kept_values = flat[start:stop][torch.from_numpy(kept)]
-                planes = byte_planes(kept_values) if kept_values.numel() else []
-            if prune_zeros and kept_values.numel():
+            positions = np.flatnonzero(patterns)
+            given = flat[start:stop][torch.from_numpy(positions)]
+            # payload: what the planes hold; kept_values: the values a reader gets back (the pattern contexts')
+            payload, scales, kept_values = given, None, given
+            if codec.lossy and positions.size:
+                payload, scales, kept_values = codec.encode(given, positions, stop - start)
+                worst = max(worst, float((kept_values - given.to(torch.float32)).abs().max()))
+            if prune_zeros and positions.size:
                 zero = (kept_values == 0).numpy()
                 if zero.any():
-                    patterns[np.flatnonzero(kept)[zero]] = 0
-                    planes = [plane[~zero] for plane in planes]
-                    kept_values = kept_values[torch.from_numpy(~zero)]
-            if not kept_values.numel():
-                planes, scales = [], []
+                    patterns[positions[zero]] = 0
+                    payload, kept_values = payload[torch.from_numpy(~zero)], kept_values[torch.from_numpy(~zero)]
             coded_patterns = encode_stream(patterns)
             if kept_values.numel() >= CONTEXT_MIN:
                 in_context = encode_in_context(patterns, kept_values)
                 if len(in_context[1]) < len(coded_patterns[1]):
                     coded_patterns = in_context
             entry = {"n": stop - start, "kept": int(kept_values.numel()), "patterns": data.add(*coded_patterns)}
-            entry["planes"] = [data.add(*encode_stream(plane)) for plane in planes]
+            entry["planes"] = [data.add(*encode_stream(plane)) for plane in (byte_planes(payload) if entry["kept"] else [])]
             if codec.scale_planes():
-                entry["scales"] = [data.add(*encode_stream(plane)) for plane in scales]
+                entry["scales"] = [data.add(*encode_stream(plane)) for plane in (byte_planes(scales) if entry["kept"] else [])]
             chunks.append(entry)
         index[key] = {"shape": list(shape), "dtype": str(flat.dtype).replace("torch.", ""), "chunks": chunks}
         offset += numel
@@ -736,7 +735,8 @@ class CodedFile:
         blocks = self.values.blocks(chunk["n"])
         scales = [decode_stream(s, self._payload(s, key), blocks, np.dtype(np.uint8)) for s in chunk.get("scales", [])]
         try:
-            stored = self.values.decode(planes, scales, np.flatnonzero(head), chunk["n"])
+            payload = from_planes(planes, self.values.payload_dtype(dtype))
+            stored = self.values.decode(payload, from_planes(scales, torch.float32) if scales else None, np.flatnonzero(head), chunk["n"])
         except CheckpointError as exc:
             raise CheckpointError(f"{self.path}: damaged chunk of {key!r} ({exc})") from None
         return spec, head, planes, stored
@@ -825,7 +825,7 @@ class CodedFile:
                     words, counts = kernels.join_words(planes, lo, hi)
                 else:  # a lossy file: the decoded values' words, and their contexts counted
                     words = stored.numpy().view(np.uint32)
-                    counts = np.bincount(np.clip(value_contexts(stored), lo, hi), minlength=512)
+                    counts = context_counts(stored, lo, hi)[1]
                 if not in_context:
                     kernels.apply_bit(base, head, words.view(np.float32), task, into)
                     continue
@@ -885,7 +885,6 @@ class CodedFile:
             "mask_bits_per_weight_per_task": 8 * mask_bytes / max(numel * tasks, 1),
             "file_bytes": self.path.stat().st_size,
             "paper_bytes": float_bytes + tasks * ((numel + 7) // 8),
-            "values": self.values.setting,
         }
 
 

@@ -63,9 +63,14 @@ class ValueCodec:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1 if self.bits else 0
 
+    def payload_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the stored kept values (``dtype``, the checkpoints', for exact values); their bytes are
+        the chunk's byte planes."""
+        return dtype if not self.lossy else torch.bfloat16 if self.setting == "bfloat16" else torch.uint8
+
     def planes(self, itemsize: int) -> int:
         """Byte planes of a chunk that keeps some weight (``itemsize``: the stored dtype's, for exact values)."""
-        return itemsize if not self.lossy else 2 if self.setting == "bfloat16" else 1
+        return itemsize if not self.lossy else self.payload_dtype(torch.float32).itemsize
 
     def scale_planes(self) -> int:
         """Byte planes of a chunk's scales (float32, one per block), when it keeps some weight."""
@@ -86,50 +91,37 @@ class ValueCodec:
         return f"{self.setting} (lossy: absmax per block of {self.block} weights, round to nearest, |error| <= scale/2)"
 
     # ------------------------------------------------------------------------------------------
-    def encode(self, values: torch.Tensor, kept: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], torch.Tensor]:
-        """(value byte planes, scale byte planes, the stored kept values as float32) of one chunk: ``values`` is the
-        chunk's merged vector (all n weights), ``kept`` where some mask keeps a weight. Lossy settings only."""
-        positions = np.flatnonzero(kept)
-        chosen = values.reshape(-1)[torch.from_numpy(positions)].to(torch.float32)
+    def encode(self, kept_values: torch.Tensor, positions: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(payload, scales or None, the stored kept values as float32) of one chunk of ``n`` weights, given its
+        kept values and their positions in the chunk; the payload (``payload_dtype``) and the scales (float32,
+        one per block) are what the file holds. Lossy settings only."""
+        chosen = kept_values.reshape(-1).to(torch.float32)
         if self.setting == "bfloat16":
             half = chosen.to(torch.bfloat16)
-            return _planes(half), [], half.to(torch.float32)
-        n, qmax = kept.size, self.qmax
+            return half, None, half.to(torch.float32)
+        qmax = self.qmax
         magnitude = torch.zeros(self.blocks(n) * self.block, dtype=torch.float32)
         magnitude[torch.from_numpy(positions)] = chosen.abs()
         scales = magnitude.reshape(-1, self.block).amax(dim=1) / qmax
         step = scales[torch.from_numpy(positions // self.block)]
         quotient = torch.where(step > 0, chosen / torch.where(step > 0, step, 1.0), 0.0)
         codes = (torch.round(quotient).clamp_(-qmax, qmax) + qmax).to(torch.uint8)
-        code_planes, scale_planes = [codes.numpy()], _planes(scales)
-        return code_planes, scale_planes, self.decode(code_planes, scale_planes, positions, n)
+        return codes, scales, self.decode(codes, scales, positions, n)
 
-    def decode(self, planes: list[np.ndarray], scale_planes: list[np.ndarray], positions: np.ndarray, n: int) -> torch.Tensor:
-        """The stored kept values (float32) of a chunk, given its planes and the kept weights' positions."""
+    def decode(self, payload: torch.Tensor, scales: torch.Tensor | None, positions: np.ndarray, n: int) -> torch.Tensor:
+        """The stored kept values (float32) of a chunk, given its payload, scales and the kept weights' positions."""
         if self.setting == "bfloat16":
-            return _join(planes, torch.bfloat16).to(torch.float32)
-        scales = _join(scale_planes, torch.float32)
+            return payload.to(torch.float32)
+        scales = scales if scales is not None else torch.zeros(0)
         if scales.numel() != self.blocks(n):
             raise CheckpointError(f"{scales.numel()} value scales for {n} weights (blocks of {self.block})")
         if scales.numel() and not bool(torch.isfinite(scales).all() and (scales >= 0).all()):
             raise CheckpointError("a value scale that is negative or not finite")
-        codes = torch.from_numpy(np.ascontiguousarray(planes[0]))
-        if codes.numel() != positions.size:
-            raise CheckpointError(f"{codes.numel()} value codes for {positions.size} kept weights")
-        if codes.numel() and int(codes.max()) > 2 * self.qmax:
+        if payload.numel() != positions.size:
+            raise CheckpointError(f"{payload.numel()} value codes for {positions.size} kept weights")
+        if payload.numel() and int(payload.max()) > 2 * self.qmax:
             raise CheckpointError(f"a value code above {2 * self.qmax} in an {self.setting} collection")
-        return (codes.to(torch.float32) - self.qmax) * scales[torch.from_numpy(positions // self.block)]
-
-
-def _planes(values: torch.Tensor) -> list[np.ndarray]:
-    raw = values.contiguous().view(torch.uint8).reshape(-1, values.element_size()).numpy()
-    return [np.ascontiguousarray(raw[:, j]) for j in range(raw.shape[1])]
-
-
-def _join(planes: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
-    if not planes:
-        return torch.zeros(0, dtype=dtype)
-    return torch.from_numpy(np.ascontiguousarray(np.stack(planes, axis=1)).reshape(-1)).view(dtype)
+        return (payload.to(torch.float32) - self.qmax) * scales[torch.from_numpy(positions // self.block)]
 
 
 def codec_of(spec: dict | None) -> ValueCodec:
