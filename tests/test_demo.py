@@ -179,6 +179,13 @@ def test_quick_demo_writes_a_complete_summary(tmp_path):
         assert entry["avg_normalized_top1"] >= 0.0
     assert written["methods"]["finetuned"]["avg_normalized_top1"] == pytest.approx(1.0)
     assert (tmp_path / "out" / "mask_agreement_2tasks.png").stat().st_size > 0
+    assert written["profile"] == "fast"
+    shape = written["task_vectors"]
+    assert set(shape["per_task"]) == set(tasks) and -1.0 <= shape["cosine"]["min"] <= shape["cosine"]["max"] <= 1.0
+    agreement = shape["agreement"]
+    profile = written["mask_agreement"]["weights"]  # the same masks, counted over the whole image tower
+    assert agreement["catastrophic"] == pytest.approx(profile[0] / sum(profile))
+    assert agreement["kept_by_all"] == pytest.approx(profile[-1] / sum(profile))
 
 
 @needs_runner
@@ -255,3 +262,75 @@ def test_command_line_seeds_methods_and_errors(tmp_path, capsys):
     assert main(["--workers", "0", "--cache-dir", str(tmp_path)]) == 2
     assert "--workers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written before the inputs are checked
+
+
+def test_profiles_select_fine_tuning_and_output(capsys):
+    from tallmasks.demo.local import PROFILES, DemoConfig, parse_args
+
+    fast, paper = parse_args([])[0], parse_args(["--profile", "paper", "--num-tasks", "20"])[0]
+    assert fast.finetune == DemoConfig().finetune == PROFILES["fast"] and str(fast.output_dir) == "results/demo"
+    assert paper.finetune == PROFILES["paper"] and paper.profile == "paper" and str(paper.output_dir) == "results/demo-paper"
+    assert (paper.finetune.lr, paper.finetune.weight_decay, paper.finetune.warmup_steps) == (1e-5, 0.1, 500)
+    assert paper.finetune.steps >= 2000 and paper.finetune.fingerprint() != fast.finetune.fingerprint()
+    quick = parse_args(["--profile", "paper", "--quick", "--output-dir", "elsewhere"])[0]
+    assert quick.finetune.lr == 1e-5 and quick.finetune.steps == DemoConfig.quick().finetune.steps and str(quick.output_dir) == "elsewhere"
+    with pytest.raises(SystemExit):
+        parse_args(["--profile", "slow"])
+    assert "--profile" in capsys.readouterr().err
+
+
+def test_task_vector_shape_figures_equal_a_plain_numpy_computation():
+    from tallmasks.demo.shape import cosine_matrix, kurtosis, top_share
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(5, size=20_000)
+    centred = x - x.mean()
+    assert kurtosis(torch.from_numpy(x)) == pytest.approx(np.mean(centred**4) / np.mean(centred**2) ** 2)
+    squares = np.sort(x**2)[::-1]
+    assert top_share(torch.from_numpy(x)) == pytest.approx(squares[:4000].sum() / squares.sum())
+    assert kurtosis(torch.from_numpy(rng.standard_normal(200_000))) == pytest.approx(3.0, abs=0.05)
+    vectors = [rng.standard_normal(50) for _ in range(3)]
+    expected = [[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in vectors] for a in vectors]
+    np.testing.assert_allclose(cosine_matrix([torch.from_numpy(v) for v in vectors]).numpy(), expected)
+
+
+def test_profile_comparison_reads_both_profiles_and_names_a_missing_summary(tmp_path, capsys):
+    from tallmasks.demo.profiles import TASK_COUNTS, main, summary_file
+
+    rng = np.random.default_rng(1)
+    methods = ["zeroshot", "sum", "ties", "consensus", "tall_mask", "tall_mask_ties", "finetuned"]
+    written = {}
+    for profile in ("fast", "paper"):
+        for n in TASK_COUNTS:
+            tasks = DEMO_DATASETS[:n]
+            norm = {m: float(rng.uniform(0.3, 1.0)) for m in methods}
+            per_task = {
+                t: {"kurtosis": float(rng.uniform(2, 6)), "top20_share": 0.6, "norm_ratio": 0.03, "mask_density": 0.4} for t in tasks
+            }
+            summary = {
+                "tasks": tasks,
+                "methods": {m: {"avg_normalized_top1": v, "avg_top1": v / 2} for m, v in norm.items()},
+                "settings": {"finetune": {"profile_label": profile}},
+                "task_vectors": {
+                    "per_task": per_task,
+                    "cosine": {"mean": 0.1, "min": 0.0, "max": 0.4},
+                    "agreement": {"catastrophic": 0.05, "selfish": 0.1, "kept_by_all": 0.07},
+                },
+            }
+            path = summary_file(tmp_path / profile, n)
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(summary))
+            written[(profile, n)] = norm
+    args = ["--fast-dir", str(tmp_path / "fast"), "--paper-dir", str(tmp_path / "paper")]
+    args += ["--output", str(tmp_path / "profiles.json"), "--figure", str(tmp_path / "scaling.png")]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "profiles.json").read_text())
+    for (profile, n), norm in written.items():
+        assert out["profiles"][profile]["runs"][str(n)]["normalized"]["ties"] == pytest.approx(100 * norm["ties"])
+    assert out["paper_vit_b32_normalized"]["8"]["tall_mask"] == pytest.approx(99.7)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    tables = capsys.readouterr().out
+    assert f"{100 * written[('paper', 20)]['consensus']:.1f}" in tables and "kurtosis" in tables
+    summary_file(tmp_path / "paper", 14).unlink()
+    assert main(args) == 2
+    assert "summary_14tasks.json" in capsys.readouterr().err
