@@ -506,3 +506,25 @@ def test_main_emr_per_task_models(demo_setup):
     cs = CheckpointSet(zeroshot_path(loc, DEMO_MODEL), [finetuned_path(loc, DEMO_MODEL, t) for t in tasks], names=tasks)
     scales = emr_masks(cs, merge(cs, "emr")).info["scales"]
     assert res["selection"]["scales"] == pytest.approx(scales) and all(s > 0 for s in scales.values())
+
+
+def test_main_seed_ties_tall_is_the_seed_merge_with_lambda_one(demo_setup):
+    """The non-local seed's merge through main.py: its TIES vector, TALL masks at lambda 1, alpha 1, nothing chosen."""
+    from tallmasks.experiments.runner import run_experiment
+    from tallmasks.io.checkpoints import load_state_dict
+    from tallmasks.merging import CheckpointSet, merge
+    from tallmasks.merging.methods.seed_ties import seed_tall_mask
+    from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
+
+    root, tasks, loc = demo_setup["root"], demo_setup["tasks"], demo_setup["loc"]
+    res = run_experiment(compose([*demo_setup["overrides"], "method=seed_ties_tall", "results_dir=" + str(root / "seed")]))
+    assert res["selection"]["lambdas"] == dict.fromkeys(tasks, 1.0) and set(res["val"]) == {"1"}
+    theta0 = load_state_dict(zeroshot_path(loc, DEMO_MODEL))
+    experts = [load_state_dict(finetuned_path(loc, DEMO_MODEL, t)) for t in tasks]
+    cs = CheckpointSet(theta0, experts, names=tasks)
+    vector = merge(cs, "seed_ties_tall")
+    for index in range(len(tasks)):
+        mask = seed_tall_mask(cs, index, vector)
+        for key in ("model.visual.proj", "model.visual.conv1.weight"):
+            tau = experts[index][key].float() - theta0[key].float()
+            assert torch.equal(mask[key], tau.abs() >= (vector[key] - tau).abs()), key

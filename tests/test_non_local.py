@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -501,3 +502,63 @@ def test_cli_align_writes_aligned_foundation_theta0_and_experts(tmp_path, capsys
             "--reference", tmp_path / "a.safetensors", "--other", tmp_path / "b.pt", "--arch", "cnn", "--out", tmp_path / "y"
         ).lower()
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_repair_seed_code_rule_is_the_seed_formula_and_agrees_with_the_mean_for_two(n):
+    import functools
+
+    from tallmasks.core.errors import ConfigError
+    from tallmasks.non_local.correction import SiteStats, repair_target
+
+    rng = np.random.default_rng(n)
+    variances = [torch.from_numpy(rng.uniform(0.1, 5.0, size=6)) for _ in range(n)]
+    means = [torch.from_numpy(rng.standard_normal(6)) for _ in range(n)]
+    stats = [{"site": SiteStats(m, v.sqrt())} for m, v in zip(means, variances)]
+    seed = repair_target(stats, rule="seed_code")["site"]
+    # the seed's merge_batch_stats: var = ((1/N) * reduce(lambda x, y: sqrt(x) + sqrt(y), v)) ** 2
+    seed_var = ((1.0 / n) * functools.reduce(lambda x, y: np.sqrt(x) + np.sqrt(y), [v.numpy() for v in variances])) ** 2
+    np.testing.assert_allclose(seed.std.numpy() ** 2, seed_var, rtol=1e-12)
+    np.testing.assert_allclose(seed.mean.numpy(), np.mean([m.numpy() for m in means], axis=0), rtol=1e-12)
+    plain = repair_target(stats)["site"]
+    np.testing.assert_allclose(plain.std.numpy(), np.mean([v.sqrt().numpy() for v in variances], axis=0), rtol=1e-12)
+    if n == 2:
+        np.testing.assert_allclose(seed.std.numpy(), plain.std.numpy(), rtol=1e-12)
+    elif n > 2:
+        assert not np.allclose(seed.std.numpy(), plain.std.numpy())
+    with pytest.raises(ConfigError, match="rule"):
+        repair_target(stats, rule="other")
+
+
+def test_vit_output_embedding_permutes_with_the_heads():
+    """embedding=True: proj's columns form their own group; the permuted model's features are the original
+    ones permuted, and a head permuted with permute_head gives the same logits."""
+    from tallmasks.non_local.permutation import EMBEDDING_GROUP, permute_head
+
+    model = make_vit(0)
+    state = model.state_dict()
+    spec = vit_spec(state, heads=3, embedding=True)
+    assert spec.sizes[EMBEDDING_GROUP] == state["proj"].shape[1] and EMBEDDING_GROUP not in vit_spec(state, heads=3).sizes
+    perm = random_permutation(spec, torch.Generator().manual_seed(3))
+    assert not torch.equal(perm[EMBEDDING_GROUP], torch.arange(state["proj"].shape[1]))
+    x = inputs((5, 3, 8, 8))
+    head = torch.randn(7, state["proj"].shape[1], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain, permuted = model(x), copy_with(make_vit, apply_permutation(spec, perm, state))(x)
+    torch.testing.assert_close(permuted, plain[:, perm[EMBEDDING_GROUP]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(permuted @ permute_head(head, perm).T, plain @ head.T, atol=1e-5, rtol=1e-5)
+    assert torch.equal(permute_head(head, {"P_residual": perm["P_residual"]}), head)  # no embedding group: unchanged
+
+
+def test_embedding_sites_are_calibrated_after_the_blocks():
+    _make, expert, merged, x, model = expert_merged_inputs("vit", 8)
+    corrector = Corrector(model, embedding=True)
+    names = [s.name for s in corrector.sites]
+    assert names[-2:] == ["ln_post:out", ":out"] and len(names) == len(Corrector(make_vit(0)).sites) + 2
+    load_weights(model, expert.state_dict())
+    target = plain_site_statistics(model, corrector, x, None)
+    tact(model, merged.state_dict(), {"t": expert.state_dict()}, {"t": x}, batch_size=7)
+    after = plain_site_statistics(model, corrector, x, "t")
+    for site in ("ln_post:out", ":out"):
+        torch.testing.assert_close(after[site][0], target[site][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(after[site][1], target[site][1], atol=1e-4, rtol=1e-4)

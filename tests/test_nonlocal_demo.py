@@ -48,13 +48,21 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
         if not label.startswith("calibration/"):
             assert summary[setting][method][variant] == run["avg_normalized_top1"], label
         assert ("alignment" in run) == (setting == "nonlocal" and variant != "none"), label
-        assert ("correction" in run) == (variant in ("tact", "align_tact", "align_repair") or label.startswith("calibration/")), label
+        corrected = variant in ("tact", "align_tact", "align_repair", "align_repair_seed_code") or label.startswith("calibration/")
+        assert ("correction" in run) == corrected, label
+        if corrected:
+            assert run["correction"]["embedding"] is True, label  # the output embedding corrected too
+        if "alignment" in run:
+            assert run["alignment"]["embedding"] is True, label
         assert 0.0 <= run["val_avg_normalized_top1"]  # alpha chosen on validation
     for group in ("nonlocal", "local", "long"):
         for value in summary[group]["sum"].values():
             assert 0.0 <= summary["runs"]["local/sum/none"]["avg_top1"] <= 1.0 and math.isfinite(value) and value >= 0.0
     assert summary["runs"]["nonlocal/sum/align_tact"]["correction"]["name"] == "tact"
     assert summary["runs"]["nonlocal/sum/align_repair"]["correction"]["num_images"] == 8
+    assert summary["runs"]["nonlocal/sum/align_repair_seed_code"]["correction"]["rule"] == "seed_code"
+    assert summary["runs"]["nonlocal/sum/align_repair"]["correction"]["rule"] == "mean_std"
+    assert summary["std_ratio"]["local"]["sites"][-1].endswith("visual:out")  # the output embedding is a site
 
     calibration = summary["calibration_size"]
     assert set(calibration["nonlocal"]["sum"]) == set(calibration["local"]["sum"]) == {"8", "4000"}
@@ -102,3 +110,14 @@ def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, args
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_defaults_run_the_seed_merge_and_write_to_results_nonlocal():
+    from tallmasks.demo.non_local import DEFAULT_METHODS, parse_args
+
+    cfg, settings = parse_args(["--quick"])
+    assert str(cfg.output_dir) == "results/nonlocal" and settings.methods == DEFAULT_METHODS and settings.embedding
+    assert {"seed_ties_tall", "tall_mask_ties"} <= set(settings.methods)
+    settings.check(cfg)  # every default method is one the experiment runs
+    cfg, settings = parse_args(["--quick", "--output-dir", "elsewhere", "--no-embedding"])
+    assert str(cfg.output_dir) == "elsewhere" and not settings.embedding

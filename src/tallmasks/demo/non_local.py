@@ -31,8 +31,12 @@ from tallmasks.core.errors import ConfigError, TallmasksError
 
 log = logging.getLogger("tallmasks.demo.nonlocal")
 
-MERGE_METHODS = ("sum", "ties", "tall_mask")
-NONLOCAL_VARIANTS = ("none", "align", "align_repair", "align_tact")
+#: the runner methods the experiment can run (tall_mask_ties is tall_mask over TIES)
+MERGE_METHODS = ("sum", "ties", "tall_mask", "seed_ties_tall")
+#: what it runs by default: the merges of the local demo and the non-local seed's own (seed_ties_tall)
+DEFAULT_METHODS = ("sum", "ties", "tall_mask", "tall_mask_ties", "seed_ties_tall")
+NONLOCAL_VARIANTS = ("none", "align", "align_repair", "align_repair_seed_code", "align_tact")
+DEFAULT_OUTPUT = Path("results/nonlocal")
 RESULTS_NAME = "nonlocal.json"
 FIGURE_NAME = "nonlocal_variance_collapse.png"
 
@@ -42,7 +46,7 @@ class NonLocalSettings:
     """What the non-local experiment adds to a :class:`~tallmasks.demo.local.DemoConfig`."""
 
     other_seed: int = 1  # pre-training seed of the second foundation
-    methods: tuple[str, ...] = MERGE_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     tact_images: int = 200  # per task, capped by the training split
     repair_images: int = 100  # per task, pooled over the tasks
     calibration_sizes: tuple[int, ...] = (20, 50, 200, 1000)
@@ -51,6 +55,7 @@ class NonLocalSettings:
     long_lr_factor: float = 10.0  # ... and its learning rate times this
     max_iter: int = 100  # weight matching's iteration cap
     alpha_points: int | None = 10  # main.py's n_eval_points (alphas 0.2, 0.4, ..., 1.0); None: the demo's
+    embedding: bool = True  # the output embedding permuted with the heads, and corrected by TACT and REPAIR
 
     def check(self, cfg: Any) -> None:
         """One-line errors for settings the experiment cannot run."""
@@ -172,7 +177,7 @@ class Runs:
         return self.done[key]
 
 
-def alignment_overrides(other: Path, foundation_of: Sequence[int], max_iter: int) -> list[str]:
+def alignment_overrides(other: Path, foundation_of: Sequence[int], max_iter: int, embedding: bool = True) -> list[str]:
     """main.py overrides aligning the other foundation (and its experts) to model_location's."""
     from tallmasks.demo.local import quote
 
@@ -181,11 +186,13 @@ def alignment_overrides(other: Path, foundation_of: Sequence[int], max_iter: int
         f"alignment.foundations=[{quote(other.resolve())}]",
         "alignment.assignment=[" + ",".join(map(str, foundation_of)) + "]",
         f"alignment.max_iter={max_iter}",
+        f"alignment.embedding={str(embedding).lower()}",
     ]
 
 
-def correction_overrides(name: str, num_images: int) -> list[str]:
-    return [f"correction={name}", f"correction.num_images={num_images}"]
+def correction_overrides(name: str, num_images: int, embedding: bool = True, rule: str | None = None) -> list[str]:
+    out = [f"correction={name}", f"correction.num_images={num_images}", f"correction.embedding={str(embedding).lower()}"]
+    return out + ([f"correction.rule={rule}"] if rule else [])
 
 
 def _record(result: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +235,7 @@ def variance_collapse(
     calibration: dict[str, torch.Tensor],
     measure: dict[str, torch.Tensor],
     batch_size: int,
+    embedding: bool = True,
 ) -> dict[str, Any]:
     """Per site, the TA-merged model's activation std over each expert's on its task's ``measure`` images (mean
     over channels), before and after TACT calibrated on its ``calibration`` images; ``result`` is the TA run on
@@ -244,8 +252,10 @@ def variance_collapse(
         record = result["alignment"]
         locations = [location, *map(Path, record["foundations"])]
         sources = Sources(locations, dict(record["assignment"]))
-        settings = AlignmentSettings("weight_matching", tuple(record["foundations"]), None, record["max_iter"], record["seed"])
-        theta0, experts, _ = aligned_checkpoints(
+        settings = AlignmentSettings(
+            "weight_matching", tuple(record["foundations"]), None, record["max_iter"], record["seed"], record.get("embedding", False)
+        )
+        theta0, experts, _, _ = aligned_checkpoints(
             sources,
             [zeroshot_path(loc, DEMO_MODEL) for loc in locations],
             [finetuned_path(sources.location(t), DEMO_MODEL, t) for t in tasks],
@@ -262,7 +272,7 @@ def variance_collapse(
     evaluator.set_weights(result["selection"]["alpha"])
     merged = {k: v.detach().clone() for k, v in evaluator.encoder.state_dict().items()}
     expert_states = {t: cs.finetuned[i] for i, t in enumerate(tasks)}
-    corrector = Corrector(evaluator.encoder)
+    corrector = Corrector(evaluator.encoder, embedding=embedding)
     try:
         tact(evaluator.encoder, merged, expert_states, calibration, batch_size, evaluator.normalize)
         ratios = std_ratios(evaluator.encoder, merged, expert_states, measure, batch_size, evaluator.normalize)
@@ -308,6 +318,8 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path) -> P
 
 
 def _short_site(name: str) -> str:
+    if name.endswith("visual:out"):
+        return "embedding"
     return name.replace("model.visual.", "").replace("transformer.resblocks.", "b")
 
 
@@ -358,14 +370,16 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
     log.info("foundations and experts ready in %.0fs", built)
 
     runs = Runs(cfg)
-    align = alignment_overrides(far, foundation_of, settings.max_iter)
-    tact = correction_overrides("tact", settings.tact_images)
-    repair = correction_overrides("repair", settings.repair_images)
+    align = alignment_overrides(far, foundation_of, settings.max_iter, settings.embedding)
+    tact = correction_overrides("tact", settings.tact_images, settings.embedding)
+    repair = correction_overrides("repair", settings.repair_images, settings.embedding)
+    repair_seed = correction_overrides("repair", settings.repair_images, settings.embedding, rule="seed_code")
     grid = {
         "nonlocal": {
             "none": (unaligned, []),
             "align": (local, align),
             "align_repair": (local, align + repair),
+            "align_repair_seed_code": (local, align + repair_seed),
             "align_tact": (local, align + tact),
         },
         "local": {"none": (local, []), "tact": (local, tact)},
@@ -392,7 +406,7 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         for method in settings.calibration_methods:
             calibration[setting][method] = {}
             for n in settings.calibration_sizes:
-                result = runs(location, method, extra + correction_overrides("tact", n))
+                result = runs(location, method, extra + correction_overrides("tact", n, settings.embedding))
                 calibration[setting][method][str(n)] = result["avg_normalized_top1"]
                 records[f"calibration/{setting}/{method}/{n}"] = _record(result)
     train_size = {t: len(v) for t, v in split_images(cfg, local, tasks, max(settings.calibration_sizes)).items()}
@@ -407,7 +421,7 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         ("local", (local, [])),
         ("long fine-tuning", (long, [])),
     ):
-        collapse[label] = variance_collapse(runs(location, "sum", extra), location, tasks, images, val, batch_size)
+        collapse[label] = variance_collapse(runs(location, "sum", extra), location, tasks, images, val, batch_size, settings.embedding)
     figure = plot_variance_collapse(collapse, Path(cfg.output_dir) / FIGURE_NAME)
 
     summary = {
@@ -489,7 +503,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         epilog="The demo's options apply too (--quick, --seed, --num-tasks, --tasks, --cache-dir, --output-dir, --threads, --workers).",
     )
     parser.add_argument("--other-seed", type=int, default=defaults.other_seed, help="pre-training seed of the second foundation (1)")
-    parser.add_argument("--methods", nargs="+", default=list(defaults.methods), help="merging methods (sum ties tall_mask)")
+    parser.add_argument("--methods", nargs="+", default=list(defaults.methods), help=f"merging methods ({' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--tact-images", type=int, default=defaults.tact_images, help="TACT images per task (200, capped by the split)")
     parser.add_argument("--repair-images", type=int, default=defaults.repair_images, help="REPAIR images per task, pooled (100)")
     parser.add_argument(
@@ -506,7 +520,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
     parser.add_argument(
         "--alpha-points", type=int, default=defaults.alpha_points, help="main.py's n_eval_points for every run (10: alphas 0.2 ... 1.0)"
     )
+    parser.add_argument(
+        "--no-embedding",
+        action="store_true",
+        help="leave the output embedding as it is: not permuted with the heads, not corrected (the earlier experiment)",
+    )
     args, rest = parser.parse_known_args(argv)
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest):
+        rest = [*rest, "--output-dir", str(DEFAULT_OUTPUT)]
     configs = demo_args(rest)
     if len(configs) != 1:
         raise ConfigError("--nonlocal takes one --seed (the reference foundation's); --other-seed names the second")
@@ -521,6 +542,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         args.long_lr_factor,
         args.max_iter,
         args.alpha_points,
+        not args.no_embedding,
     )
     return configs[0], settings
 

@@ -377,14 +377,15 @@ def run_experiment(cfg: Any) -> dict:
         check_output(exp.journal_path(), read, label="journal")
     encoder = ImageEncoder(exp.model, pretrained=None)
     alignment_record = None
+    head_perms: dict[str, Any] = {}
     if exp.alignment.enabled:
         from tallmasks.non_local.experiment import aligned_checkpoints, cache_key, vit_heads
 
-        key = cache_key([[file_signature(p) for p in foundations], exp.alignment.max_iter, exp.alignment.seed])
+        key = cache_key([[file_signature(p) for p in foundations], exp.alignment.max_iter, exp.alignment.seed, exp.alignment.embedding])
         cache_file = exp.cache_dir / "alignment" / exp.model / f"{key}.safetensors"
         if dist.is_main:
             check_output(cache_file, read, label="permutation cache")
-        theta0, experts, alignment_record = dist.main_first(
+        theta0, experts, alignment_record, head_perms = dist.main_first(
             lambda: aligned_checkpoints(sources, foundations, fts, exp.datasets, vit_heads(encoder), exp.alignment, cache_file, device)
         )
         cs = CheckpointSet(theta0, experts, names=exp.datasets)
@@ -405,6 +406,11 @@ def run_experiment(cfg: Any) -> dict:
             head = get_classification_head(
                 exp.model, dataset, sources.location(dataset), device="cpu", pretrained=exp.pretrained_weights or "openai"
             )
+            if dataset in head_perms:  # the expert's output embedding was permuted: so is its head's input
+                from tallmasks.non_local.permutation import permute_head
+
+                with torch.no_grad():
+                    head.weight.copy_(permute_head(head.weight, head_perms[dataset]))
             evaluator.set_head(dataset, head)
             for split in ("val", "test"):
                 data[(dataset, split)] = load_or_build_split(

@@ -108,18 +108,37 @@ class SiteStats:
 Statistics = dict[str, SiteStats]
 
 
-def repair_target(stats: Sequence[Statistics], weights: Sequence[float] | None = None) -> Statistics:
+#: how REPAIR combines the experts' standard deviations: ``mean_std`` (the REPAIR paper: the mean of the
+#: stds), or ``seed_code`` (what the non-local seed's ``merge_batch_stats`` computes, to show the difference:
+#: ``reduce(lambda x, y: sqrt(x) + sqrt(y), variances) / N``, which takes square roots of the running sum
+#: again at every step and is the mean of the stds for two experts only)
+REPAIR_RULES = ("mean_std", "seed_code")
+
+
+def repair_target(stats: Sequence[Statistics], weights: Sequence[float] | None = None, rule: str = "mean_std") -> Statistics:
     """REPAIR's target: per site, the weighted mean of the models' means and of their standard deviations
-    (uniform weights by default; an interpolation (1 - t) A + t B uses weights (1 - t, t))."""
+    (uniform weights by default; an interpolation (1 - t) A + t B uses weights (1 - t, t)); ``rule``
+    ``seed_code`` combines the stds as the non-local seed's code does (uniform weights only)."""
     if not stats:
         raise ConfigError("repair_target needs the statistics of at least one model")
+    if rule not in REPAIR_RULES:
+        raise ConfigError(f"repair rule must be one of {', '.join(REPAIR_RULES)}, got {rule!r}")
+    if rule == "seed_code" and weights is not None:
+        raise ConfigError("the seed_code repair rule weighs every model alike (no weights)")
     weights = [1.0 / len(stats)] * len(stats) if weights is None else [float(w) for w in weights]
     if len(weights) != len(stats):
         raise ConfigError(f"{len(weights)} weights for {len(stats)} models")
     out = {}
     for site in stats[0]:
         mean = sum(w * s[site].mean for w, s in zip(weights, stats))
-        std = sum(w * s[site].std for w, s in zip(weights, stats))
+        if rule == "seed_code":
+            # reduce over the variances v_i = std_i^2: acc = sqrt(v_1) + sqrt(v_2), then acc = sqrt(acc) + sqrt(v_i)
+            acc = stats[0][site].std ** 2 if len(stats) == 1 else stats[0][site].std + stats[1][site].std  # reduce of one: v_1
+            for s in stats[2:]:
+                acc = acc.sqrt() + s[site].std
+            std = acc / len(stats)
+        else:
+            std = sum(w * s[site].std for w, s in zip(weights, stats))
         out[site] = SiteStats(mean, std)
     return out
 
@@ -151,12 +170,12 @@ def _batches(images: torch.Tensor, batch_size: int, device: torch.device, prepro
 class Corrector:
     """The correction sites of one model, installed as hooks, and the per-task (scale, shift) sets."""
 
-    def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, chain: Sequence[str] | None = None):
+    def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, chain: Sequence[str] | None = None, embedding: bool = False):
         if getattr(model, "_tallmasks_corrector", None) is not None:
             raise ConfigError("the model already has correction sites installed (remove() them first)")
         self.model = model
         if sites is None:
-            sites, found_chain = find_sites(model)
+            sites, found_chain = find_sites(model, embedding)
             chain = found_chain if chain is None else chain
         self.sites = list(sites)
         self.chain = list(chain or [])
@@ -629,9 +648,11 @@ def repair(
     batch_size: int = 128,
     preprocess: Preprocess | None = None,
     eps: float = 0.0,
+    rule: str = "mean_std",
 ) -> dict[str, Correction]:
     """REPAIR: one target from the experts' statistics on the inputs of every task pooled (mean of
-    their means and of their standard deviations, ``weights`` per expert), one correction per merged model."""
+    their means and of their standard deviations, ``weights`` per expert; ``rule``: see
+    :data:`REPAIR_RULES`), one correction per merged model."""
     corrector = _corrector(model)
     tasks = list(experts)
     pooled = torch.cat([images[t] for t in tasks])
@@ -639,7 +660,7 @@ def repair(
     for task in tasks:
         load_weights(model, experts[task])
         stats.append(corrector.statistics(pooled, batch_size=batch_size, preprocess=preprocess))
-    target = repair_target(stats, weights)
+    target = repair_target(stats, weights, rule)
     merged_of = _per_task(merged, tasks)
     out: dict[str, Correction] = {}
     done: dict[int, Correction] = {}

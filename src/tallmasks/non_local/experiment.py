@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -44,6 +44,8 @@ class CorrectionSettings(_Choice):
     name: str = "none"
     num_images: int = 2000
     eps: float = 0.0
+    rule: str = "mean_std"  # REPAIR's rule for the target std (correction.REPAIR_RULES)
+    embedding: bool = False  # ViT: also correct ln_post's output and the output embedding (sites.vit_sites)
 
     @classmethod
     def of(cls, group: GroupSettings | None) -> CorrectionSettings:
@@ -55,7 +57,9 @@ class CorrectionSettings(_Choice):
         """Results-name suffix: ``_tact2000`` (``_eps<e>`` when set), empty without correction."""
         if not self.enabled:
             return ""
-        return f"_{self.name}{self.num_images}" + (f"_eps{self.eps:g}" if self.eps else "")
+        suffix = f"_{self.name}{self.num_images}" + (f"_eps{self.eps:g}" if self.eps else "")
+        suffix += "" if self.rule == "mean_std" else f"_{self.rule}"
+        return suffix + ("_emb" if self.embedding else "")
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +75,7 @@ class AlignmentSettings(_Choice):
     assignment: tuple[int, ...] | None = None
     max_iter: int = 100
     seed: int = 0
+    embedding: bool = True  # the output embedding (proj's columns) permuted, with the heads of the permuted experts
 
     @classmethod
     def of(cls, group: GroupSettings | None) -> AlignmentSettings:
@@ -81,7 +86,8 @@ class AlignmentSettings(_Choice):
         if not params["foundations"]:
             raise ConfigError("alignment=weight_matching needs alignment.foundations: the model locations of the other foundations")
         assignment = None if params["assignment"] is None else tuple(params["assignment"])
-        return cls(group.name, tuple(str(f) for f in params["foundations"]), assignment, params["max_iter"], params["seed"])
+        foundations = tuple(str(f) for f in params["foundations"])
+        return cls(group.name, foundations, assignment, params["max_iter"], params["seed"], bool(params["embedding"]))
 
     @property
     def locations(self) -> tuple[Path, ...]:
@@ -92,7 +98,7 @@ class AlignmentSettings(_Choice):
         """Results-name suffix: ``_wm<hash of the foundations, assignment, max_iter, seed>``."""
         if not self.enabled:
             return ""
-        text = json.dumps([list(map(str, self.locations)), self.assignment, self.max_iter, self.seed])
+        text = json.dumps([list(map(str, self.locations)), self.assignment, self.max_iter, self.seed, self.embedding])
         return "_wm" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
     def record(self) -> dict[str, Any]:
@@ -102,6 +108,7 @@ class AlignmentSettings(_Choice):
             "assignment": list(self.assignment) if self.assignment is not None else None,
             "max_iter": self.max_iter,
             "seed": self.seed,
+            "embedding": self.embedding,
         }
 
 
@@ -112,12 +119,16 @@ def no_correction() -> None:
     """No correction of activation statistics."""
 
 
-def tact_correction(*, num_images: PositiveInt = 2000, eps: NonNegative = 0.0) -> None:
-    """TACT: each task's merged model corrected towards its expert on ``num_images`` images of the task."""
+def tact_correction(*, num_images: PositiveInt = 2000, eps: NonNegative = 0.0, embedding: bool = False) -> None:
+    """TACT: each task's merged model corrected towards its expert on ``num_images`` images of the task
+    (``embedding``: a ViT's output embedding corrected too)."""
 
 
-def repair_correction(*, num_images: PositiveInt = 1000, eps: NonNegative = 0.0) -> None:
-    """REPAIR: one correction towards the experts' mean statistics on ``num_images`` images per task, pooled."""
+def repair_correction(
+    *, num_images: PositiveInt = 1000, eps: NonNegative = 0.0, rule: Literal["mean_std", "seed_code"] = "mean_std", embedding: bool = False
+) -> None:
+    """REPAIR: one correction towards the experts' mean statistics on ``num_images`` images per task, pooled
+    (``rule`` seed_code: the non-local seed code's combination of the stds, to show what it changes)."""
 
 
 def no_alignment() -> None:
@@ -130,8 +141,10 @@ def weight_matching_alignment(
     assignment: Optional[list[NonNegativeInt]] = None,
     max_iter: PositiveInt = 100,
     seed: NonNegativeInt = 0,
+    embedding: bool = True,
 ) -> None:
-    """Other foundations aligned to model_location's by weight matching; experts permuted likewise."""
+    """Other foundations aligned to model_location's by weight matching; experts permuted likewise
+    (``embedding``: the output embedding too, with the heads of the permuted experts)."""
 
 
 CORRECTION_CHOICES: dict[str, Callable] = {"none": no_correction, "tact": tact_correction, "repair": repair_correction}
@@ -213,15 +226,16 @@ def aligned_checkpoints(
     settings: AlignmentSettings,
     cache_file: Path | None,
     device: torch.device | str = "cpu",
-) -> tuple[Mapping[str, torch.Tensor], list[Mapping[str, torch.Tensor]], dict[str, Any]]:
-    """(theta_0 = mean of the aligned foundations, the permuted experts, a record), with each foundation's
-    permutation to the reference cached in ``cache_file`` (one safetensors file per run identity)."""
+) -> tuple[Mapping[str, torch.Tensor], list[Mapping[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """(theta_0 = mean of the aligned foundations, the permuted experts, a record, each task's permutation
+    of its foundation), with each foundation's permutation to the reference cached in ``cache_file`` (one
+    safetensors file per run identity); a task's heads go through ``permute_head`` with its permutation."""
     from tallmasks.io.checkpoints import load_state_dict, materialize, require_finite
     from tallmasks.non_local.permutation import PermutedStateDict, vit_spec
     from tallmasks.non_local.weight_matching import MeanStateDict, align_foundations, load_permutation, save_permutation
 
     foundations = [load_state_dict(path) for path in zeroshot]
-    spec = vit_spec(foundations[0], heads)
+    spec = vit_spec(foundations[0], heads, embedding=settings.embedding)
     known: list = [None] * len(foundations)
     if cache_file is not None and cache_file.is_file():
         saved = load_permutation(cache_file)
@@ -253,7 +267,8 @@ def aligned_checkpoints(
     record["objective"] = [[r.objective[0], r.objective[-1]] if r is not None else None for r in collection.results]
     record["assignment"] = {d: sources.foundation_of[d] for d in datasets}
     record["permutation_file"] = str(cache_file) if cache_file is not None else None
-    return theta0, collection.experts, record
+    perm_of = {d: collection.perms[sources.foundation_of[d]] for d in datasets}
+    return theta0, collection.experts, record, perm_of
 
 
 def cache_key(parts: Any) -> str:
@@ -304,7 +319,7 @@ class CorrectionRun:
         self.cs = checkpoints
         self.images = dict(images)
         self.dist = dist
-        self.corrector = Corrector(evaluator.encoder)
+        self.corrector = Corrector(evaluator.encoder, embedding=settings.embedding)
         self.targets: dict[str, Statistics] = {}
         self.cache: dict[Any, Correction] = {}
         self.used_for_test: dict[str, Correction] = {}
@@ -332,7 +347,7 @@ class CorrectionRun:
         if self.settings.name == "tact":
             self.targets = stats
         else:
-            shared = repair_target([stats[d] for d in self.cs.names])
+            shared = repair_target([stats[d] for d in self.cs.names], rule=self.settings.rule)
             self.targets = dict.fromkeys(self.cs.names, shared)
 
     def _statistics(self, images: torch.Tensor) -> Statistics:

@@ -328,8 +328,16 @@ def vit_prefix(state: Mapping[str, torch.Tensor]) -> str:
     return found[0]
 
 
-def vit_spec(state: Mapping[str, torch.Tensor], heads: int | None = None, prefix: str | None = None) -> PermutationSpec:
-    """open_clip VisionTransformer; ``heads`` per block (default: width // 64, open_clip's head width)."""
+#: the permutation group of the output embedding (``proj``'s columns) in ``vit_spec(..., embedding=True)``
+EMBEDDING_GROUP = "P_embed"
+
+
+def vit_spec(
+    state: Mapping[str, torch.Tensor], heads: int | None = None, prefix: str | None = None, embedding: bool = False
+) -> PermutationSpec:
+    """open_clip VisionTransformer; ``heads`` per block (default: width // 64, open_clip's head width).
+    ``embedding``: the output embedding (``proj``'s columns) is a permutation group of its own
+    (:data:`EMBEDDING_GROUP`), to be applied to the input axis of the task heads of the permuted model too."""
     prefix = vit_prefix(state) if prefix is None else prefix
     width = _shape(state, prefix + "class_embedding")[0]
     if heads is None:
@@ -389,9 +397,22 @@ def vit_spec(state: Mapping[str, torch.Tensor], heads: int | None = None, prefix
             head_groups[attn] = heads
         elif rest == "mlp.c_fc.weight":
             sizes[mlp] = _shape(state, key)[0]
+    if embedding:
+        if prefix + "proj" not in state:
+            raise CheckpointError(f"vit spec: no {prefix}proj to permute the output embedding of")
+        axes[prefix + "proj"] = (R, Axis(EMBEDDING_GROUP))
+        sizes[EMBEDDING_GROUP] = _shape(state, prefix + "proj")[1]
     spec = PermutationSpec(axes, sizes, head_groups)
     spec.check(state)
     return spec
+
+
+def permute_head(weight: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """A task head's weight (classes x embedding) for a model whose output embedding was permuted by
+    ``perm`` (its :data:`EMBEDDING_GROUP`): the same logits on the permuted features."""
+    if EMBEDDING_GROUP not in perm:
+        return weight
+    return permute_axis(weight, 1, perm[EMBEDDING_GROUP])
 
 
 def heads_of_model(model_name: str) -> int:

@@ -4,6 +4,8 @@
   embeddings (the input of ``ln_pre``), the attention output before its output projection, the MLP
   input (the output of ``ln_2``), the MLP hidden units before the activation (the output of ``c_fc``)
   and each block's output after the residual. Channels are the last axis of the tokens.
+  With ``embedding``, also ``ln_post``'s output and the output embedding (after ``proj``), as the seed's
+  VGG corrects the image features before its heads.
 - any other model (MLPs, CNNs): after every linear or convolution layer before its activation, i.e. the
   output of the layer, or of the normalization layer that directly follows it (registered next to it);
   the last linear layer (the final projection) included. Channels are axis 1 of conv maps.
@@ -69,8 +71,9 @@ def find_vision_transformer(model: nn.Module) -> str | None:
     return None
 
 
-def vit_sites(model: nn.Module, visual: str) -> tuple[list[Site], list[str]]:
-    """The ViT's sites in forward order and its chain of residual blocks."""
+def vit_sites(model: nn.Module, visual: str, embedding: bool = False) -> tuple[list[Site], list[str]]:
+    """The ViT's sites in forward order and its chain of residual blocks; ``embedding`` adds ``ln_post``'s
+    output and the output embedding (the VisionTransformer's output, after ``proj``: what the heads read)."""
     vit = model.get_submodule(visual)
     blocks = getattr(vit.transformer, "resblocks", None)
     if blocks is None:
@@ -89,6 +92,10 @@ def vit_sites(model: nn.Module, visual: str) -> tuple[list[Site], list[str]]:
             Site(path, "out", -1, None),
         ]
         chain.append(path)
+    if embedding:
+        if not hasattr(vit, "ln_post"):
+            raise ConfigError(f"{visual}: no ln_post to correct the output embedding after")
+        sites += [Site(_child(visual, "ln_post"), "out", -1, "affine"), Site(visual, "out", -1, None)]
     return sites, chain
 
 
@@ -130,18 +137,19 @@ def _has_affine(norm: nn.Module) -> bool:
     return getattr(norm, "weight", None) is not None and getattr(norm, "bias", None) is not None
 
 
-def find_sites(model: nn.Module) -> tuple[list[Site], list[str]]:
-    """(sites, chain): a ViT's sites and blocks when the model holds an open_clip VisionTransformer,
-    else the generic linear/conv sites (no chain)."""
+def find_sites(model: nn.Module, embedding: bool = False) -> tuple[list[Site], list[str]]:
+    """(sites, chain): a ViT's sites and blocks when the model holds an open_clip VisionTransformer
+    (``embedding``: with the output embedding's sites), else the generic linear/conv sites (no chain; their
+    last linear layer is the output embedding already)."""
     visual = find_vision_transformer(model)
     if visual is not None:
-        return vit_sites(model, visual)
+        return vit_sites(model, visual, embedding)
     return generic_sites(model), []
 
 
 def site_from_name(model: nn.Module, name: str) -> Site:
     """The site called ``name`` in ``model`` (as found by :func:`find_sites`)."""
-    sites, _ = find_sites(model)
+    sites, _ = find_sites(model, embedding=True)  # every site a correction may name
     for site in sites:
         if site.name == name:
             return site

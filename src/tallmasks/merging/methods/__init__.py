@@ -11,6 +11,7 @@ from tallmasks.merging.methods import (  # noqa: F401  (registration)
     magnitude,
     model_stock,
     pcb,
+    seed_ties,
     tall,
     task_arithmetic,
     ties,
