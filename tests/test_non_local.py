@@ -562,3 +562,23 @@ def test_embedding_sites_are_calibrated_after_the_blocks():
     for site in ("ln_post:out", ":out"):
         torch.testing.assert_close(after[site][0], target[site][0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(after[site][1], target[site][1], atol=1e-4, rtol=1e-4)
+
+
+def test_augmented_calibration_views_are_seeded_crops_and_flips_of_the_training_images():
+    from PIL import Image
+
+    from tallmasks.non_local.experiment import AugmentedViews, CorrectionSettings, calibration_split_name
+
+    rng = np.random.default_rng(0)
+    base = [(Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)), i % 3) for i in range(5)]
+    views = AugmentedViews(base, 12, seed=0)
+    again = AugmentedViews(base, 12, seed=0)
+    assert len(views) == 12
+    arrays = [np.asarray(views[i][0]) for i in range(12)]
+    for i, array in enumerate(arrays):
+        assert array.shape == (16, 16, 3) and views[i][1] == base[i % 5][1]
+        assert np.array_equal(array, np.asarray(again[i][0]))  # the same views every time
+    assert not np.array_equal(arrays[0], arrays[5])  # two views of one image differ
+    assert not np.array_equal(np.asarray(AugmentedViews(base, 1, seed=1)[0][0]), arrays[0])
+    assert calibration_split_name(200, augment=True) != calibration_split_name(200)
+    assert CorrectionSettings("tact", 200, augment=True).tag == "_tact200_aug" and CorrectionSettings("tact", 200).tag == "_tact200"

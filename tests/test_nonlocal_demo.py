@@ -25,7 +25,9 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     tasks = DEMO_DATASETS[:2]
     out, cache = tmp_path / "out", tmp_path / "cache"
     cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out)
-    settings = NonLocalSettings(methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000), alpha_points=2)
+    settings = NonLocalSettings(
+        methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000), augmented_sizes=(8,), alpha_points=2
+    )
     returned = run_nonlocal(cfg, settings)
     summary = json.loads((out / RESULTS_NAME).read_text())
     assert summary == json.loads(json.dumps(returned)) and "align_tact" in format_tables(summary)
@@ -45,10 +47,10 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
         # normalized accuracy: the mean over tasks of the merged model's top-1 over its own expert's
         expected = sum(result["per_task"][t]["top1"] / result["finetuned_accuracies"][t] for t in tasks) / len(tasks)
         assert run["avg_normalized_top1"] == pytest.approx(expected), label
-        if not label.startswith("calibration/"):
+        if not label.startswith("calibration"):
             assert summary[setting][method][variant] == run["avg_normalized_top1"], label
         assert ("alignment" in run) == (setting == "nonlocal" and variant != "none"), label
-        corrected = variant in ("tact", "align_tact", "align_repair", "align_repair_seed_code") or label.startswith("calibration/")
+        corrected = variant in ("tact", "align_tact", "align_repair", "align_repair_seed_code") or label.startswith("calibration")
         assert ("correction" in run) == corrected, label
         if corrected:
             assert run["correction"]["embedding"] is True, label  # the output embedding corrected too
@@ -63,6 +65,9 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     assert summary["runs"]["nonlocal/sum/align_repair_seed_code"]["correction"]["rule"] == "seed_code"
     assert summary["runs"]["nonlocal/sum/align_repair"]["correction"]["rule"] == "mean_std"
     assert summary["std_ratio"]["local"]["sites"][-1].endswith("visual:out")  # the output embedding is a site
+    augmented = summary["runs"]["calibration_augmented/nonlocal/sum/8"]["correction"]
+    assert augmented["augment"] is True and augmented["num_images"] == 8
+    assert set(summary["calibration_size"]["augmented"]["local"]["sum"]) == {"8"}
 
     calibration = summary["calibration_size"]
     assert set(calibration["nonlocal"]["sum"]) == set(calibration["local"]["sum"]) == {"8", "4000"}

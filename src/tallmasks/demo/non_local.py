@@ -51,6 +51,7 @@ class NonLocalSettings:
     repair_images: int = 100  # per task, pooled over the tasks
     calibration_sizes: tuple[int, ...] = (20, 50, 200, 1000)
     calibration_methods: tuple[str, ...] = ("sum",)
+    augmented_sizes: tuple[int, ...] = (200, 1000)  # the same table with augmented views (the seed's augmentation)
     long_steps_factor: float = 1.0  # the long regime: the demo's fine-tuning steps (and warm-up) times this
     long_lr_factor: float = 10.0  # ... and its learning rate times this
     max_iter: int = 100  # weight matching's iteration cap
@@ -72,6 +73,7 @@ class NonLocalSettings:
             ("--tact-images", self.tact_images),
             ("--repair-images", self.repair_images),
             *(("--calibration-sizes", n) for n in self.calibration_sizes),
+            *(("--augmented-sizes", n) for n in self.augmented_sizes),
         ):
             if value < 1:
                 raise ConfigError(f"{label} must be >= 1, got {value}")
@@ -190,9 +192,9 @@ def alignment_overrides(other: Path, foundation_of: Sequence[int], max_iter: int
     ]
 
 
-def correction_overrides(name: str, num_images: int, embedding: bool = True, rule: str | None = None) -> list[str]:
+def correction_overrides(name: str, num_images: int, embedding: bool = True, rule: str | None = None, augment: bool = False) -> list[str]:
     out = [f"correction={name}", f"correction.num_images={num_images}", f"correction.embedding={str(embedding).lower()}"]
-    return out + ([f"correction.rule={rule}"] if rule else [])
+    return out + ([f"correction.rule={rule}"] if rule else []) + (["correction.augment=true"] if augment else [])
 
 
 def _record(result: dict[str, Any]) -> dict[str, Any]:
@@ -409,6 +411,16 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
                 result = runs(location, method, extra + correction_overrides("tact", n, settings.embedding))
                 calibration[setting][method][str(n)] = result["avg_normalized_top1"]
                 records[f"calibration/{setting}/{method}/{n}"] = _record(result)
+    calibration["augmented_sizes"] = list(settings.augmented_sizes)
+    calibration["augmented"] = {}
+    for setting, (location, extra) in (("nonlocal", (local, align)), ("local", (local, []))):
+        calibration["augmented"][setting] = {}
+        for method in settings.calibration_methods:
+            calibration["augmented"][setting][method] = {}
+            for n in settings.augmented_sizes:
+                result = runs(location, method, extra + correction_overrides("tact", n, settings.embedding, augment=True))
+                calibration["augmented"][setting][method][str(n)] = result["avg_normalized_top1"]
+                records[f"calibration_augmented/{setting}/{method}/{n}"] = _record(result)
     train_size = {t: len(v) for t, v in split_images(cfg, local, tasks, max(settings.calibration_sizes)).items()}
     calibration["images_used"] = {str(n): min(n, min(train_size.values())) for n in settings.calibration_sizes}
 
@@ -489,6 +501,13 @@ def format_tables(summary: dict[str, Any]) -> str:
         for m in calibration[setting]
     ]
     parts.append("TACT, images per task (normalized accuracy, %)\n" + render_table(["", *map(str, sizes)], rows, "text"))
+    augmented = calibration.get("augmented", {})
+    if augmented:
+        sizes = calibration["augmented_sizes"]
+        rows = [
+            [f"{setting} {m}", *(100 * augmented[setting][m][str(n)] for n in sizes)] for setting in augmented for m in augmented[setting]
+        ]
+        parts.append("TACT, augmented views per task (normalized accuracy, %)\n" + render_table(["", *map(str, sizes)], rows, "text"))
     return "\n\n".join(parts)
 
 
@@ -514,6 +533,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         help="TACT images per task for the calibration-size table (20 50 200 1000)",
     )
     parser.add_argument("--calibration-methods", nargs="+", default=list(defaults.calibration_methods), help="methods of that table (sum)")
+    parser.add_argument(
+        "--augmented-sizes",
+        type=int,
+        nargs="*",
+        default=list(defaults.augmented_sizes),
+        help="augmented views per task for the same table with the seed's augmentation (200 1000; none: skip)",
+    )
     parser.add_argument("--long-steps-factor", type=float, default=defaults.long_steps_factor, help="long regime: fine-tuning steps x (1)")
     parser.add_argument("--long-lr-factor", type=float, default=defaults.long_lr_factor, help="long regime: learning rate x (10)")
     parser.add_argument("--max-iter", type=int, default=defaults.max_iter, help="weight matching's iteration cap (100)")
@@ -538,6 +564,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         args.repair_images,
         tuple(args.calibration_sizes),
         tuple(args.calibration_methods),
+        tuple(args.augmented_sizes),
         args.long_steps_factor,
         args.long_lr_factor,
         args.max_iter,

@@ -46,6 +46,7 @@ class CorrectionSettings(_Choice):
     eps: float = 0.0
     rule: str = "mean_std"  # REPAIR's rule for the target std (correction.REPAIR_RULES)
     embedding: bool = False  # ViT: also correct ln_post's output and the output embedding (sites.vit_sites)
+    augment: bool = False  # TACT: calibrate on augmented views of the training images (AugmentedViews)
 
     @classmethod
     def of(cls, group: GroupSettings | None) -> CorrectionSettings:
@@ -59,7 +60,7 @@ class CorrectionSettings(_Choice):
             return ""
         suffix = f"_{self.name}{self.num_images}" + (f"_eps{self.eps:g}" if self.eps else "")
         suffix += "" if self.rule == "mean_std" else f"_{self.rule}"
-        return suffix + ("_emb" if self.embedding else "")
+        return suffix + ("_emb" if self.embedding else "") + ("_aug" if self.augment else "")
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,9 +120,9 @@ def no_correction() -> None:
     """No correction of activation statistics."""
 
 
-def tact_correction(*, num_images: PositiveInt = 2000, eps: NonNegative = 0.0, embedding: bool = False) -> None:
+def tact_correction(*, num_images: PositiveInt = 2000, eps: NonNegative = 0.0, embedding: bool = False, augment: bool = False) -> None:
     """TACT: each task's merged model corrected towards its expert on ``num_images`` images of the task
-    (``embedding``: a ViT's output embedding corrected too)."""
+    (``embedding``: a ViT's output embedding corrected too; ``augment``: augmented views of them)."""
 
 
 def repair_correction(
@@ -280,9 +281,41 @@ def cache_key(parts: Any) -> str:
 # calibration images
 
 
-def calibration_split(dataset: str, num_images: int, data_location: Path, seed: int = CALIBRATION_SEED):
+#: the seed's training augmentation of TACT's calibration images: a random crop of 5-100% of the area
+#: (aspect ratio 3/4-4/3) resized back to the image's size, then a horizontal flip with probability 1/2
+AUGMENT_SCALE = (0.05, 1.0)
+AUGMENT_RATIO = (3 / 4, 4 / 3)
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """``num_images`` augmented views of ``base``'s images, view i of image i mod len(base), each drawn
+    from its own seed (the same views in every process and run)."""
+
+    def __init__(self, base, num_images: int, seed: int):
+        self.base, self.num_images, self.seed = base, int(num_images), int(seed)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as TF
+
+        image, label = self.base[index % len(self.base)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            top, left, height, width = T.RandomResizedCrop.get_params(image, list(AUGMENT_SCALE), list(AUGMENT_RATIO))
+            flip = bool(torch.rand(()) < 0.5)
+        size = [image.height, image.width]
+        view = TF.resized_crop(image, top, left, height, width, size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        return (TF.hflip(view) if flip else view), label
+
+
+def calibration_split(dataset: str, num_images: int, data_location: Path, seed: int = CALIBRATION_SEED, augment: bool = False):
     """A loader of ``num_images`` images drawn (seeded) from the training part of ``dataset`` (the part the
-    experts were fine-tuned on; never the Val or test parts). Labels are kept but never used."""
+    experts were fine-tuned on; never the Val or test parts). Labels are kept but never used. ``augment``:
+    ``num_images`` augmented views (:class:`AugmentedViews`, as many as asked even beyond the training part)
+    of the training images in a seeded order."""
     from torch.utils.data import Subset
 
     from tallmasks.datasets import load_split
@@ -290,16 +323,18 @@ def calibration_split(dataset: str, num_images: int, data_location: Path, seed: 
     def load():
         base = load_split(dataset, "train", data_location)
         n = len(base)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        if augment:
+            return AugmentedViews(Subset(base, order.tolist()), num_images, seed)
         if num_images >= n:
             return base
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_images]
-        return Subset(base, order.tolist())
+        return Subset(base, order[:num_images].tolist())
 
     return load
 
 
-def calibration_split_name(num_images: int, seed: int = CALIBRATION_SEED) -> str:
-    return f"train_calibration{num_images}_seed{seed}"
+def calibration_split_name(num_images: int, seed: int = CALIBRATION_SEED, augment: bool = False) -> str:
+    return f"train_calibration{num_images}_seed{seed}" + ("_augmented" if augment else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,9 +455,9 @@ def load_calibration_images(
     """Per task, ``num_images`` preprocessed (uint8) images of its training part, cached like the eval splits."""
     return {
         dataset: load_or_build(
-            calibration_split(dataset, settings.num_images, data_location),
+            calibration_split(dataset, settings.num_images, data_location, augment=settings.augment),
             dataset,
-            calibration_split_name(settings.num_images),
+            calibration_split_name(settings.num_images, augment=settings.augment),
             cache_dir,
             image_size,
             val_preprocess,
