@@ -4,7 +4,8 @@ Reads the seed-0 summaries of both profiles at 8, 14 and 20 tasks (``results/dem
 ``python -m tallmasks.demo [--num-tasks N]`` and ``results/demo-paper/summary*.json`` from the same with
 ``--profile paper``), writes ``results/demo-paper/profiles.json`` (normalized accuracy of every method, the
 task vectors' shape, the paper's ViT-B-32 rows) and the figure of normalized accuracy against the number of
-tasks, and prints the docs' two tables (markdown).
+tasks, and prints the docs' tables (markdown): the methods against the number of tasks, the task vectors'
+shape, and the paper profile's per-task accuracies.
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(scaling_table(profiles, paper))
     print()
     print(shape_table(profiles))
+    from tallmasks.report.tables import summary_table
+
+    for n in TASK_COUNTS:  # the paper profile's per-task tables (test accuracy, %)
+        summary = json.loads(summary_file(args.paper_dir, n).read_text())
+        print(f"\npaper profile, {n} tasks\n" + summary_table(summary, summary["tasks"], "markdown"))
     return 0
 
 
