@@ -309,7 +309,10 @@ def test_profile_comparison_reads_both_profiles_and_names_a_missing_summary(tmp_
             }
             summary = {
                 "tasks": tasks,
-                "methods": {m: {"avg_normalized_top1": v, "avg_top1": v / 2} for m, v in norm.items()},
+                "methods": {
+                    m: {"avg_normalized_top1": v, "avg_top1": v / 2, "per_task": {t: {"top1": v / 2} for t in tasks}}
+                    for m, v in norm.items()
+                },
                 "settings": {"finetune": {"profile_label": profile}},
                 "task_vectors": {
                     "per_task": per_task,
@@ -331,6 +334,7 @@ def test_profile_comparison_reads_both_profiles_and_names_a_missing_summary(tmp_
     assert (tmp_path / "scaling.png").stat().st_size > 0
     tables = capsys.readouterr().out
     assert f"{100 * written[('paper', 20)]['consensus']:.1f}" in tables and "kurtosis" in tables
+    assert "paper profile, 20 tasks" in tables and "| ColorCounts |" in tables  # the per-task tables
     summary_file(tmp_path / "paper", 14).unlink()
     assert main(args) == 2
     assert "summary_14tasks.json" in capsys.readouterr().err

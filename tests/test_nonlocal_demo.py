@@ -126,3 +126,11 @@ def test_defaults_run_the_seed_merge_and_write_to_results_nonlocal():
     settings.check(cfg)  # every default method is one the experiment runs
     cfg, settings = parse_args(["--quick", "--output-dir", "elsewhere", "--no-embedding"])
     assert str(cfg.output_dir) == "elsewhere" and not settings.embedding
+
+
+def test_result_paths_under_the_working_folder_are_written_relative(tmp_path):
+    from tallmasks.demo.non_local import relative_paths
+
+    root = tmp_path / "repo"
+    summary = {"a": str(root / ".demo_cache" / "x.json"), "b": ["/elsewhere/y", str(root / "z")], "c": 1.5, "d": {"e": str(root)}}
+    assert relative_paths(summary, root) == {"a": ".demo_cache/x.json", "b": ["/elsewhere/y", "z"], "c": 1.5, "d": {"e": str(root)}}

@@ -476,9 +476,23 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         "seconds": {"checkpoints": round(built, 1), "total": round(time.perf_counter() - start, 1)},
     }
     path = Path(cfg.output_dir) / RESULTS_NAME
+    summary = relative_paths(summary, Path.cwd())
     atomic_write_json(path, summary)
     log.info("non-local experiment finished in %.0fs; results in %s", time.perf_counter() - start, path)
     return summary
+
+
+def relative_paths(value: Any, root: Path) -> Any:
+    """``value`` (JSON-like) with every string path under ``root`` made relative to it: results that can be
+    committed and read on another machine."""
+    prefix = str(Path(root).resolve()) + "/"
+    if isinstance(value, str):
+        return value[len(prefix) :] if value.startswith(prefix) else value
+    if isinstance(value, dict):
+        return {k: relative_paths(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, root) for v in value]
+    return value
 
 
 def format_tables(summary: dict[str, Any]) -> str:
