@@ -295,6 +295,9 @@ def test_task_vector_shape_figures_equal_a_plain_numpy_computation():
 
 
 def test_profile_comparison_reads_both_profiles_and_names_a_missing_summary(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from tallmasks.demo.local import PROFILES
     from tallmasks.demo.profiles import TASK_COUNTS, main, summary_file
 
     rng = np.random.default_rng(1)
@@ -313,7 +316,7 @@ def test_profile_comparison_reads_both_profiles_and_names_a_missing_summary(tmp_
                     m: {"avg_normalized_top1": v, "avg_top1": v / 2, "per_task": {t: {"top1": v / 2} for t in tasks}}
                     for m, v in norm.items()
                 },
-                "settings": {"finetune": {"profile_label": profile}},
+                "settings": {"finetune": asdict(PROFILES[profile])},
                 "task_vectors": {
                     "per_task": per_task,
                     "cosine": {"mean": 0.1, "min": 0.0, "max": 0.4},
@@ -335,6 +338,13 @@ def test_profile_comparison_reads_both_profiles_and_names_a_missing_summary(tmp_
     tables = capsys.readouterr().out
     assert f"{100 * written[('paper', 20)]['consensus']:.1f}" in tables and "kurtosis" in tables
     assert "paper profile, 20 tasks" in tables and "| ColorCounts |" in tables  # the per-task tables
+    original = summary_file(tmp_path / "paper", 8).read_text()
+    quick = json.loads(original)
+    quick["settings"]["finetune"]["steps"] = 3
+    summary_file(tmp_path / "paper", 8).write_text(json.dumps(quick))
+    assert main(args) == 2
+    assert "paper profile" in capsys.readouterr().err
+    summary_file(tmp_path / "paper", 8).write_text(original)
     summary_file(tmp_path / "paper", 14).unlink()
     assert main(args) == 2
     assert "summary_14tasks.json" in capsys.readouterr().err

@@ -35,8 +35,9 @@ def summary_file(directory: Path, num_tasks: int) -> Path:
     return directory / ("summary.json" if num_tasks == 8 else f"summary_{num_tasks}tasks.json")
 
 
-def load_profile(directory: Path, label: str) -> dict[str, Any]:
-    """{"settings", "runs": {N: {"normalized": {method: %}, "task_vectors": ...}}} of one profile's summaries."""
+def load_profile(directory: Path, label: str, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"settings", "runs": {N: {"normalized": {method: %}, "task_vectors": ...}}} of one profile's summaries;
+    ``expected``: the fine-tuning settings every summary must record."""
     runs: dict[str, Any] = {}
     settings = None
     for n in TASK_COUNTS:
@@ -46,6 +47,8 @@ def load_profile(directory: Path, label: str) -> dict[str, Any]:
         summary = json.loads(path.read_text())
         if len(summary.get("tasks", [])) != n or "task_vectors" not in summary:
             raise TallmasksError(f"{path}: not a {n}-task summary with task-vector figures (rerun the demo)")
+        if expected is not None and summary.get("settings", {}).get("finetune") != expected:
+            raise TallmasksError(f"{path}: its experts were not fine-tuned with the {label} profile (a --quick or other run?)")
         runs[str(n)] = {
             "normalized": {m: 100 * v["avg_normalized_top1"] for m, v in summary["methods"].items()},
             "accuracy": {m: 100 * v["avg_top1"] for m, v in summary["methods"].items()},
@@ -145,7 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, default=Path("docs/demo_tasks_scaling.png"))
     args = parser.parse_args(argv)
     try:
-        profiles = {"fast": load_profile(args.fast_dir, "fast"), "paper": load_profile(args.paper_dir, "paper")}
+        from dataclasses import asdict
+
+        from tallmasks.demo.local import PROFILES
+
+        profiles = {
+            name: load_profile(folder, name, asdict(PROFILES[name]))
+            for name, folder in (("fast", args.fast_dir), ("paper", args.paper_dir))
+        }
     except TallmasksError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ class CorrectionSettings(_Choice):
     num_images: int = 2000
     eps: float = 0.0
     rule: str = "mean_std"  # REPAIR's rule for the target std (correction.REPAIR_RULES)
-    embedding: bool = False  # ViT: also correct ln_post's output and the output embedding (sites.vit_sites)
+    embedding: bool = False  # ViT: also correct the output embedding (sites.vit_sites)
     augment: bool = False  # TACT: calibrate on augmented views of the training images (AugmentedViews)
 
     @classmethod
@@ -303,7 +303,7 @@ class AugmentedViews(torch.utils.data.Dataset):
 
         image, label = self.base[index % len(self.base)]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + index)
+            torch.default_generator.manual_seed(self.seed * 1_000_003 + index)  # the CPU generator only
             top, left, height, width = T.RandomResizedCrop.get_params(image, list(AUGMENT_SCALE), list(AUGMENT_RATIO))
             flip = bool(torch.rand(()) < 0.5)
         size = [image.height, image.width]

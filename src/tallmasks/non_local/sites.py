@@ -4,8 +4,9 @@
   embeddings (the input of ``ln_pre``), the attention output before its output projection, the MLP
   input (the output of ``ln_2``), the MLP hidden units before the activation (the output of ``c_fc``)
   and each block's output after the residual. Channels are the last axis of the tokens.
-  With ``embedding``, also ``ln_post``'s output and the output embedding (after ``proj``), as the seed's
-  VGG corrects the image features before its heads.
+  With ``embedding``, also the output embedding (the VisionTransformer's output, after ``ln_post`` and
+  ``proj``), close to where the seed's VGG corrects its image features before the heads (it corrects them
+  after their L2 normalization; here the heads normalize after the correction).
 - any other model (MLPs, CNNs): after every linear or convolution layer before its activation, i.e. the
   output of the layer, or of the normalization layer that directly follows it (registered next to it);
   the last linear layer (the final projection) included. Channels are axis 1 of conv maps.
@@ -72,8 +73,9 @@ def find_vision_transformer(model: nn.Module) -> str | None:
 
 
 def vit_sites(model: nn.Module, visual: str, embedding: bool = False) -> tuple[list[Site], list[str]]:
-    """The ViT's sites in forward order and its chain of residual blocks; ``embedding`` adds ``ln_post``'s
-    output and the output embedding (the VisionTransformer's output, after ``proj``: what the heads read)."""
+    """The ViT's sites in forward order and its chain of residual blocks; ``embedding`` adds the output
+    embedding (the VisionTransformer's output, after ``proj``: what the heads read). Not ``ln_post``'s output:
+    open_clip applies it to every token before pooling, so its statistics would be mostly the patch tokens'."""
     vit = model.get_submodule(visual)
     blocks = getattr(vit.transformer, "resblocks", None)
     if blocks is None:
@@ -93,9 +95,7 @@ def vit_sites(model: nn.Module, visual: str, embedding: bool = False) -> tuple[l
         ]
         chain.append(path)
     if embedding:
-        if not hasattr(vit, "ln_post"):
-            raise ConfigError(f"{visual}: no ln_post to correct the output embedding after")
-        sites += [Site(_child(visual, "ln_post"), "out", -1, "affine"), Site(visual, "out", -1, None)]
+        sites.append(Site(visual, "out", -1, None))
     return sites, chain
 
 

@@ -6,8 +6,8 @@ The seed's TIES differs from the TIES paper (``ties``) in two places, both kept 
 reproduces what the seed measured:
 
 - trimming is per tensor and keeps the entries strictly above the magnitude at sorted position
-  round((1 - keep) * n) (ascending; jnp.round, half to even; the position is clamped to the last
-  entry), so a tensor keeps slightly fewer than ``keep`` of its entries, and a tensor of one or two
+  round((1 - keep) * n) (ascending; the product in float32 and jnp.round, half to even, as the seed's
+  JAX code; the position is clamped to the last entry), so a tensor keeps slightly fewer than ``keep`` of its entries, and a tensor of one or two
   entries keeps none;
 - the mean divides the sum of the entries that agree with the elected sign by the number of tasks whose
   trimmed entry does not oppose it, zeros included (the test ``v * sign >= 0``), not by the number of
@@ -36,7 +36,9 @@ def seed_trim(tau: torch.Tensor, keep: float) -> torch.Tensor:
     """The seed's per-tensor trimming of one task vector's tensor (see the module's docstring)."""
     flat = tau.reshape(-1)
     magnitudes = torch.sort(flat.abs()).values
-    index = min(int(torch.round(torch.tensor((1.0 - keep) * flat.numel(), dtype=torch.float64))), flat.numel() - 1)
+    # the seed's JAX code computes percent * size in float32 (x64 off), then rounds half to even
+    position = torch.tensor(1.0 - keep, dtype=torch.float32) * torch.tensor(flat.numel(), dtype=torch.float32)
+    index = min(int(torch.round(position)), flat.numel() - 1)
     return torch.where(tau.abs() <= magnitudes[index], torch.zeros_like(tau), tau)
 
 
