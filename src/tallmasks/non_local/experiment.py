@@ -60,7 +60,7 @@ class CorrectionSettings(_Choice):
             return ""
         suffix = f"_{self.name}{self.num_images}" + (f"_eps{self.eps:g}" if self.eps else "")
         suffix += "" if self.rule == "mean_std" else f"_{self.rule}"
-        return suffix + ("_emb" if self.embedding else "") + ("_aug" if self.augment else "")
+        return suffix + ("_embedding" if self.embedding else "") + ("_aug" if self.augment else "")
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
