@@ -402,25 +402,23 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         zeroshot[label] = result["avg_normalized_top1"]
         records[f"zeroshot/{label}"] = _record(result)
 
+    def calibration_sweep(sizes: Sequence[int], augment: bool, label: str) -> dict[str, Any]:
+        """{setting: {method: {n: TACT's normalized accuracy with n calibration images (views) per task}}}."""
+        out: dict[str, Any] = {}
+        for setting, (location, extra) in (("nonlocal", (local, align)), ("local", (local, []))):
+            out[setting] = {}
+            for method in settings.calibration_methods:
+                out[setting][method] = {}
+                for n in sizes:
+                    result = runs(location, method, extra + correction_overrides("tact", n, settings.embedding, augment=augment))
+                    out[setting][method][str(n)] = result["avg_normalized_top1"]
+                    records[f"{label}/{setting}/{method}/{n}"] = _record(result)
+        return out
+
     calibration: dict[str, Any] = {"sizes": list(settings.calibration_sizes)}
-    for setting, (location, extra) in (("nonlocal", (local, align)), ("local", (local, []))):
-        calibration[setting] = {}
-        for method in settings.calibration_methods:
-            calibration[setting][method] = {}
-            for n in settings.calibration_sizes:
-                result = runs(location, method, extra + correction_overrides("tact", n, settings.embedding))
-                calibration[setting][method][str(n)] = result["avg_normalized_top1"]
-                records[f"calibration/{setting}/{method}/{n}"] = _record(result)
+    calibration.update(calibration_sweep(settings.calibration_sizes, False, "calibration"))
     calibration["augmented_sizes"] = list(settings.augmented_sizes)
-    calibration["augmented"] = {}
-    for setting, (location, extra) in (("nonlocal", (local, align)), ("local", (local, []))):
-        calibration["augmented"][setting] = {}
-        for method in settings.calibration_methods:
-            calibration["augmented"][setting][method] = {}
-            for n in settings.augmented_sizes:
-                result = runs(location, method, extra + correction_overrides("tact", n, settings.embedding, augment=True))
-                calibration["augmented"][setting][method][str(n)] = result["avg_normalized_top1"]
-                records[f"calibration_augmented/{setting}/{method}/{n}"] = _record(result)
+    calibration["augmented"] = calibration_sweep(settings.augmented_sizes, True, "calibration_augmented")
     train_size = {t: len(v) for t, v in split_images(cfg, local, tasks, max(settings.calibration_sizes)).items()}
     calibration["images_used"] = {str(n): min(n, min(train_size.values())) for n in settings.calibration_sizes}
 
@@ -508,20 +506,17 @@ def format_tables(summary: dict[str, Any]) -> str:
         + render_table(["", *summary["zeroshot"]], [["zeroshot", *(100 * v for v in summary["zeroshot"].values())]], "text")
     )
     calibration = summary["calibration_size"]
-    sizes = calibration["sizes"]
-    rows = [
-        [f"{setting} {m}", *(100 * calibration[setting][m][str(n)] for n in sizes)]
-        for setting in ("nonlocal", "local")
-        for m in calibration[setting]
-    ]
-    parts.append("TACT, images per task (normalized accuracy, %)\n" + render_table(["", *map(str, sizes)], rows, "text"))
-    augmented = calibration.get("augmented", {})
-    if augmented:
-        sizes = calibration["augmented_sizes"]
+    for title, sweep, sizes in (
+        ("TACT, images per task", calibration, calibration["sizes"]),
+        ("TACT, augmented views per task", calibration.get("augmented", {}), calibration.get("augmented_sizes", [])),
+    ):
         rows = [
-            [f"{setting} {m}", *(100 * augmented[setting][m][str(n)] for n in sizes)] for setting in augmented for m in augmented[setting]
+            [f"{setting} {m}", *(100 * sweep[setting][m][str(n)] for n in sizes)]
+            for setting in ("nonlocal", "local")
+            for m in sweep.get(setting, {})
         ]
-        parts.append("TACT, augmented views per task (normalized accuracy, %)\n" + render_table(["", *map(str, sizes)], rows, "text"))
+        if rows:
+            parts.append(f"{title} (normalized accuracy, %)\n" + render_table(["", *map(str, sizes)], rows, "text"))
     return "\n\n".join(parts)
 
 

@@ -7,8 +7,8 @@ reproduces what the seed measured:
 
 - trimming is per tensor and keeps the entries strictly above the magnitude at sorted position
   round((1 - keep) * n) (ascending; the product in float32 and jnp.round, half to even, as the seed's
-  JAX code; the position is clamped to the last entry), so a tensor keeps slightly fewer than ``keep`` of its entries, and a tensor of one or two
-  entries keeps none;
+  JAX code; the position is clamped to the last entry), so a tensor keeps slightly fewer than ``keep``
+  of its entries, and a tensor of one or two entries keeps none;
 - the mean divides the sum of the entries that agree with the elected sign by the number of tasks whose
   trimmed entry does not oppose it, zeros included (the test ``v * sign >= 0``), not by the number of
   non-zero agreeing entries.
@@ -18,7 +18,7 @@ Task t's model is theta_0 + m_t * tau_MTL with m_t = |tau_t| >= |tau_MTL - tau_t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -57,15 +57,26 @@ def seed_ties_vector(cs: CheckpointSet, keep: float = 0.5, device: str = "cpu") 
     return out
 
 
-def seed_tall_mask(cs: CheckpointSet, task: int, vector: Vector, lam: float = SEED_LAMBDA, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The seed's ``compute_tall_mask``: |tau_t| >= lam * |tau_MTL - tau_t| (not strict, on task vectors;
-    the TALL paper's code tests |theta_0 - theta_t| > lam * |theta_0 + tau_MTL - theta_t|, which gives the
-    same models, the two differing only where tau_MTL is 0 or within rounding of the boundary)."""
-    out = {}
+def seed_tall_masks(
+    cs: CheckpointSet, tasks: Sequence[int], vector: Vector, lambdas: Sequence[float], device: str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
+    """The seed's ``compute_tall_mask`` for each of ``tasks`` (at its lambda): |tau_t| >= lam * |tau_MTL - tau_t| (not strict,
+    on task vectors; the TALL paper's code tests |theta_0 - theta_t| > lam * |theta_0 + tau_MTL - theta_t|,
+    which gives the same models, the two differing only where tau_MTL is 0 or within rounding of the
+    boundary). One read of theta_0 per tensor for all the tasks."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
     for key in cs.float_keys:
-        tau = cs.tensor(key, task, device=device) - cs.tensor(key, device=device)
-        out[key] = (tau.abs() >= lam * (vector[key].to(device=device, dtype=torch.float32) - tau).abs()).cpu()
+        base = cs.tensor(key, device=device)
+        merged = vector[key].to(device=device, dtype=torch.float32)
+        for masks, task, lam in zip(out, tasks, lambdas):
+            tau = cs.tensor(key, task, device=device) - base
+            masks[key] = (tau.abs() >= lam * (merged - tau).abs()).cpu()
     return out
+
+
+def seed_tall_mask(cs: CheckpointSet, task: int, vector: Vector, lam: float = SEED_LAMBDA, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The seed's TALL mask of one task (:func:`seed_tall_masks`)."""
+    return seed_tall_masks(cs, [task], vector, [lam], device)[0]
 
 
 def seed_task_models(cs: CheckpointSet, vector: Vector, *, device: str = "cpu") -> TaskModels:
@@ -75,8 +86,8 @@ def seed_task_models(cs: CheckpointSet, vector: Vector, *, device: str = "cpu") 
         return {"lambdas": dict.fromkeys(chosen, SEED_LAMBDA)}
 
     def every_mask(lambdas) -> MaskSet:
-        masks = {name: seed_tall_mask(cs, t, vector, lam, device) for t, (name, lam) in enumerate(zip(cs.names, lambdas))}
-        return MaskSet.from_dicts(masks, Layout.of(cs))
+        masks = seed_tall_masks(cs, range(cs.num_tasks), vector, list(lambdas), device)
+        return MaskSet.from_dicts(dict(zip(cs.names, masks)), Layout.of(cs))
 
     return TaskModels(
         names=cs.names,
