@@ -678,7 +678,9 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     output = Path(cfg.output_dir)
     name = cfg.summary_name()
     mask_file = Path(runs["tall_mask"]["mask_path"]) if "mask_path" in runs.get("tall_mask", {}) else None
-    if mask_file is not None and mask_file.is_file():  # written by the tall_mask run
+    if mask_file is not None and not mask_file.is_file():
+        mask_file = None
+    if mask_file is not None:  # written by the tall_mask run
         profile = agreement_profile(MaskSet.load(mask_file))
         plot_name = name.replace("summary", "mask_agreement").replace(".json", ".png")
         plot_agreement(profile, output / plot_name, f"TALL-mask agreement, {len(tasks)} demo tasks (image tower)")
@@ -686,7 +688,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if len(tasks) > 1:
         from tallmasks.demo.shape import task_vector_shape
 
-        summary["task_vectors"] = task_vector_shape(location, DEMO_MODEL, tasks, mask_file if mask_file and mask_file.is_file() else None)
+        summary["task_vectors"] = task_vector_shape(location, DEMO_MODEL, tasks, mask_file)
     atomic_write_json(output / name, summary)
     log.info("demo finished in %.0fs; results in %s", time.perf_counter() - start, output / name)
     return summary
