@@ -181,3 +181,43 @@ def test_cli_errors_exit_2():
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_train_head_trains_the_weight_saves_it_and_resumes_it(tmp_path):
+    """--train-head: the head's weight moves (its bias stays zero), is saved over the location's head, and a
+    run resumed from a periodic checkpoint ends with the same head and encoder as an uninterrupted one."""
+    from tallmasks.models import head_path
+
+    data = _tensor_data()
+
+    def run(location, interrupt_at=None, **overrides):
+        torch.manual_seed(0)
+        cfg = _cfg(tmp_path, model_location=str(location), epochs=2, max_steps=9, checkpoint_every=4, **overrides)
+
+        def callback(step, loss):
+            if step == interrupt_at:
+                raise _Stop
+
+        return finetune(cfg, encoder=ImageEncoder(DEMO_MODEL, pretrained=None), train_dataset=data, head=_head(), callback=callback)
+
+    run(tmp_path / "frozen")
+    assert not head_path(tmp_path / "frozen", DEMO_MODEL, "Shapes").exists()  # a given head is not saved when frozen
+    straight = run(tmp_path / "a", train_head=True)
+    trained = ClassificationHead.load(head_path(tmp_path / "a", DEMO_MODEL, "Shapes"))
+    assert not torch.allclose(trained.weight, _head().weight) and not trained.bias.any()
+    with pytest.raises(_Stop):
+        run(tmp_path / "b", interrupt_at=6, train_head=True)
+    from tallmasks.core.errors import CheckpointError
+
+    state = torch.load(state_path(tmp_path / "b", DEMO_MODEL, "Shapes"), weights_only=True)
+    assert "head" in state
+    headless = state_path(tmp_path / "c", DEMO_MODEL, "Shapes")
+    headless.parent.mkdir(parents=True)
+    torch.save({k: v for k, v in state.items() if k != "head"}, headless)
+    with pytest.raises(CheckpointError, match="without the head"):  # a state saved without the head is refused
+        run(tmp_path / "c", train_head=True)
+    resumed = run(tmp_path / "b", train_head=True)
+    again = ClassificationHead.load(head_path(tmp_path / "b", DEMO_MODEL, "Shapes"))
+    torch.testing.assert_close(again.weight, trained.weight, atol=1e-6, rtol=0)
+    a, b = load_state_dict(straight), load_state_dict(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

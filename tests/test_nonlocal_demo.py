@@ -26,13 +26,18 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out)
     settings = NonLocalSettings(
-        methods=("sum",), tact_images=16, repair_images=8, calibration_sizes=(8, 4000), augmented_sizes=(8,), alpha_points=2
+        methods=("sum", "seed_ties_tall"),
+        tact_images=16,
+        repair_images=8,
+        calibration_sizes=(8, 4000),
+        augmented_sizes=(8,),
+        alpha_points=2,
     )
     returned = run_nonlocal(cfg, settings)
     summary = json.loads((out / RESULTS_NAME).read_text())
     assert summary == json.loads(json.dumps(returned)) and "align_tact" in format_tables(summary)
     assert set(summary["zeroshot"]) == {"nonlocal_none", "nonlocal_align", "local"}
-    assert set(summary["nonlocal"]) == set(summary["local"]) == set(summary["long"]) == {"sum"}
+    assert set(summary["nonlocal"]) == set(summary["local"]) == set(summary["long"]) == {"sum", "seed_ties_tall"}
     assert set(summary["nonlocal"]["sum"]) == set(NONLOCAL_VARIANTS)
     assert set(summary["local"]["sum"]) == set(summary["long"]["sum"]) == {"none", "tact"}
     assert summary["foundations"]["reference"]["tasks"] == tasks[:1] and summary["foundations"]["other"]["tasks"] == tasks[1:]
@@ -49,6 +54,9 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
         assert run["avg_normalized_top1"] == pytest.approx(expected), label
         if not label.startswith("calibration"):
             assert summary[setting][method][variant] == run["avg_normalized_top1"], label
+        if setting == "embedding_ablation":  # every cell aligned; corrected unless "+none"
+            assert "alignment" in run and ("correction" in run) == (not variant.endswith("+none")), label
+            continue
         assert ("alignment" in run) == (setting == "nonlocal" and variant != "none"), label
         corrected = variant in ("tact", "align_tact", "align_repair", "align_repair_seed_code") or label.startswith("calibration")
         assert ("correction" in run) == corrected, label
@@ -68,6 +76,14 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     augmented = summary["runs"]["calibration_augmented/nonlocal/sum/8"]["correction"]
     assert augmented["augment"] is True and augmented["num_images"] == 8
     assert set(summary["calibration_size"]["augmented"]["local"]["sum"]) == {"8"}
+    # the output embedding's two changes apart (the seed's merge): its both-on and align-only cells are the grid's
+    ablation = summary["embedding_ablation"]["seed_ties_tall"]
+    assert set(ablation) == {f"{a}+{c}" for a in ("plain", "embedding") for c in ("none", "plain", "embedding")}
+    assert ablation["embedding+embedding"] == summary["nonlocal"]["seed_ties_tall"]["align_tact"]
+    assert ablation["embedding+none"] == summary["nonlocal"]["seed_ties_tall"]["align"]
+    assert summary["runs"]["embedding_ablation/seed_ties_tall/plain+embedding"]["alignment"]["embedding"] is False
+    assert summary["runs"]["embedding_ablation/seed_ties_tall/embedding+plain"]["correction"]["embedding"] is False
+    assert "output embedding" in format_tables(summary)
 
     calibration = summary["calibration_size"]
     assert set(calibration["nonlocal"]["sum"]) == set(calibration["local"]["sum"]) == {"8", "4000"}
@@ -86,6 +102,54 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
         torch.testing.assert_close(theta0["unaligned"][key], (theta0["local"][key] + theta0["other"][key]) / 2)
         assert not torch.equal(theta0["local"][key], theta0["other"][key])
     assert theta0["long"][key].equal(theta0["local"][key])
+
+
+def test_nonlocal_cnn_setting_end_to_end(tmp_path):
+    """--architecture cnn: two VGG foundations, experts with trained heads (each differs from the zero-shot
+    head of its foundation), weight matching of the chain with the output embedding, TACT at the VGG's 9
+    sites; nonlocal_cnn.json has the ViT file's structure and the figure is written."""
+    from tallmasks.datasets import get_spec
+    from tallmasks.demo.local import DemoConfig, pretrain_foundation
+    from tallmasks.demo.non_local import FIGURE_NAMES, NONLOCAL_VARIANTS, RESULTS_NAMES, NonLocalSettings, run_nonlocal
+    from tallmasks.models import DEMO_CNN_MODEL, ClassificationHead, build_zeroshot_head, head_path
+    from tallmasks.non_local.weight_matching import load_permutation
+
+    tasks = DEMO_DATASETS[:2]
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = DemoConfig.quick(tasks=tasks, cache_dir=cache, output_dir=out)
+    settings = NonLocalSettings(
+        methods=("sum", "seed_ties_tall"),
+        tact_images=16,
+        repair_images=8,
+        calibration_sizes=(8,),
+        augmented_sizes=(),
+        alpha_points=2,
+        architecture="cnn",
+    )
+    summary = run_nonlocal(cfg, settings)
+    assert json.loads((out / RESULTS_NAMES["cnn"]).read_text()) == json.loads(json.dumps(summary))
+    assert (out / FIGURE_NAMES["cnn"]).stat().st_size > 0 and not (out / RESULTS_NAMES["vit"]).exists()
+    assert summary["model"] == DEMO_CNN_MODEL and summary["architecture"] == "cnn"
+    assert set(summary["nonlocal"]["seed_ties_tall"]) == set(NONLOCAL_VARIANTS)
+    assert set(summary["local"]["sum"]) == {"none", "tact"}
+    assert summary["settings"]["demo"]["finetune"]["train_head"] is True
+    assert set(summary["embedding_ablation"]["seed_ties_tall"]) == {
+        "plain+none",
+        "plain+embedding",
+        "embedding+none",
+        "embedding+embedding",
+    }
+    for entry in summary["std_ratio"].values():
+        assert len(entry["sites"]) == 9 and entry["sites"][-1] == "model.visual.layers.26:out"
+    record = summary["runs"]["nonlocal/sum/align"]["alignment"]
+    perm = load_permutation(record["permutation_file"])
+    assert "1/P_embed" in perm and not torch.equal(perm["1/P_embed"], torch.arange(64))
+    foundation = pretrain_foundation(settings.demo_config(cfg).pretrain, cache)  # the cached reference foundation
+    for task in tasks[:1]:  # trained heads: the expert's head is not the zero-shot head of its foundation
+        trained = ClassificationHead.load(head_path(summary["checkpoints"]["local"], DEMO_CNN_MODEL, task))
+        spec = get_spec(task)
+        zeroshot = build_zeroshot_head(foundation.clip, spec.classnames, spec.templates, model_name=DEMO_CNN_MODEL)
+        assert trained.weight.shape == zeroshot.weight.shape and not torch.allclose(trained.weight, zeroshot.weight, atol=1e-4)
 
 
 def test_long_regime_follows_the_demo_settings():

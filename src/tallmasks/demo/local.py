@@ -82,10 +82,16 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _model_config_text() -> str:
-    from tallmasks.models.encoder import CONFIG_DIR, DEMO_MODEL
+def _model_config_text(model: str | None = None) -> str:
+    """The demo model's config (the open_clip JSON; the VGG tower described after it)."""
+    from tallmasks.models.encoder import CONFIG_DIR, DEMO_CNN_MODEL, DEMO_MODEL
 
-    return (CONFIG_DIR / f"{DEMO_MODEL}.json").read_text()
+    text = (CONFIG_DIR / f"{DEMO_MODEL}.json").read_text()
+    if model == DEMO_CNN_MODEL:
+        from tallmasks.models.vgg import DemoVGG
+
+        text += "\nimage tower: " + DemoVGG.describe()
+    return text
 
 
 @dataclass(frozen=True)
@@ -99,18 +105,17 @@ class PretrainSettings:
     images_per_task: int = 1000
     captions: CaptionStyle = field(default_factory=CaptionStyle)
     data_seed: int | None = None
+    model: str = "tallmasks-demo"  # DEMO_MODEL (the ViT), or DEMO_CNN_MODEL (the VGG tower)
 
     def fingerprint(self) -> str:
         """Short hash of everything the foundation depends on (settings, model config, task suite)."""
         from tallmasks.datasets import scenes
+        from tallmasks.models import DEMO_MODEL
 
-        return fingerprint(
-            {
-                **asdict(self),
-                "model_config": _model_config_text(),
-                "suite": scenes.suite_fingerprint(),
-            }
-        )
+        payload = asdict(self)
+        if self.model == DEMO_MODEL:  # the ViT's hashes from before the field existed
+            del payload["model"]
+        return fingerprint({**payload, "model_config": _model_config_text(self.model), "suite": scenes.suite_fingerprint()})
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,16 @@ class FinetuneSettings:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     seed: int = 0
+    train_head: bool = False  # train each expert's head with it (the non-local seed's experts), else frozen zero-shot
+    probe_steps: int = 0  # with train_head: linear-probe steps (head only, AdamW at probe_lr) before fine-tuning
+    probe_lr: float = 1e-2
 
     def fingerprint(self) -> str:
-        return fingerprint(asdict(self))
+        payload = asdict(self)
+        if not self.train_head:  # the frozen-head profiles' hashes from before these fields existed
+            for key in ("train_head", "probe_steps", "probe_lr"):
+                del payload[key]
+        return fingerprint(payload)
 
 
 #: fine-tuning profiles (``--profile``). ``fast``: ``make demo``'s 100 short steps. ``paper``: the paper's
@@ -165,6 +177,11 @@ class DemoConfig:
             n_eval_points=4,
         )
         return replace(base, **overrides)
+
+    @property
+    def model(self) -> str:
+        """The demo model of this run (its foundation's)."""
+        return self.pretrain.model
 
     def task_names(self) -> list[str]:
         """The tasks of this run: ``tasks`` if given, else the first ``num_tasks`` of the suite."""
@@ -294,19 +311,19 @@ class Foundation:
 
 def pretrain_foundation(settings: PretrainSettings, cache_dir: str | Path = ".demo_cache") -> Foundation:
     """The foundation model for ``settings``: from ``<cache_dir>/foundation-<fingerprint>`` or pre-trained now and cached."""
-    from tallmasks.models import DEMO_MODEL, create_clip, get_tokenizer
+    from tallmasks.models import create_clip, get_tokenizer
 
     directory = Path(cache_dir) / f"foundation-{settings.fingerprint()}"
     path = directory / "clip.safetensors"
     _seed_everything(settings.seed)
-    clip = create_clip(DEMO_MODEL, pretrained=None)
+    clip = create_clip(settings.model, pretrained=None)
     if path.is_file():
         clip.load_state_dict(dict(load_state_dict(path).items()))
         clip.eval()
         log.info("foundation (seed %d): cached at %s", settings.seed, path)
         return Foundation(settings, clip, directory)
     data = PretrainingData(
-        get_tokenizer(DEMO_MODEL),
+        get_tokenizer(settings.model),
         clip.visual.preprocess_cfg["mean"],
         clip.visual.preprocess_cfg["std"],
         settings.images_per_task,
@@ -333,11 +350,11 @@ def pretrain_foundation(settings: PretrainSettings, cache_dir: str | Path = ".de
 # zero-shot checkpoint, heads, experts
 
 
-def image_encoder_from(clip: Any) -> Any:
-    """An ImageEncoder of the demo model carrying ``clip``'s weights (text transformer dropped)."""
-    from tallmasks.models import DEMO_MODEL, ImageEncoder
+def image_encoder_from(clip: Any, model: str = "tallmasks-demo") -> Any:
+    """An ImageEncoder of the demo model ``model`` carrying ``clip``'s weights (text transformer dropped)."""
+    from tallmasks.models import ImageEncoder
 
-    encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
+    encoder = ImageEncoder(model, pretrained=None)
     source = clip.state_dict()
     target = encoder.model.state_dict()
     missing = [k for k in target if k not in source]
@@ -359,40 +376,47 @@ def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: Fin
     ``workers`` > 1 fine-tunes that many experts at a time, each in its own process with one thread; every
     expert depends only on its task and ``settings`` (its seed included), so the checkpoints are the same
     bits as one after the other."""
-    from tallmasks.models import DEMO_MODEL, finetuned_path, get_classification_head, zeroshot_path
+    from tallmasks.models import finetuned_path, get_classification_head, zeroshot_path
 
+    model = foundation.settings.model
     location = experts_location(foundation, settings)
-    theta0 = zeroshot_path(location, DEMO_MODEL)
+    theta0 = zeroshot_path(location, model)
     if not theta0.is_file():
-        save_state_dict(image_encoder_from(foundation.clip).state_dict(), theta0)
+        save_state_dict(image_encoder_from(foundation.clip, model).state_dict(), theta0)
     atomic_write_json(location.parent / "settings.json", asdict(settings))
     todo = []
     for task in tasks:
-        get_classification_head(DEMO_MODEL, task, location, clip_model=foundation.clip)  # built once, cached
-        if not finetuned_path(location, DEMO_MODEL, task).is_file():
+        if not finetuned_path(location, model, task).is_file():
+            get_classification_head(model, task, location, clip_model=foundation.clip)  # built once, cached (trained heads: replaced)
             todo.append(task)
     workers = max(1, min(int(workers), len(todo)))
     if workers == 1:
         for task in todo:
-            _finetune_expert(foundation.clip, task, settings, location)
+            _finetune_expert(foundation.clip, task, settings, location, model)
         return location
     clip_file = str(foundation.directory / "clip.safetensors")
     with progress(total=len(todo), desc=f"experts ({workers} processes)", unit="expert", leave=False) as bar:
-        _in_processes(_finetune_expert_in_worker, [(clip_file, task, settings, str(location)) for task in todo], todo, workers, bar)
+        calls = [(clip_file, task, settings, str(location), model) for task in todo]
+        _in_processes(_finetune_expert_in_worker, calls, todo, workers, bar)
     return location
 
 
-def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location: Path) -> Path:
-    """One expert: the task's train split, its cached zero-shot head, the loop of finetune.py."""
+def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location: Path, model: str = "tallmasks-demo") -> Path:
+    """One expert: the task's train split, its cached zero-shot head, the loop of finetune.py (with
+    ``settings.train_head``: a linear probe of ``probe_steps``, then the head trained with the encoder)."""
     from tallmasks.datasets import DEMO_DATASETS, load_split
     from tallmasks.experiments.finetuning import FinetuneConfig, finetune
-    from tallmasks.models import DEMO_MODEL, get_classification_head
+    from tallmasks.models import get_classification_head
 
-    head = get_classification_head(DEMO_MODEL, task, location, clip_model=clip)
+    head = get_classification_head(model, task, location, clip_model=clip)
     train = load_split(task, "train", location)
+    encoder = image_encoder_from(clip, model)
+    seed = settings.seed + DEMO_DATASETS.index(task)
+    if settings.train_head and settings.probe_steps:
+        linear_probe(encoder, head, train, settings, seed)
     batches_per_epoch = math.ceil(len(train) / settings.batch_size)
     ft_cfg = FinetuneConfig(
-        model_name=DEMO_MODEL,
+        model_name=model,
         dataset=task,
         model_location=str(location),
         data_location=str(location),
@@ -405,10 +429,32 @@ def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location:
         max_steps=settings.steps,
         checkpoint_every=0,
         num_workers=0,
-        seed=settings.seed + DEMO_DATASETS.index(task),
+        seed=seed,
         device="cpu",
+        train_head=settings.train_head,
     )
-    return finetune(ft_cfg, encoder=image_encoder_from(clip), train_dataset=train, head=head)
+    return finetune(ft_cfg, encoder=encoder, train_dataset=train, head=head)
+
+
+def linear_probe(encoder: Any, head: Any, train: Any, settings: FinetuneSettings, seed: int) -> None:
+    """Train ``head``'s weight (in place) on the frozen ``encoder``'s features of ``train`` (preprocessed as
+    fine-tuning preprocesses them, once): ``settings.probe_steps`` AdamW steps at ``probe_lr`` (no weight
+    decay) on batches of ``settings.batch_size``, the first stage of the seed's linear probe + fine-tuning."""
+    preprocess = encoder.train_preprocess
+    images = torch.stack([preprocess(train[i][0]) for i in range(len(train))])
+    labels = torch.tensor([int(train[i][1]) for i in range(len(train))])
+    encoder.eval()
+    with torch.no_grad():
+        features = torch.cat([encoder(images[i : i + 512]) for i in range(0, len(images), 512)])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW([head.weight], lr=settings.probe_lr, weight_decay=0.0)
+    for _ in range(settings.probe_steps):
+        batch = torch.randint(len(features), (min(settings.batch_size, len(features)),), generator=generator)
+        loss = torch.nn.functional.cross_entropy(head(features[batch]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    head.weight.grad = None
 
 
 def _quiet_worker() -> None:
@@ -419,13 +465,13 @@ def _quiet_worker() -> None:
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the worker); errors travel back as exceptions
 
 
-def _finetune_expert_in_worker(clip_file: str, task: str, settings: FinetuneSettings, location: str) -> str:
-    from tallmasks.models import DEMO_MODEL, create_clip
+def _finetune_expert_in_worker(clip_file: str, task: str, settings: FinetuneSettings, location: str, model: str) -> str:
+    from tallmasks.models import create_clip
 
-    clip = create_clip(DEMO_MODEL, pretrained=None)
+    clip = create_clip(model, pretrained=None)
     clip.load_state_dict(dict(load_state_dict(clip_file).items()))
     clip.eval()
-    return str(_finetune_expert(clip, task, settings, Path(location)))
+    return str(_finetune_expert(clip, task, settings, Path(location), model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,17 +548,18 @@ def single_task_accuracies(cfg: DemoConfig, location: Path) -> dict[str, float]:
     from tallmasks.datasets import load_split
     from tallmasks.eval import Evaluator, load_or_build_split, read_json
     from tallmasks.eval.selection import FT_FILE
-    from tallmasks.models import DEMO_MODEL, ImageEncoder, finetuned_path, get_classification_head
+    from tallmasks.models import ImageEncoder, finetuned_path, get_classification_head
 
-    path = location / DEMO_MODEL / FT_FILE
+    model = cfg.model
+    path = location / model / FT_FILE
     table: dict[str, float] = dict(read_json(path)) if path.is_file() else {}
     missing = [t for t in cfg.task_names() if not (t in table and t + "Val" in table)]
     if not missing:
         return table
-    encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
+    encoder = ImageEncoder(model, pretrained=None)
     for task in progress(missing, desc="fine-tuned accuracy", leave=False):
-        evaluator = Evaluator(encoder, load_state_dict(finetuned_path(location, DEMO_MODEL, task)), "cpu", "fp32", 512)
-        evaluator.set_head(task, get_classification_head(DEMO_MODEL, task, location))
+        evaluator = Evaluator(encoder, load_state_dict(finetuned_path(location, model, task)), "cpu", "fp32", 512)
+        evaluator.set_head(task, get_classification_head(model, task, location))
         for split, key in (("val", task + "Val"), ("test", task)):
             data = load_or_build_split(
                 lambda s=split, t=task: load_split(t, s, location),
@@ -537,15 +584,13 @@ def compose_config(cfg: DemoConfig, location: Path, method: str, method_override
     """The main.py config of one demo experiment on the experts at ``location``, composed by Hydra (``extra``: more overrides)."""
     from hydra import compose, initialize_config_dir
 
-    from tallmasks.models import DEMO_MODEL
-
     candidates = [REPO_ROOT / "config", Path.cwd() / "config"]
     config_dir = next((c for c in candidates if (c / "config.yaml").is_file()), None)
     if config_dir is None:
         raise ConfigError(f"{candidates[-1]}: main.py's Hydra config folder not found (run the demo from a clone of the repository)")
     config_dir = config_dir.resolve()
     overrides = [
-        f"model={DEMO_MODEL}",
+        f"model={cfg.model}",
         f"method={method}",
         "DATASETS=[" + ",".join(cfg.task_names()) + "]",
         f"n_eval_points={cfg.n_eval_points}",
@@ -647,7 +692,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from tallmasks.masks import MaskSet
-    from tallmasks.models import DEMO_MODEL
 
     tasks = cfg.task_names()
     start = time.perf_counter()
@@ -667,7 +711,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     summary = {
         "methods": methods,
         "tasks": tasks,
-        "model": DEMO_MODEL,
+        "model": cfg.model,
         "seeds": {"pretrain": cfg.pretrain.seed, "finetune": cfg.finetune.seed},
         "profile": cfg.profile,
         "selection": {name: runs[name].get("selection") for name in runs},
@@ -688,7 +732,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if len(tasks) > 1:
         from tallmasks.demo.shape import task_vector_shape
 
-        summary["task_vectors"] = task_vector_shape(location, DEMO_MODEL, tasks, mask_file)
+        summary["task_vectors"] = task_vector_shape(location, cfg.model, tasks, mask_file)
     atomic_write_json(output / name, summary)
     log.info("demo finished in %.0fs; results in %s", time.perf_counter() - start, output / name)
     return summary

@@ -37,8 +37,13 @@ MERGE_METHODS = ("sum", "ties", "tall_mask", "seed_ties_tall")
 DEFAULT_METHODS = ("sum", "ties", "tall_mask", "tall_mask_ties", "seed_ties_tall")
 NONLOCAL_VARIANTS = ("none", "align", "align_repair", "align_repair_seed_code", "align_tact")
 DEFAULT_OUTPUT = Path("results/nonlocal")
-RESULTS_NAME = "nonlocal.json"
-FIGURE_NAME = "nonlocal_variance_collapse.png"
+ARCHITECTURES = ("vit", "cnn")
+#: per architecture: the results file and the variance-collapse figure
+RESULTS_NAMES = {"vit": "nonlocal.json", "cnn": "nonlocal_cnn.json"}
+FIGURE_NAMES = {"vit": "nonlocal_variance_collapse.png", "cnn": "nonlocal_cnn_variance_collapse.png"}
+RESULTS_NAME, FIGURE_NAME = RESULTS_NAMES["vit"], FIGURE_NAMES["vit"]
+#: the CNN setting's experts: the seed's linear probe, then fine-tuning with the head trained too
+CNN_PROBE_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class NonLocalSettings:
     max_iter: int = 100  # weight matching's iteration cap
     alpha_points: int | None = 10  # main.py's n_eval_points (alphas 0.2, 0.4, ..., 1.0); None: the demo's
     embedding: bool = True  # the output embedding permuted with the heads, and corrected by TACT and REPAIR
+    architecture: str = "vit"  # vit: the demo CLIP; cnn: its VGG-style tower (DEMO_CNN_MODEL) with trained heads
+    ablation_methods: tuple[str, ...] = ("seed_ties_tall",)  # the output embedding's two changes measured apart
 
     def check(self, cfg: Any) -> None:
         """One-line errors for settings the experiment cannot run."""
@@ -66,7 +73,7 @@ class NonLocalSettings:
             raise ConfigError("the non-local experiment needs at least 2 tasks (half from each foundation)")
         if self.other_seed == cfg.pretrain.seed:
             raise ConfigError(f"--other-seed must differ from the reference foundation's seed ({cfg.pretrain.seed})")
-        for name in (*self.methods, *self.calibration_methods):
+        for name in (*self.methods, *self.calibration_methods, *self.ablation_methods):
             if method_run(name)[0] not in MERGE_METHODS:
                 raise ConfigError(f"non-local methods are {', '.join(MERGE_METHODS)}, got {name!r}")
         for label, value in (
@@ -84,6 +91,22 @@ class NonLocalSettings:
             raise ConfigError(f"--alpha-points must be >= 2, got {self.alpha_points}")
         if self.max_iter < 1:
             raise ConfigError(f"--max-iter must be >= 1, got {self.max_iter}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+
+    def demo_config(self, cfg: Any) -> Any:
+        """``cfg`` for this architecture: the CNN setting swaps in the VGG tower (same pre-training) and
+        experts with trained heads (a linear probe of CNN_PROBE_STEPS, then the demo's fine-tuning)."""
+        if self.architecture == "vit":
+            return cfg
+        from tallmasks.models import DEMO_CNN_MODEL
+
+        probe = min(CNN_PROBE_STEPS, cfg.finetune.steps)
+        return replace(
+            cfg,
+            pretrain=replace(cfg.pretrain, model=DEMO_CNN_MODEL),
+            finetune=replace(cfg.finetune, train_head=True, probe_steps=probe),
+        )
 
     def long_finetune(self, base: Any) -> Any:
         """The long fine-tuning regime: the demo's :class:`~tallmasks.demo.local.FinetuneSettings` stretched."""
@@ -99,26 +122,25 @@ class NonLocalSettings:
 # checkpoints
 
 
-def _accuracy_file(location: Path) -> Path:
+def _accuracy_file(location: Path, model: str) -> Path:
     from tallmasks.eval.selection import FT_FILE
-    from tallmasks.models import DEMO_MODEL
 
-    return location / DEMO_MODEL / FT_FILE
+    return location / model / FT_FILE
 
 
-def unaligned_location(cache_dir: Path, locations: Sequence[Path], foundation_of: dict[str, int]) -> Path:
+def unaligned_location(cache_dir: Path, locations: Sequence[Path], foundation_of: dict[str, int], model: str = "tallmasks-demo") -> Path:
     """A checkpoint folder (released layout) for merging without alignment: theta_0 = the mean of the
     foundations as they are, task t's expert, head and fine-tuned accuracies from its own foundation."""
     from tallmasks.demo.local import fingerprint
     from tallmasks.eval import read_json
     from tallmasks.eval.results import atomic_write_json
     from tallmasks.io.checkpoints import load_state_dict, save_state_dict
-    from tallmasks.models import DEMO_MODEL, finetuned_path, head_path, zeroshot_path
+    from tallmasks.models import finetuned_path, head_path, zeroshot_path
 
-    sources = [zeroshot_path(loc, DEMO_MODEL) for loc in locations]
+    sources = [zeroshot_path(loc, model) for loc in locations]
     key = fingerprint({"foundations": [str(p.resolve()) for p in sources], "experts": foundation_of})
     location = Path(cache_dir) / f"nonlocal-unaligned-{key}" / "checkpoints"
-    theta0 = zeroshot_path(location, DEMO_MODEL)
+    theta0 = zeroshot_path(location, model)
     if not theta0.is_file():
         states = [load_state_dict(p) for p in sources]
         mean = {
@@ -129,29 +151,29 @@ def unaligned_location(cache_dir: Path, locations: Sequence[Path], foundation_of
     table: dict[str, float] = {}
     for task, index in foundation_of.items():
         for source, target in (
-            (finetuned_path(locations[index], DEMO_MODEL, task), finetuned_path(location, DEMO_MODEL, task)),
-            (head_path(locations[index], DEMO_MODEL, task), head_path(location, DEMO_MODEL, task)),
+            (finetuned_path(locations[index], model, task), finetuned_path(location, model, task)),
+            (head_path(locations[index], model, task), head_path(location, model, task)),
         ):
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
-        own = read_json(_accuracy_file(locations[index]))
+        own = read_json(_accuracy_file(locations[index], model))
         table.update({key: own[key] for key in (task, task + "Val")})
-    atomic_write_json(_accuracy_file(location), dict(sorted(table.items())))
+    atomic_write_json(_accuracy_file(location, model), dict(sorted(table.items())))
     return location
 
 
-def expert_distance(location: Path, tasks: Sequence[str]) -> float:
+def expert_distance(location: Path, tasks: Sequence[str], model: str = "tallmasks-demo") -> float:
     """Mean over tasks of ||theta_t - theta_0|| / ||theta_0|| (floating-point weights): how far the experts moved."""
     from tallmasks.io.checkpoints import load_state_dict
-    from tallmasks.models import DEMO_MODEL, finetuned_path, zeroshot_path
+    from tallmasks.models import finetuned_path, zeroshot_path
 
-    theta0 = load_state_dict(zeroshot_path(location, DEMO_MODEL))
+    theta0 = load_state_dict(zeroshot_path(location, model))
     keys = [k for k in theta0.keys() if theta0[k].is_floating_point()]
     base = math.sqrt(sum(float(theta0[k].double().pow(2).sum()) for k in keys))
     out = []
     for task in tasks:
-        expert = load_state_dict(finetuned_path(location, DEMO_MODEL, task))
+        expert = load_state_dict(finetuned_path(location, model, task))
         out.append(math.sqrt(sum(float((expert[k].double() - theta0[k].double()).pow(2).sum()) for k in keys)) / base)
     return float(np.mean(out))
 
@@ -216,10 +238,10 @@ def split_images(cfg: Any, location: Path, tasks: Sequence[str], num_images: int
     from tallmasks.datasets import load_split
     from tallmasks.demo.local import data_cache
     from tallmasks.eval import load_or_build_split
-    from tallmasks.models import DEMO_MODEL, ImageEncoder
+    from tallmasks.models import ImageEncoder
     from tallmasks.non_local.experiment import calibration_split, calibration_split_name
 
-    encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
+    encoder = ImageEncoder(cfg.model, pretrained=None)
     out = {}
     for task in tasks:
         if num_images is None:
@@ -238,16 +260,17 @@ def variance_collapse(
     measure: dict[str, torch.Tensor],
     batch_size: int,
     embedding: bool = True,
+    model: str = "tallmasks-demo",
 ) -> dict[str, Any]:
     """Per site, the TA-merged model's activation std over each expert's on its task's ``measure`` images (mean
     over channels), before and after TACT calibrated on its ``calibration`` images; ``result`` is the TA run on
     the checkpoints at ``location`` (its alpha, chosen on validation without correction, and its alignment)."""
     from tallmasks.eval.evaluator import Evaluator
     from tallmasks.merging import CheckpointSet, merge
-    from tallmasks.models import DEMO_MODEL, ImageEncoder, finetuned_path, zeroshot_path
+    from tallmasks.models import ImageEncoder, finetuned_path, zeroshot_path
     from tallmasks.non_local import Corrector, std_ratios, tact
 
-    encoder = ImageEncoder(DEMO_MODEL, pretrained=None)
+    encoder = ImageEncoder(model, pretrained=None)
     if "alignment" in result:
         from tallmasks.non_local.experiment import AlignmentSettings, Sources, aligned_checkpoints, vit_heads
 
@@ -259,8 +282,8 @@ def variance_collapse(
         )
         theta0, experts, _, _ = aligned_checkpoints(
             sources,
-            [zeroshot_path(loc, DEMO_MODEL) for loc in locations],
-            [finetuned_path(sources.location(t), DEMO_MODEL, t) for t in tasks],
+            [zeroshot_path(loc, model) for loc in locations],
+            [finetuned_path(sources.location(t), model, t) for t in tasks],
             tasks,
             vit_heads(encoder),
             settings,
@@ -268,7 +291,7 @@ def variance_collapse(
         )
         cs = CheckpointSet(theta0, experts, names=list(tasks))
     else:
-        cs = CheckpointSet(zeroshot_path(location, DEMO_MODEL), [finetuned_path(location, DEMO_MODEL, t) for t in tasks], names=list(tasks))
+        cs = CheckpointSet(zeroshot_path(location, model), [finetuned_path(location, model, t) for t in tasks], names=list(tasks))
     evaluator = Evaluator(encoder, cs.pretrained, "cpu", "fp32", batch_size)
     evaluator.load_vector(merge(cs, "sum"))
     evaluator.set_weights(result["selection"]["alpha"])
@@ -290,7 +313,7 @@ def variance_collapse(
     }
 
 
-def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path) -> Path:
+def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path, architecture: str = "vit") -> Path:
     """Std ratio per site (in depth order) for each setting, before (solid) and after TACT (dashed); PNG, atomic."""
     import matplotlib
 
@@ -310,7 +333,8 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path) -> P
     ax.set_xticks(range(len(first)))
     ax.set_xticklabels([_short_site(s) for s in first], rotation=90, fontsize=6)
     ax.set_ylabel("std merged / std expert")
-    ax.set_title("Variance collapse per correction site (TA; Val images; mean over tasks and channels)", fontsize=9)
+    tower = "ViT" if architecture == "vit" else "VGG-style CNN"
+    ax.set_title(f"Variance collapse per correction site, {tower} (TA; Val images; mean over tasks and channels)", fontsize=9)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -322,7 +346,7 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path) -> P
 def _short_site(name: str) -> str:
     if name.endswith("visual:out"):
         return "embedding"
-    return name.replace("model.visual.", "").replace("transformer.resblocks.", "b")
+    return name.replace("model.visual.", "").replace("transformer.resblocks.", "b").replace("layers.", "L")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +359,7 @@ def run_nonlocal(cfg: Any, settings: NonLocalSettings = NonLocalSettings()) -> d
     from tallmasks.io.guard import check_output
 
     settings.check(cfg)
+    cfg = settings.demo_config(cfg)
     check_output(cfg.output_dir, folder=True, label="--output-dir")
     check_output(cfg.cache_dir, folder=True, label="--cache-dir")
     previous_threads = torch.get_num_threads()
@@ -367,7 +392,7 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         "other": single_task_accuracies(replace(cfg, tasks=list(second)), far),
         "long": single_task_accuracies(cfg, long),
     }
-    unaligned = unaligned_location(Path(cfg.cache_dir), [local, far], dict(zip(tasks, foundation_of)))
+    unaligned = unaligned_location(Path(cfg.cache_dir), [local, far], dict(zip(tasks, foundation_of)), cfg.model)
     built = time.perf_counter() - start
     log.info("foundations and experts ready in %.0fs", built)
 
@@ -415,6 +440,21 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
                     records[f"{label}/{setting}/{method}/{n}"] = _record(result)
         return out
 
+    # the output embedding's two changes apart: permuted with the heads by the alignment or not, corrected by
+    # TACT or not (the CNN's projection is always a correction site, as in the seed's VGG: only the alignment varies)
+    ablation: dict[str, Any] = {}
+    corrections = ("none", "plain", "embedding") if settings.architecture == "vit" else ("none", "embedding")
+    for method in settings.ablation_methods:
+        ablation[method] = {}
+        for aligned in ("plain", "embedding"):
+            for corrected in corrections:
+                extra = alignment_overrides(far, foundation_of, settings.max_iter, aligned == "embedding")
+                if corrected != "none":
+                    extra += correction_overrides("tact", settings.tact_images, corrected == "embedding")
+                result = runs(local, method, extra)
+                ablation[method][f"{aligned}+{corrected}"] = result["avg_normalized_top1"]
+                records[f"embedding_ablation/{method}/{aligned}+{corrected}"] = _record(result)
+
     calibration: dict[str, Any] = {"sizes": list(settings.calibration_sizes)}
     calibration.update(calibration_sweep(settings.calibration_sizes, False, "calibration"))
     calibration["augmented_sizes"] = list(settings.augmented_sizes)
@@ -431,12 +471,14 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         ("local", (local, [])),
         ("long fine-tuning", (long, [])),
     ):
-        collapse[label] = variance_collapse(runs(location, "sum", extra), location, tasks, images, val, batch_size, settings.embedding)
-    figure = plot_variance_collapse(collapse, Path(cfg.output_dir) / FIGURE_NAME)
+        result = runs(location, "sum", extra)
+        collapse[label] = variance_collapse(result, location, tasks, images, val, batch_size, settings.embedding, cfg.model)
+    figure = plot_variance_collapse(collapse, Path(cfg.output_dir) / FIGURE_NAMES[settings.architecture], settings.architecture)
 
     summary = {
         **out,
         "zeroshot": zeroshot,
+        "embedding_ablation": ablation,
         "calibration_size": calibration,
         "std_ratio": {k: {kk: v[kk] for kk in ("sites", "before", "after", "alpha")} for k, v in collapse.items()},
         "std_ratio_per_task": {k: v["per_task"] for k, v in collapse.items()},
@@ -450,9 +492,9 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
             "long": float(np.mean([single["long"][t] for t in tasks])),
         },
         "expert_distance": {
-            "demo": expert_distance(local, tasks),
-            "long": expert_distance(long, tasks),
-            "other_foundation": expert_distance(far, second),
+            "demo": expert_distance(local, tasks, cfg.model),
+            "long": expert_distance(long, tasks, cfg.model),
+            "other_foundation": expert_distance(far, second, cfg.model),
         },
         "foundations": {
             "reference": {"seed": cfg.pretrain.seed, "fingerprint": cfg.pretrain.fingerprint(), "tasks": first},
@@ -463,6 +505,8 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
             },
         },
         "tasks": tasks,
+        "architecture": settings.architecture,
+        "model": cfg.model,
         "checkpoints": {"local": str(local), "other": str(far), "long": str(long), "unaligned": str(unaligned)},
         "runs": records,
         "settings": {
@@ -473,7 +517,7 @@ def _run_nonlocal(cfg: Any, settings: NonLocalSettings) -> dict[str, Any]:
         "figure": str(figure),
         "seconds": {"checkpoints": round(built, 1), "total": round(time.perf_counter() - start, 1)},
     }
-    path = Path(cfg.output_dir) / RESULTS_NAME
+    path = Path(cfg.output_dir) / RESULTS_NAMES[settings.architecture]
     summary = relative_paths(summary, Path.cwd())
     atomic_write_json(path, summary)
     log.info("non-local experiment finished in %.0fs; results in %s", time.perf_counter() - start, path)
@@ -505,6 +549,11 @@ def format_tables(summary: dict[str, Any]) -> str:
         "zero-shot theta_0 (normalized accuracy, %)\n"
         + render_table(["", *summary["zeroshot"]], [["zeroshot", *(100 * v for v in summary["zeroshot"].values())]], "text")
     )
+    ablation = summary.get("embedding_ablation", {})
+    if ablation:
+        cells = list(next(iter(ablation.values())))
+        rows = [[m, *(100 * ablation[m][c] for c in cells)] for m in ablation]
+        parts.append("output embedding: alignment+correction (normalized accuracy, %)\n" + render_table(["", *cells], rows, "text"))
     calibration = summary["calibration_size"]
     for title, sweep, sizes in (
         ("TACT, images per task", calibration, calibration["sizes"]),
@@ -543,6 +592,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
     )
     parser.add_argument("--calibration-methods", nargs="+", default=list(defaults.calibration_methods), help="methods of that table (sum)")
     parser.add_argument(
+        "--ablation-methods",
+        nargs="*",
+        default=list(defaults.ablation_methods),
+        help="methods of the output-embedding ablation: alignment and TACT with and without it (seed_ties_tall; none: skip)",
+    )
+    parser.add_argument(
         "--augmented-sizes",
         type=int,
         nargs="*",
@@ -554,6 +609,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
     parser.add_argument("--max-iter", type=int, default=defaults.max_iter, help="weight matching's iteration cap (100)")
     parser.add_argument(
         "--alpha-points", type=int, default=defaults.alpha_points, help="main.py's n_eval_points for every run (10: alphas 0.2 ... 1.0)"
+    )
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default=defaults.architecture,
+        help="vit: the demo CLIP (results/nonlocal/nonlocal.json); cnn: its VGG-style tower with trained heads (nonlocal_cnn.json)",
     )
     parser.add_argument(
         "--no-embedding",
@@ -579,6 +640,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         args.max_iter,
         args.alpha_points,
         not args.no_embedding,
+        args.architecture,
+        tuple(args.ablation_methods),
     )
     return configs[0], settings
 

@@ -5,6 +5,9 @@ linear warm-up then cosine decay, gradient clipping at 1.0, batch 128 (ViT-L-14:
 steps), the paper's epoch count per dataset, trained on the train part of the Val split. Writes
 ``<loc>/<model>/<Dataset>Val/nonlinear_zeroshot.pt`` and ``nonlinear_finetuned.pt`` (state dicts, keys
 ``model.*``), skips datasets already done and resumes from its periodic checkpoints.
+
+``train_head`` (``--train-head``): the head's weight is trained with the encoder (the non-local seed's
+experts, which carry their own heads) and saved over the location's head of the dataset when done.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tallmasks.core.progress import progress
 from tallmasks.eval.distributed import check_device, check_world_size, resolve_device, spawn_ranks, under_launcher
 from tallmasks.io.checkpoints import atomic_path, save_state_dict
 from tallmasks.io.guard import check_output
-from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, val_name, zeroshot_path
+from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, head_path, val_name, zeroshot_path
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class FinetuneConfig:
     max_steps: int | None = None  # cap on optimizer steps (short runs, tests)
     wandb_mode: str = "disabled"  # disabled | online | offline
     wandb_project: str = "tallmasks"
+    train_head: bool = False  # train the head's weight too; it replaces the location's head of the dataset
 
     def resolved(self) -> FinetuneConfig:
         """A copy with model-dependent defaults filled in and values checked."""
@@ -321,8 +325,11 @@ def _run(
 
     model = ImageClassifier(encoder, head)
     model.freeze_head()
+    if cfg.train_head:  # the weight only: the head's bias stays zero, as the seed's heads have none
+        model.classification_head.weight.requires_grad_(True)
     model.to(device)
     params = [p for p in model.image_encoder.parameters() if p.requires_grad]
+    params += [p for p in model.classification_head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     per_rank_batch = max(cfg.batch_size // world_size, 1)
@@ -345,6 +352,10 @@ def _run(
     if resume.is_file():
         state = _load_state(resume)
         model.image_encoder.load_state_dict(state["model"])
+        if cfg.train_head:
+            if "head" not in state:
+                raise CheckpointError(f"{resume}: a resume state without the head, from a run that did not train it")
+            model.classification_head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         updates, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
         log.info("%s: resuming after step %d (%s)", val_name(cfg.dataset), updates, resume)
@@ -401,12 +412,15 @@ def _run(
                 if run is not None:
                     run.log({f"{val_name(cfg.dataset)}/train/loss": loss_value, "train/lr": lr}, step=updates)
                 if cfg.checkpoint_every and updates % cfg.checkpoint_every == 0 and updates < planned:
-                    _save_resume(resume, model.image_encoder, optimizer, (updates, epoch, i + 1), cfg)
+                    head_state = model.classification_head if cfg.train_head else None
+                    _save_resume(resume, model.image_encoder, optimizer, (updates, epoch, i + 1), cfg, head_state)
                 if callback is not None:
                     callback(updates, loss_value)
     bar.close()
 
     if main:
+        if cfg.train_head:  # before the encoder: a finished expert always has its trained head beside it
+            model.classification_head.cpu().save(head_path(cfg.model_location, cfg.model_name, cfg.dataset))
         save_state_dict(_cpu_state(model.image_encoder), out)
         resume.unlink(missing_ok=True)
         log.info("%s: fine-tuned encoder saved to %s", val_name(cfg.dataset), out)
@@ -417,7 +431,12 @@ def _run(
 
 
 def _save_resume(
-    path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, position: tuple[int, int, int], cfg: FinetuneConfig
+    path: Path,
+    encoder: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    position: tuple[int, int, int],
+    cfg: FinetuneConfig,
+    head: torch.nn.Module | None = None,
 ) -> None:
     """Save right after an optimizer step: position = (optimizer steps, epoch, next batch of that epoch)."""
     step, epoch, batch = position
@@ -429,6 +448,8 @@ def _save_resume(
         "batch": batch,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (str, int, float, type(None)))},
     }
+    if head is not None:
+        state["head"] = _cpu_state(head)
     with atomic_path(path) as tmp:
         torch.save(state, str(tmp))
 
@@ -490,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--train-head", action="store_true", help="train the head's weight too (saved over the location's head)")
     parser.add_argument("--wandb", default="disabled", choices=("disabled", "online", "offline"), dest="wandb_mode")
     return parser
 
@@ -528,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision=args.precision,
             max_steps=args.max_steps,
             wandb_mode=args.wandb_mode,
+            train_head=args.train_head,
         )
         for name in datasets:  # check every dataset's settings and output before the first long run
             dataclasses.replace(base, dataset=name).resolved()

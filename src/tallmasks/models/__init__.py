@@ -1,6 +1,7 @@
 """open_clip image encoder, zero-shot classification heads, classifier, checkpoint paths."""
 
 from tallmasks.models.encoder import (
+    DEMO_CNN_MODEL,
     DEMO_MODEL,
     MODELS,
     ImageEncoder,
@@ -11,6 +12,7 @@ from tallmasks.models.encoder import (
     load_image_encoder,
     register_demo_model,
     save_zeroshot_encoder,
+    text_model,
 )
 from tallmasks.models.heads import (
     ClassificationHead,
@@ -21,6 +23,7 @@ from tallmasks.models.heads import (
 from tallmasks.models.paths import dataset_zeroshot_path, finetuned_path, head_path, val_name, zeroshot_path
 
 __all__ = [
+    "DEMO_CNN_MODEL",
     "DEMO_MODEL",
     "MODELS",
     "ClassificationHead",
@@ -38,6 +41,7 @@ __all__ = [
     "load_image_encoder",
     "register_demo_model",
     "save_zeroshot_encoder",
+    "text_model",
     "val_name",
     "zeroshot_path",
 ]

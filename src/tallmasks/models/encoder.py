@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 MODELS: list[str] = ["ViT-B-32", "ViT-B-16", "ViT-L-14"]
 DEMO_MODEL = "tallmasks-demo"
+#: the demo CLIP with a VGG-style image tower (tallmasks.models.vgg) and DEMO_MODEL's text tower
+DEMO_CNN_MODEL = "tallmasks-demo-vgg"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 _registered = False
@@ -38,7 +40,12 @@ def known_models() -> list[str]:
     import open_clip
 
     register_demo_model()
-    return list(open_clip.list_models())
+    return [*open_clip.list_models(), DEMO_CNN_MODEL]
+
+
+def text_model(model_name: str) -> str:
+    """The open_clip config that gives ``model_name`` its text tower and tokenizer (itself, but for DEMO_CNN_MODEL)."""
+    return DEMO_MODEL if model_name == DEMO_CNN_MODEL else model_name
 
 
 def get_tokenizer(model_name: str) -> Any:
@@ -46,6 +53,7 @@ def get_tokenizer(model_name: str) -> Any:
     import open_clip
 
     register_demo_model()
+    model_name = text_model(model_name)
     config_file = CONFIG_DIR / f"{model_name}.json"
     kwargs = {}
     if config_file.is_file():
@@ -58,11 +66,11 @@ def get_tokenizer(model_name: str) -> Any:
 
 def _check_name(model_name: str) -> None:
     if model_name not in known_models():
-        raise ConfigError(f"unknown model {model_name!r}; expected one of {', '.join(MODELS + [DEMO_MODEL])}")
+        raise ConfigError(f"unknown model {model_name!r}; expected one of {', '.join(MODELS + [DEMO_MODEL, DEMO_CNN_MODEL])}")
 
 
 def _check_pretrained(model_name: str, pretrained: str | None) -> None:
-    if model_name == DEMO_MODEL and pretrained is not None and not Path(pretrained).is_file():
+    if model_name in (DEMO_MODEL, DEMO_CNN_MODEL) and pretrained is not None and not Path(pretrained).is_file():
         raise ConfigError(
             f"{DEMO_MODEL} has no downloadable weights: pass pretrained=None (random init) "
             f"or the path of a weights file, not {pretrained!r}"
@@ -98,6 +106,8 @@ def create_clip_and_transforms(
 
     _check_name(model_name)
     _check_pretrained(model_name, pretrained)
+    if model_name == DEMO_CNN_MODEL:
+        return _demo_cnn_clip(pretrained, device)
     try:
         return open_clip.create_model_and_transforms(
             model_name,
@@ -112,6 +122,28 @@ def create_clip_and_transforms(
         if Path(pretrained).is_file():
             raise TallmasksError(f"{pretrained}: not a loadable open_clip weights file for {model_name} ({exc})") from None
         raise _fetch_error(model_name, pretrained, cache_dir, exc) from None
+
+
+def _demo_cnn_clip(pretrained: str | None, device: str) -> tuple[Any, Any, Any]:
+    """DEMO_MODEL's CLIP and transforms with its image tower replaced by the demo VGG (same embedding, image
+    size and normalization); ``pretrained``: None or a weights file of this model."""
+    import open_clip
+
+    from tallmasks.models.vgg import DemoVGG
+
+    clip, train_preprocess, val_preprocess = open_clip.create_model_and_transforms(DEMO_MODEL, pretrained=None, device=device)
+    vit = clip.visual
+    size = vit.image_size[0] if isinstance(vit.image_size, (tuple, list)) else vit.image_size
+    config = vit.preprocess_cfg
+    clip.visual = DemoVGG(vit.output_dim, int(size), config["mean"], config["std"]).to(device)
+    if pretrained is not None:
+        from tallmasks.io.checkpoints import load_state_dict
+
+        try:
+            clip.load_state_dict(dict(load_state_dict(pretrained).items()))
+        except RuntimeError as exc:
+            raise TallmasksError(f"{pretrained}: not a weights file of {DEMO_CNN_MODEL} ({str(exc).splitlines()[0]})") from None
+    return clip, train_preprocess, val_preprocess
 
 
 def create_clip(model_name: str, pretrained: str | None = "openai", cache_dir: str | None = None) -> Any:

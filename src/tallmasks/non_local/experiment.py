@@ -208,14 +208,34 @@ def resolve_sources(settings: AlignmentSettings, model_location: Path, model: st
     return Sources(locations, foundation_of)
 
 
-def vit_heads(encoder: torch.nn.Module) -> int:
-    """Attention heads per block of the open_clip ViT inside ``encoder``."""
+def vit_heads(encoder: torch.nn.Module) -> int | None:
+    """Attention heads per block of the open_clip ViT inside ``encoder``; None for the demo VGG (a chain of
+    layers, :func:`~tallmasks.non_local.permutation.mlp_spec`)."""
+    from tallmasks.models.vgg import DemoVGG
     from tallmasks.non_local.sites import find_vision_transformer
 
     path = find_vision_transformer(encoder)
     if path is None:
-        raise ConfigError("alignment supports open_clip VisionTransformer image encoders only")
+        if any(isinstance(m, DemoVGG) for m in encoder.modules()):
+            return None
+        raise ConfigError("alignment supports open_clip VisionTransformer image encoders and the demo VGG only")
     return int(encoder.get_submodule(path).transformer.resblocks[0].attn.num_heads)
+
+
+#: where the image tower's keys start in an ImageEncoder's state dict
+VISUAL_PREFIX = "model.visual."
+
+
+def visual_spec(state: Mapping[str, torch.Tensor], heads: int | None, embedding: bool) -> Any:
+    """The permutation spec of an image encoder's state dict: open_clip's ViT (``heads`` per block), or with
+    ``heads`` None the demo VGG's chain of layers; ``embedding``: the output embedding is a group too."""
+    from tallmasks.non_local.permutation import mlp_spec, vit_spec
+
+    if heads is None:
+        spec = mlp_spec(state, prefix=VISUAL_PREFIX, embedding=embedding)
+        spec.check(state)
+        return spec
+    return vit_spec(state, heads, embedding=embedding)
 
 
 def aligned_checkpoints(
@@ -223,7 +243,7 @@ def aligned_checkpoints(
     zeroshot: Sequence[Path],
     experts: Sequence[Path],
     datasets: Sequence[str],
-    heads: int,
+    heads: int | None,
     settings: AlignmentSettings,
     cache_file: Path | None,
     device: torch.device | str = "cpu",
@@ -232,11 +252,11 @@ def aligned_checkpoints(
     of its foundation), with each foundation's permutation to the reference cached in ``cache_file`` (one
     safetensors file per run identity); a task's heads go through ``permute_head`` with its permutation."""
     from tallmasks.io.checkpoints import load_state_dict, materialize, require_finite
-    from tallmasks.non_local.permutation import PermutedStateDict, vit_spec
+    from tallmasks.non_local.permutation import PermutedStateDict
     from tallmasks.non_local.weight_matching import MeanStateDict, align_foundations, load_permutation, save_permutation
 
     foundations = [load_state_dict(path) for path in zeroshot]
-    spec = vit_spec(foundations[0], heads, embedding=settings.embedding)
+    spec = visual_spec(foundations[0], heads, settings.embedding)
     known: list = [None] * len(foundations)
     if cache_file is not None and cache_file.is_file():
         saved = load_permutation(cache_file)

@@ -6,7 +6,8 @@ permutation groups and, for each state-dict key, the group acting on each axis. 
 state dicts alone (no model object), for three families:
 
 - ``mlp``: a chain of linear or convolution layers with optional normalization layers in between
-  (MLPs, plain CNNs with global pooling); the last layer's outputs are not permuted;
+  (MLPs, plain CNNs with global pooling, the demo VGG); the last layer's outputs are not permuted, or
+  with ``embedding`` they are the output embedding's group, which the task heads' inputs follow;
 - ``cnn``: residual CNNs in torchvision's ResNet layout (BasicBlock or Bottleneck), batch-norm weights,
   biases and running statistics included; one permutation per residual stream (stage);
 - ``vit``: open_clip's VisionTransformer: one permutation of the residual stream for the whole network,
@@ -192,9 +193,10 @@ def _module_of(key: str) -> tuple[str, str]:
     return module, name
 
 
-def mlp_spec(state: Mapping[str, torch.Tensor], prefix: str = "") -> PermutationSpec:
+def mlp_spec(state: Mapping[str, torch.Tensor], prefix: str = "", embedding: bool = False) -> PermutationSpec:
     """A chain of linear/conv layers (weights of 2+ axes) in natural key order, with optional normalization
-    layers (1-D weights) after them; each layer's outputs get a group, except the last layer's."""
+    layers (1-D weights) after them; each layer's outputs get a group, except the last layer's, which with
+    ``embedding`` is the output embedding's group (:data:`EMBEDDING_GROUP`, applied to the task heads too)."""
     modules: dict[str, dict[str, str]] = {}
     others: list[str] = []
     for key in state:
@@ -221,7 +223,7 @@ def mlp_spec(state: Mapping[str, torch.Tensor], prefix: str = "") -> Permutation
                     "the layers are not one chain in key order"
                 )
             last = module == layers[-1]
-            group = None if last else f"P_{module or 'layer'}"
+            group = (EMBEDDING_GROUP if embedding else None) if last else f"P_{module or 'layer'}"
             if group is not None:
                 sizes[group] = shape[0]
             out_axis = Axis(group) if group else None

@@ -9,7 +9,9 @@
   after their L2 normalization; here the heads normalize after the correction).
 - any other model (MLPs, CNNs): after every linear or convolution layer before its activation, i.e. the
   output of the layer, or of the normalization layer that directly follows it (registered next to it);
-  the last linear layer (the final projection) included. Channels are axis 1 of conv maps.
+  the last linear layer (the final projection) included. Channels are axis 1 of conv maps. For the demo
+  VGG (``tallmasks-demo-vgg``) these are the seed VGG's sites: every convolution's layer norm, both dense
+  layers and the output embedding (the seed corrects it after its L2 normalization, here before).
 
 A site is named ``<module path>:<where>`` with ``where`` one of ``in`` (the module's input), ``out``
 (its output) or ``context`` (the attention output before ``out_proj``, inside nn.MultiheadAttention).
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tallmasks.core.errors import ConfigError
+from tallmasks.models.vgg import ChannelLayerNorm
 
 #: how a site's correction folds into the weights: linear/conv output, norm affine, the ViT embeddings,
 #: the attention's V projection; None: not foldable (a ViT block's residual output)
@@ -41,6 +44,7 @@ _CHANNEL_FIRST_NORMS = (
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
+    ChannelLayerNorm,  # the demo VGG's layer norm over a conv map's channels
 )
 _NORMS = (*_CHANNEL_FIRST_NORMS, nn.LayerNorm)
 
