@@ -122,3 +122,25 @@ def test_tact_on_the_tower_matches_its_expert_statistics_and_folds():
         torch.testing.assert_close(plain(images), corrected, atol=1e-4, rtol=1e-4)
     leftover_corrector.remove()
     assert set(leftover) <= {corrector.sites[-1].name}  # only the projection (no bias for a shift) is left over
+
+
+def test_linear_probe_depends_on_its_seed_only(tmp_path):
+    """The probe's augmented features are drawn from its seed, whatever ran before in the process (experts
+    are fine-tuned in reused worker processes), and it trains the head's weight only."""
+    from tallmasks.datasets import DEMO_DATASETS, load_split
+    from tallmasks.demo.local import FinetuneSettings, linear_probe
+    from tallmasks.models import ClassificationHead
+
+    train = torch.utils.data.Subset(load_split(DEMO_DATASETS[0], "train", tmp_path), range(40))
+    settings = FinetuneSettings(batch_size=16, train_head=True, probe_steps=3)
+    heads = []
+    for noise in (0, 5):
+        torch.rand(noise)  # a different global generator state before each probe
+        encoder = _encoder()
+        head = ClassificationHead(True, torch.randn(6, 64, generator=torch.Generator().manual_seed(0)))
+        before = {k: v.clone() for k, v in encoder.state_dict().items()}
+        linear_probe(encoder, head, train, settings, seed=3)
+        assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items()) and not head.bias.any()
+        heads.append(head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], torch.randn(6, 64, generator=torch.Generator().manual_seed(0)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,9 @@ def test_nonlocal_experiment_end_to_end(tmp_path):
     assert summary["runs"]["embedding_ablation/seed_ties_tall/plain+embedding"]["alignment"]["embedding"] is False
     assert summary["runs"]["embedding_ablation/seed_ties_tall/embedding+plain"]["correction"]["embedding"] is False
     assert "output embedding" in format_tables(summary)
+    markdown = format_tables(summary, "markdown")  # the docs' tables: rows named by their merge, std ratios per site
+    assert "| the seed's merge (`seed_ties_tall`" in markdown and "| site | ln_pre in |" in markdown
+    assert "| local | " in markdown and "embedding |" in markdown.split("| site |")[1].splitlines()[0]
 
     calibration = summary["calibration_size"]
     assert set(calibration["nonlocal"]["sum"]) == set(calibration["local"]["sum"]) == {"8", "4000"}
@@ -110,7 +114,7 @@ def test_nonlocal_cnn_setting_end_to_end(tmp_path):
     sites; nonlocal_cnn.json has the ViT file's structure and the figure is written."""
     from tallmasks.datasets import get_spec
     from tallmasks.demo.local import DemoConfig, pretrain_foundation
-    from tallmasks.demo.non_local import FIGURE_NAMES, NONLOCAL_VARIANTS, RESULTS_NAMES, NonLocalSettings, run_nonlocal
+    from tallmasks.demo.non_local import FIGURE_NAMES, NONLOCAL_VARIANTS, RESULTS_NAMES, NonLocalSettings, format_tables, run_nonlocal
     from tallmasks.models import DEMO_CNN_MODEL, ClassificationHead, build_zeroshot_head, head_path
     from tallmasks.non_local.weight_matching import load_permutation
 
@@ -141,6 +145,7 @@ def test_nonlocal_cnn_setting_end_to_end(tmp_path):
     }
     for entry in summary["std_ratio"].values():
         assert len(entry["sites"]) == 9 and entry["sites"][-1] == "model.visual.layers.26:out"
+    assert "| site | conv1 | conv2 | conv3 | conv4 | conv5 | conv6 | dense1 | dense2 | embedding |" in format_tables(summary, "markdown")
     record = summary["runs"]["nonlocal/sum/align"]["alignment"]
     perm = load_permutation(record["permutation_file"])
     assert "1/P_embed" in perm and not torch.equal(perm["1/P_embed"], torch.arange(64))
@@ -190,6 +195,30 @@ def test_defaults_run_the_seed_merge_and_write_to_results_nonlocal():
     settings.check(cfg)  # every default method is one the experiment runs
     cfg, settings = parse_args(["--quick", "--output-dir", "elsewhere", "--no-embedding"])
     assert str(cfg.output_dir) == "elsewhere" and not settings.embedding
+    assert settings.calibration_sizes == (20, 50, 200, 1000) and settings.augmented_sizes == (200, 1000)
+
+
+def test_the_cnn_setting_swaps_in_the_vgg_and_trained_heads_and_keeps_the_vit_caches():
+    """--architecture cnn: the VGG foundation (the ViT's pre-training otherwise), experts with trained heads
+    after a linear probe, its shorter calibration tables unless given; the ViT's cache keys are unchanged."""
+    from tallmasks.demo.local import FinetuneSettings, PretrainSettings
+    from tallmasks.demo.non_local import CNN_AUGMENTED_SIZES, CNN_CALIBRATION_SIZES, CNN_PROBE_STEPS, parse_args
+    from tallmasks.models import DEMO_CNN_MODEL, DEMO_MODEL
+
+    cfg, settings = parse_args(["--architecture", "cnn"])
+    assert settings.architecture == "cnn" and cfg.model == DEMO_MODEL  # swapped when the experiment runs
+    assert (settings.calibration_sizes, settings.augmented_sizes) == (CNN_CALIBRATION_SIZES, CNN_AUGMENTED_SIZES)
+    cnn = settings.demo_config(cfg)
+    assert cnn.model == DEMO_CNN_MODEL and cnn.finetune.train_head and cnn.finetune.probe_steps == CNN_PROBE_STEPS
+    assert (cnn.pretrain.steps, cnn.finetune.steps, cnn.finetune.lr) == (cfg.pretrain.steps, cfg.finetune.steps, cfg.finetune.lr)
+    assert cnn.pretrain.fingerprint() != cfg.pretrain.fingerprint() and cnn.finetune.fingerprint() != cfg.finetune.fingerprint()
+    assert settings.demo_config(cfg) == cnn and parse_args([])[1].demo_config(cfg) is cfg
+    _, given = parse_args(["--architecture", "cnn", "--calibration-sizes", "7", "--augmented-sizes"])
+    assert (given.calibration_sizes, given.augmented_sizes) == ((7,), ())
+    # the ViT's foundation and experts keep the cache keys of the committed results (made before the CNN fields)
+    committed = json.loads((Path(__file__).resolve().parents[1] / "results" / "nonlocal" / "nonlocal.json").read_text())
+    assert PretrainSettings().fingerprint() == committed["foundations"]["reference"]["fingerprint"]
+    assert f"experts-{FinetuneSettings().fingerprint()}" in committed["checkpoints"]["local"]
 
 
 def test_result_paths_under_the_working_folder_are_written_relative(tmp_path):
@@ -198,3 +227,16 @@ def test_result_paths_under_the_working_folder_are_written_relative(tmp_path):
     root = tmp_path / "repo"
     summary = {"a": str(root / ".demo_cache" / "x.json"), "b": ["/elsewhere/y", str(root / "z")], "c": 1.5, "d": {"e": str(root)}}
     assert relative_paths(summary, root) == {"a": ".demo_cache/x.json", "b": ["/elsewhere/y", "z"], "c": 1.5, "d": {"e": str(root)}}
+
+
+def test_tables_of_a_results_file_and_one_line_errors(tmp_path, capsys):
+    from tallmasks.demo.non_local import tables_main
+
+    bad = tmp_path / "other.json"
+    bad.write_text('{"nonlocal": {}}')
+    for path, message in ((tmp_path / "missing.json", "no such JSON file"), (bad, "not a non-local results file")):
+        assert tables_main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    committed = Path(__file__).resolve().parents[1] / "results" / "nonlocal" / "nonlocal.json"
+    assert tables_main([str(committed)]) == 0 and "| TA (`sum`, alpha on Val) |" in capsys.readouterr().out

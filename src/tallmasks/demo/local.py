@@ -438,10 +438,12 @@ def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location:
 
 def linear_probe(encoder: Any, head: Any, train: Any, settings: FinetuneSettings, seed: int) -> None:
     """Train ``head``'s weight (in place) on the frozen ``encoder``'s features of ``train`` (preprocessed as
-    fine-tuning preprocesses them, once): ``settings.probe_steps`` AdamW steps at ``probe_lr`` (no weight
+    fine-tuning preprocesses them, once, with the augmentation seeded by ``seed``): ``settings.probe_steps`` AdamW steps at ``probe_lr`` (no weight
     decay) on batches of ``settings.batch_size``, the first stage of the seed's linear probe + fine-tuning."""
     preprocess = encoder.train_preprocess
-    images = torch.stack([preprocess(train[i][0]) for i in range(len(train))])
+    with torch.random.fork_rng(devices=[]):  # the augmentation's draws depend on the seed alone, not on what ran before
+        torch.manual_seed(seed)
+        images = torch.stack([preprocess(train[i][0]) for i in range(len(train))])
     labels = torch.tensor([int(train[i][1]) for i in range(len(train))])
     encoder.eval()
     with torch.no_grad():

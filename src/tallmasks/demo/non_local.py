@@ -44,6 +44,9 @@ FIGURE_NAMES = {"vit": "nonlocal_variance_collapse.png", "cnn": "nonlocal_cnn_va
 RESULTS_NAME, FIGURE_NAME = RESULTS_NAMES["vit"], FIGURE_NAMES["vit"]
 #: the CNN setting's experts: the seed's linear probe, then fine-tuning with the head trained too
 CNN_PROBE_STEPS = 50
+#: the CNN setting's calibration-size tables unless given: without the 1,000-image cells, which took 10 of
+#: its 33 minutes in the first run and changed TA + TACT by under a point (1,000: 56.3, 200: 55.4 non-local)
+CNN_CALIBRATION_SIZES, CNN_AUGMENTED_SIZES = (20, 50, 200), (200,)
 
 
 @dataclass(frozen=True)
@@ -331,7 +334,7 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path, arch
     first = next(iter(collapse.values()))["sites"]
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(first)))
-    ax.set_xticklabels([_short_site(s) for s in first], rotation=90, fontsize=6)
+    ax.set_xticklabels(site_labels(first, architecture), rotation=90, fontsize=6)
     ax.set_ylabel("std merged / std expert")
     tower = "ViT" if architecture == "vit" else "VGG-style CNN"
     ax.set_title(f"Variance collapse per correction site, {tower} (TA; Val images; mean over tasks and channels)", fontsize=9)
@@ -341,6 +344,15 @@ def plot_variance_collapse(collapse: dict[str, dict[str, Any]], path: Path, arch
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def site_labels(sites: Sequence[str], architecture: str = "vit") -> list[str]:
+    """Short names of correction sites: the ViT's by block; the demo VGG's in the seed's words (conv<i> after
+    each convolution's norm, dense1, dense2, embedding)."""
+    if architecture != "cnn":
+        return [_short_site(s) for s in sites]
+    convs = len(sites) - 3
+    return [f"conv{i + 1}" for i in range(convs)] + ["dense1", "dense2", "embedding"]
 
 
 def _short_site(name: str) -> str:
@@ -537,23 +549,41 @@ def relative_paths(value: Any, root: Path) -> Any:
     return value
 
 
-def format_tables(summary: dict[str, Any]) -> str:
-    """The experiment's tables (normalized accuracy, %) as text."""
+#: what each method of the experiment merges (the markdown tables' row labels)
+MERGE_LABELS = {
+    "sum": "TA (`sum`, alpha on Val)",
+    "ties": "TIES (`ties`, top 20%, alpha on Val)",
+    "tall_mask": "TALL masks over TA (`tall_mask`, lambda per task on Val)",
+    "tall_mask_ties": "TALL masks over TIES (`tall_mask_ties`)",
+    "seed_ties_tall": "the seed's merge (`seed_ties_tall`: per-tensor TIES top 50% with its mean, TALL masks at lambda 1, no alpha)",
+}
+
+
+def format_tables(summary: dict[str, Any], fmt: str = "text") -> str:
+    """The experiment's tables (normalized accuracy, %) as aligned text or, with ``fmt`` markdown, as the
+    docs' tables (rows labelled with the merge they run, and the per-site std ratios)."""
     from tallmasks.report.tables import render_table
+
+    markdown = fmt == "markdown"
+
+    def label(method: str) -> str:
+        return MERGE_LABELS.get(method, method) if markdown else method
+
+    def titled(title: str, table: str) -> str:
+        return (f"**{title}**\n\n" if markdown else f"{title}\n") + table
 
     parts = []
     for setting, variants in (("nonlocal", NONLOCAL_VARIANTS), ("local", ("none", "tact")), ("long", ("none", "tact"))):
-        rows = [[m, *(100 * summary[setting][m][v] for v in variants)] for m in summary[setting]]
-        parts.append(f"{setting} (normalized accuracy, %)\n" + render_table(["method", *variants], rows, "text"))
-    parts.append(
-        "zero-shot theta_0 (normalized accuracy, %)\n"
-        + render_table(["", *summary["zeroshot"]], [["zeroshot", *(100 * v for v in summary["zeroshot"].values())]], "text")
-    )
+        rows = [[label(m), *(100 * summary[setting][m][v] for v in variants)] for m in summary[setting]]
+        parts.append(titled(f"{setting} (normalized accuracy, %)", render_table(["method", *variants], rows, fmt)))
+    zeroshot = [["zeroshot", *(100 * v for v in summary["zeroshot"].values())]]
+    parts.append(titled("zero-shot theta_0 (normalized accuracy, %)", render_table(["", *summary["zeroshot"]], zeroshot, fmt)))
     ablation = summary.get("embedding_ablation", {})
     if ablation:
         cells = list(next(iter(ablation.values())))
-        rows = [[m, *(100 * ablation[m][c] for c in cells)] for m in ablation]
-        parts.append("output embedding: alignment+correction (normalized accuracy, %)\n" + render_table(["", *cells], rows, "text"))
+        rows = [[label(m), *(100 * ablation[m][c] for c in cells)] for m in ablation]
+        title = "output embedding, alignment+correction: plain or embedding (normalized accuracy, %)"
+        parts.append(titled(title, render_table(["", *cells], rows, fmt)))
     calibration = summary["calibration_size"]
     for title, sweep, sizes in (
         ("TACT, images per task", calibration, calibration["sizes"]),
@@ -565,8 +595,35 @@ def format_tables(summary: dict[str, Any]) -> str:
             for m in sweep.get(setting, {})
         ]
         if rows:
-            parts.append(f"{title} (normalized accuracy, %)\n" + render_table(["", *map(str, sizes)], rows, "text"))
+            parts.append(titled(f"{title} (normalized accuracy, %)", render_table(["", *map(str, sizes)], rows, fmt)))
+    if markdown and summary.get("std_ratio"):
+        ratios = summary["std_ratio"]
+        sites = next(iter(ratios.values()))["sites"]
+        rows = [[setting, *(entry["before"][s] for s in sites)] for setting, entry in ratios.items()]
+        labels = site_labels(sites, summary.get("architecture", "vit"))
+        table = render_table(["site", *labels], [[r[0], *(f"{v:.2f}" for v in r[1:])] for r in rows], fmt)
+        after = [v for entry in ratios.values() for v in entry["after"].values()]
+        parts.append(titled(f"std merged / std expert per site, before TACT (after: {min(after):.2f}-{max(after):.2f})", table))
     return "\n\n".join(parts)
+
+
+def tables_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tallmasks.demo.non_local RESULTS.json [--format markdown|text]``: the tables of a results file."""
+    from tallmasks.eval import read_json
+
+    parser = argparse.ArgumentParser(prog="python -m tallmasks.demo.non_local", description="the tables of a non-local results file")
+    parser.add_argument("results", type=Path, help="results/nonlocal/nonlocal.json or nonlocal_cnn.json")
+    parser.add_argument("--format", choices=("markdown", "text"), default="markdown")
+    args = parser.parse_args(argv)
+    try:
+        print(format_tables(read_json(args.results), args.format))
+    except TallmasksError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"error: {args.results}: not a non-local results file (no {exc})", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings]:
@@ -587,8 +644,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         "--calibration-sizes",
         type=int,
         nargs="+",
-        default=list(defaults.calibration_sizes),
-        help="TACT images per task for the calibration-size table (20 50 200 1000)",
+        default=None,
+        help="TACT images per task for the calibration-size table (20 50 200 1000; cnn: 20 50 200)",
     )
     parser.add_argument("--calibration-methods", nargs="+", default=list(defaults.calibration_methods), help="methods of that table (sum)")
     parser.add_argument(
@@ -601,8 +658,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
         "--augmented-sizes",
         type=int,
         nargs="*",
-        default=list(defaults.augmented_sizes),
-        help="augmented views per task for the same table with the seed's augmentation (200 1000; none: skip)",
+        default=None,
+        help="augmented views per task for the same table with the seed's augmentation (200 1000; cnn: 200; none: skip)",
     )
     parser.add_argument("--long-steps-factor", type=float, default=defaults.long_steps_factor, help="long regime: fine-tuning steps x (1)")
     parser.add_argument("--long-lr-factor", type=float, default=defaults.long_lr_factor, help="long regime: learning rate x (10)")
@@ -627,6 +684,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, NonLocalSettings
     configs = demo_args(rest)
     if len(configs) != 1:
         raise ConfigError("--nonlocal takes one --seed (the reference foundation's); --other-seed names the second")
+    cnn = args.architecture == "cnn"
+    if args.calibration_sizes is None:
+        args.calibration_sizes = CNN_CALIBRATION_SIZES if cnn else defaults.calibration_sizes
+    if args.augmented_sizes is None:
+        args.augmented_sizes = CNN_AUGMENTED_SIZES if cnn else defaults.augmented_sizes
     settings = NonLocalSettings(
         args.other_seed,
         tuple(args.methods),
@@ -656,3 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_tables(summary))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(tables_main())
