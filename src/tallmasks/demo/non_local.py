@@ -358,7 +358,16 @@ def site_labels(sites: Sequence[str], architecture: str = "vit") -> list[str]:
 def _short_site(name: str) -> str:
     if name.endswith("visual:out"):
         return "embedding"
-    return name.replace("model.visual.", "").replace("transformer.resblocks.", "b").replace("layers.", "L")
+    short = name.replace("model.visual.", "").replace("transformer.resblocks.", "b")
+    for long_form, word in (
+        (".attn:context", " attn"),
+        (".ln_2:out", " ln_2"),
+        (".mlp.c_fc:out", " mlp"),
+        (":out", " out"),
+        (":in", " in"),
+    ):
+        short = short.replace(long_form, word)
+    return short
 
 
 # ---------------------------------------------------------------------------------------------
