@@ -18,7 +18,7 @@ Task t's model is theta_0 + m_t * tau_MTL with m_t = |tau_t| >= |tau_MTL - tau_t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -80,21 +80,12 @@ def seed_tall_mask(cs: CheckpointSet, task: int, vector: Vector, lam: float = SE
 
 
 def seed_task_models(cs: CheckpointSet, vector: Vector, *, device: str = "cpu") -> TaskModels:
-    """The seed's TALL masks at lambda 1 (nothing chosen on validation)."""
-
-    def describe(chosen: Mapping[str, str]) -> dict:
-        return {"lambdas": dict.fromkeys(chosen, SEED_LAMBDA)}
-
-    def every_mask(lambdas) -> MaskSet:
-        masks = seed_tall_masks(cs, range(cs.num_tasks), vector, list(lambdas), device)
-        return MaskSet.from_dicts(dict(zip(cs.names, masks)), Layout.of(cs))
-
-    return TaskModels(
-        names=cs.names,
-        choices={f"{SEED_LAMBDA:g}": SEED_LAMBDA},
-        mask=lambda task, lam: seed_tall_mask(cs, task, vector, lam, device),
-        masks=every_mask,
-        describe=describe,
+    """The seed's TALL masks at lambda 1 (nothing chosen on validation), every task's in one pass."""
+    masks = seed_tall_masks(cs, range(cs.num_tasks), vector, [SEED_LAMBDA] * cs.num_tasks, device)
+    return TaskModels.fixed(
+        MaskSet.from_dicts(dict(zip(cs.names, masks)), Layout.of(cs)),
+        f"{SEED_LAMBDA:g}",
+        lambda chosen: {"lambdas": dict.fromkeys(chosen, SEED_LAMBDA)},
     )
 
 
