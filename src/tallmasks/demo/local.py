@@ -32,6 +32,7 @@ from tallmasks.core.progress import progress
 from tallmasks.datasets.scenes import CaptionStyle
 from tallmasks.eval.results import atomic_write_json
 from tallmasks.io.checkpoints import load_state_dict, save_state_dict
+from tallmasks.models.encoder import DEMO_MODEL
 
 log = logging.getLogger("tallmasks.demo")
 
@@ -84,7 +85,7 @@ def fingerprint(payload: dict[str, Any]) -> str:
 
 def _model_config_text(model: str | None = None) -> str:
     """The demo model's config (the open_clip JSON; the VGG tower described after it)."""
-    from tallmasks.models.encoder import CONFIG_DIR, DEMO_CNN_MODEL, DEMO_MODEL
+    from tallmasks.models.encoder import CONFIG_DIR, DEMO_CNN_MODEL
 
     text = (CONFIG_DIR / f"{DEMO_MODEL}.json").read_text()
     if model == DEMO_CNN_MODEL:
@@ -105,12 +106,11 @@ class PretrainSettings:
     images_per_task: int = 1000
     captions: CaptionStyle = field(default_factory=CaptionStyle)
     data_seed: int | None = None
-    model: str = "tallmasks-demo"  # DEMO_MODEL (the ViT), or DEMO_CNN_MODEL (the VGG tower)
+    model: str = DEMO_MODEL  # the ViT, or DEMO_CNN_MODEL (the VGG tower)
 
     def fingerprint(self) -> str:
         """Short hash of everything the foundation depends on (settings, model config, task suite)."""
         from tallmasks.datasets import scenes
-        from tallmasks.models import DEMO_MODEL
 
         payload = asdict(self)
         if self.model == DEMO_MODEL:  # the ViT's hashes from before the field existed
@@ -350,7 +350,7 @@ def pretrain_foundation(settings: PretrainSettings, cache_dir: str | Path = ".de
 # zero-shot checkpoint, heads, experts
 
 
-def image_encoder_from(clip: Any, model: str = "tallmasks-demo") -> Any:
+def image_encoder_from(clip: Any, model: str) -> Any:
     """An ImageEncoder of the demo model ``model`` carrying ``clip``'s weights (text transformer dropped)."""
     from tallmasks.models import ImageEncoder
 
@@ -401,7 +401,7 @@ def finetune_experts(foundation: Foundation, tasks: Sequence[str], settings: Fin
     return location
 
 
-def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location: Path, model: str = "tallmasks-demo") -> Path:
+def _finetune_expert(clip: Any, task: str, settings: FinetuneSettings, location: Path, model: str) -> Path:
     """One expert: the task's train split, its cached zero-shot head, the loop of finetune.py (with
     ``settings.train_head``: a linear probe of ``probe_steps``, then the head trained with the encoder)."""
     from tallmasks.datasets import DEMO_DATASETS, load_split

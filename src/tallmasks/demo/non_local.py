@@ -131,7 +131,7 @@ def _accuracy_file(location: Path, model: str) -> Path:
     return location / model / FT_FILE
 
 
-def unaligned_location(cache_dir: Path, locations: Sequence[Path], foundation_of: dict[str, int], model: str = "tallmasks-demo") -> Path:
+def unaligned_location(cache_dir: Path, locations: Sequence[Path], foundation_of: dict[str, int], model: str) -> Path:
     """A checkpoint folder (released layout) for merging without alignment: theta_0 = the mean of the
     foundations as they are, task t's expert, head and fine-tuned accuracies from its own foundation."""
     from tallmasks.demo.local import fingerprint
@@ -166,7 +166,7 @@ def unaligned_location(cache_dir: Path, locations: Sequence[Path], foundation_of
     return location
 
 
-def expert_distance(location: Path, tasks: Sequence[str], model: str = "tallmasks-demo") -> float:
+def expert_distance(location: Path, tasks: Sequence[str], model: str) -> float:
     """Mean over tasks of ||theta_t - theta_0|| / ||theta_0|| (floating-point weights): how far the experts moved."""
     from tallmasks.io.checkpoints import load_state_dict
     from tallmasks.models import finetuned_path, zeroshot_path
@@ -262,8 +262,8 @@ def variance_collapse(
     calibration: dict[str, torch.Tensor],
     measure: dict[str, torch.Tensor],
     batch_size: int,
-    embedding: bool = True,
-    model: str = "tallmasks-demo",
+    embedding: bool,
+    model: str,
 ) -> dict[str, Any]:
     """Per site, the TA-merged model's activation std over each expert's on its task's ``measure`` images (mean
     over channels), before and after TACT calibrated on its ``calibration`` images; ``result`` is the TA run on
@@ -608,9 +608,8 @@ def format_tables(summary: dict[str, Any], fmt: str = "text") -> str:
     if markdown and summary.get("std_ratio"):
         ratios = summary["std_ratio"]
         sites = next(iter(ratios.values()))["sites"]
-        rows = [[setting, *(entry["before"][s] for s in sites)] for setting, entry in ratios.items()]
-        labels = site_labels(sites, summary.get("architecture", "vit"))
-        table = render_table(["site", *labels], [[r[0], *(f"{v:.2f}" for v in r[1:])] for r in rows], fmt)
+        rows = [[setting, *(f"{entry['before'][s]:.2f}" for s in sites)] for setting, entry in ratios.items()]
+        table = render_table(["site", *site_labels(sites, summary.get("architecture", "vit"))], rows, fmt)
         after = [v for entry in ratios.values() for v in entry["after"].values()]
         parts.append(titled(f"std merged / std expert per site, before TACT (after: {min(after):.2f}-{max(after):.2f})", table))
     return "\n\n".join(parts)
